@@ -1,0 +1,64 @@
+"""llama.cpp's quantization names and the ``general.file_type`` values that stand for them.
+
+Kept as data here (not read from the ``gguf`` package at import time) so that the manifest
+schema does not change under a user when ``gguf`` is upgraded; a test checks the table
+against ``gguf.LlamaFileType``.
+"""
+
+from __future__ import annotations
+
+# name -> general.file_type (llama.cpp's enum llama_ftype)
+FILE_TYPES: dict[str, int] = {
+    "F32": 0,
+    "F16": 1,
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q8_0": 7,
+    "Q5_0": 8,
+    "Q5_1": 9,
+    "Q2_K": 10,
+    "Q3_K_S": 11,
+    "Q3_K_M": 12,
+    "Q3_K_L": 13,
+    "Q4_K_S": 14,
+    "Q4_K_M": 15,
+    "Q5_K_S": 16,
+    "Q5_K_M": 17,
+    "Q6_K": 18,
+    "IQ2_XXS": 19,
+    "IQ2_XS": 20,
+    "Q2_K_S": 21,
+    "IQ3_XS": 22,
+    "IQ3_XXS": 23,
+    "IQ1_S": 24,
+    "IQ4_NL": 25,
+    "IQ3_S": 26,
+    "IQ3_M": 27,
+    "IQ2_S": 28,
+    "IQ2_M": 29,
+    "IQ4_XS": 30,
+    "IQ1_M": 31,
+    "BF16": 32,
+    "TQ1_0": 36,
+    "TQ2_0": 37,
+    "MXFP4_MOE": 38,
+}
+
+QUANTS: tuple[str, ...] = tuple(FILE_TYPES)
+UNQUANTIZED: frozenset[str] = frozenset({"F32", "F16", "BF16"})
+
+# KV cache element types llama.cpp accepts for --cache-type-k / --cache-type-v
+KV_CACHE_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+
+def quant_for_file_type(file_type: int) -> str | None:
+    """The quant name of a ``general.file_type`` value, or None when llama.cpp has none."""
+    for name, value in FILE_TYPES.items():
+        if value == file_type:
+            return name
+    return None
+
+
+def is_quantized(quant: str) -> bool:
+    """The selection table's meaning: any file type other than F32, F16 and BF16."""
+    return quant not in UNQUANTIZED
