@@ -50,6 +50,33 @@ class MemoryEstimate:
         return -(-self.total // self.n_gpus)
 
 
+_KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+             "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}  # fmt: skip
+CUDA_OVERHEAD = 512 * MIB  # per GPU: CUDA context, cuBLAS workspace
+
+
 def estimate(header: GgufHeader, settings: EstimateSettings) -> MemoryEstimate:
-    """Estimate GPU and host memory for ``header`` loaded with ``settings``."""
-    raise NotImplementedError("the estimator is being written")
+    """Estimate GPU and host memory for ``header`` loaded with ``settings`` (first cut)."""
+    per_elem = _KV_BYTES[settings.kv_cache_type]
+    kv = 0
+    for layer in range(header.block_count):
+        swa = bool(header.swa_layers) and header.swa_layers[layer] and header.sliding_window
+        cells = min(settings.context, header.sliding_window + settings.n_ubatch) if swa else settings.context
+        width = header.head_count_kv[layer] * (header.key_length + header.value_length)
+        kv += int(width * cells * per_elem)
+    ubatch = min(settings.n_ubatch, settings.context)
+    compute = header.vocab_size * ubatch * 4
+    if not settings.flash_attn:
+        compute += max(header.head_count) * settings.context * ubatch * 4
+    outputs = settings.context if settings.logits_all else settings.n_batch
+    output = header.vocab_size * min(outputs, settings.context) * 4
+    host = output + header.vocab_size * outputs * 4 + 512 * MIB
+    return MemoryEstimate(
+        weights=header.weight_bytes,
+        kv=kv,
+        compute=compute,
+        output=output,
+        overhead=CUDA_OVERHEAD * settings.n_gpus,
+        host=host,
+        n_gpus=settings.n_gpus,
+    )

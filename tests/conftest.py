@@ -41,3 +41,7 @@ def run_cli(
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# Fixture modules of the test suite (fake Hugging Face hub, local server, ...), one per line.
+pytest_plugins: list[str] = []
