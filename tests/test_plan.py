@@ -1,0 +1,271 @@
+"""Planning is pure: manifest + model facts + catalogue → Plan. Real-size headers and the real estimator
+for the issue's models; a fixed estimator to prove the selection logic itself."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import tomli_w
+
+from deployer.catalogue import load_catalogue
+from deployer.errors import HubError, PlanError
+from deployer.estimate import EstimateSettings, MemoryEstimate, estimate
+from deployer.facts import GgufHeader, ModelFacts, ShardFacts
+from deployer.gguf_header import read_header
+from deployer.loading import parse_manifest
+from deployer.plan import SAME_MEMORY, Plan, PlanFailure, estimate_settings, plan, plan_all
+from tests import ggufgen
+
+GIB = 1024**3
+CATALOGUE = load_catalogue()
+
+
+@pytest.fixture(scope="module")
+def facts_of(sparse_gguf):
+    """``facts_of(spec)``: ModelFacts of a header-only real-size file (headers read once)."""
+    cache: dict[ggufgen.ModelSpec, ModelFacts] = {}
+
+    def make(spec: ggufgen.ModelSpec) -> ModelFacts:
+        if spec not in cache:
+            path = sparse_gguf(spec)
+            shard = ShardFacts(path.name, path.stat().st_size, None)
+            cache[spec] = ModelFacts("org/model-GGUF", "main", "c" * 40, (shard,), read_header(path))
+        return cache[spec]
+
+    return make
+
+
+def manifest(spec: ggufgen.ModelSpec | None = None, path: str = "manifests/m.toml", **keys):
+    data = {"repo": "org/model-GGUF", "file": "m.gguf", "quant": spec.quant if spec else "Q8_0", "context": 4096}
+    return parse_manifest(tomli_w.dumps({**data, **keys}).encode(), path)
+
+
+# ## The issue's models, with the real estimator
+
+
+@pytest.mark.parametrize(
+    ("spec", "context", "expected"),
+    [
+        pytest.param(ggufgen.DARK_CHAMPION_18B, 32768, ("H100", 1), id="dark-champion-18b-moe-q8-32k-h100"),
+        pytest.param(ggufgen.QWEN_0_5B, 32768, ("L4", 1), id="0.5b-l4"),
+        pytest.param(ggufgen.LLAMA_8B, 8192, ("L40S", 1), id="8b-q8-8k-l40s"),
+        pytest.param(ggufgen.LLAMA_70B_Q4KM, 8192, ("H100", 1), id="70b-q4-8k-h100"),
+    ],
+)
+def test_table_choice_with_no_override(facts_of, spec, context, expected):
+    result = plan(manifest(spec, context=context), facts_of(spec), CATALOGUE)
+    assert (result.gpu.type, result.gpu.count) == expected
+    assert result.reason.startswith("table row ")
+    assert result.headroom_bytes >= 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "context"),
+    [
+        pytest.param(ggufgen.MISTRAL_LARGE_123B_Q4KM, 8192, id="123b-q4-73gb-escalates"),
+        pytest.param(ggufgen.LLAMA_70B_Q4KM, 131072, id="70b-q4-131k-escalates"),
+    ],
+)
+def test_escalates_beyond_a_single_h100(facts_of, spec, context):
+    result = plan(manifest(spec, context=context), facts_of(spec), CATALOGUE)
+    h100 = CATALOGUE.gpus["H100"]
+    assert result.estimate.per_gpu > h100.usable_bytes or result.gpu.count > 1  # it really does not fit one
+    assert (result.gpu.type, result.gpu.count) != ("H100", 1)
+    assert result.reason.startswith("escalated: table row '>= 13B, quantized'")
+    assert result.headroom_bytes >= 0
+
+
+def test_8b_at_131072_context_counts_its_16_gib_kv_cache(facts_of):
+    spec = ggufgen.LLAMA_8B  # 32 layers × 8 KV heads × 128 × (K + V) × 2 bytes × 131072 cells = 16 GiB
+    result = plan(manifest(spec, context=131072), facts_of(spec), CATALOGUE)
+    assert 16 * GIB <= result.estimate.kv <= 16.5 * GIB
+    assert result.estimate.total >= result.estimate.weights + 16 * GIB
+    assert result.estimate.per_gpu <= result.gpu.usable_bytes
+
+
+def test_a_model_too_large_for_8_b200_fails_with_the_numbers(facts_of):
+    spec = ggufgen.TOO_BIG_1T_F16
+    with pytest.raises(PlanError) as error:
+        plan(manifest(spec, path="manifests/huge.toml"), facts_of(spec), CATALOGUE)
+    message = str(error.value)
+    assert message.startswith("manifests/huge.toml: the model fits on no GPU set: 8× B200 offers 170.1 GiB usable")
+    assert "but the model needs" in message and "weights 2," in message  # over two thousand GiB of weights
+
+
+def test_an_l4_override_on_the_target_is_refused_with_the_numbers(facts_of):
+    spec = ggufgen.DARK_CHAMPION_18B
+    with pytest.raises(PlanError) as error:
+        plan(manifest(spec, path="manifests/dc.toml", context=32768, gpu="L4"), facts_of(spec), CATALOGUE)
+    need = estimate(facts_of(spec).header, estimate_settings(manifest(spec, context=32768).manifest)).per_gpu
+    assert str(error.value).startswith(
+        f"manifests/dc.toml: gpu: L4 offers 15.7 GiB usable per GPU (70% of 22.5 GiB) "
+        f"but the model needs {need / GIB:,.1f} GiB per GPU (weights "
+    )
+    assert "the smallest single GPU that holds it is" in str(error.value)
+
+
+def test_an_override_that_holds_is_used_as_given(facts_of):
+    spec = ggufgen.DARK_CHAMPION_18B
+    result = plan(manifest(spec, gpu=["A100-80GB", "H100:2"]), facts_of(spec), CATALOGUE)
+    assert result.modal_gpus == ["A100-80GB", "H100:2"]
+    assert result.reason.startswith("override: gpu = A100-80GB, H100:2")
+
+
+# ## The manifest must agree with the file
+
+
+def test_quant_must_match_the_file_type(facts_of):
+    spec = ggufgen.QWEN_0_5B
+    with pytest.raises(
+        PlanError,
+        match=r"^manifests/q\.toml: quant: 'Q4_K_M' does not match the file, whose general\.file_type is 7 \(Q8_0\)$",
+    ):
+        plan(manifest(spec, path="manifests/q.toml", quant="Q4_K_M"), facts_of(spec), CATALOGUE)
+
+
+def test_context_within_the_trained_context(facts_of):
+    spec = ggufgen.LLAMA_8B
+    with pytest.raises(PlanError) as error:
+        plan(manifest(spec, path="manifests/x.toml", context=200000), facts_of(spec), CATALOGUE)
+    assert str(error.value) == "manifests/x.toml: context: 200000 exceeds the model's trained context 131072"
+
+
+def test_estimate_settings_come_from_the_server_table():
+    loaded = manifest(
+        context=8192, server={"n_batch": 1024, "n_ubatch": 256, "kv_cache_type": "q8_0", "embeddings": True}
+    )
+    assert estimate_settings(loaded.manifest, 4) == EstimateSettings(
+        context=8192, n_batch=1024, n_ubatch=256, flash_attn=True, kv_cache_type="q8_0", n_gpus=4, embeddings=True
+    )
+
+
+# ## The selection logic, with a fixed estimator: exact numbers, independent of the estimator
+
+
+def _header(params: int, quant: str) -> GgufHeader:
+    from deployer.facts import TensorInfo
+    from deployer.quants import FILE_TYPES
+
+    return GgufHeader(
+        arch="llama", file_type=FILE_TYPES[quant], context_length=131072, block_count=1, embedding_length=8,
+        head_count=(1,), head_count_kv=(1,), key_length=8, value_length=8, vocab_size=8,
+        tensors=(TensorInfo("w", (params,), 0, 0),),
+    )  # fmt: skip
+
+
+def _needs(total_gib: float):
+    """An estimator whose total is ``total_gib`` whatever the GPU count (split evenly over GPUs)."""
+
+    def estimator(header: GgufHeader, settings: EstimateSettings) -> MemoryEstimate:
+        return MemoryEstimate(int(total_gib * GIB), 0, 0, 0, 0, 0, n_gpus=settings.n_gpus)
+
+    return estimator
+
+
+def _plan(params: float, quant: str, need: float, policy="table", **keys) -> Plan:
+    facts = ModelFacts("org/m", "main", "c" * 40, (ShardFacts("m.gguf", 1, None),), _header(int(params * 1e9), quant))
+    return plan(manifest(quant=quant, **keys), facts, CATALOGUE, policy, estimator=_needs(need))
+
+
+@pytest.mark.parametrize(
+    ("params", "quant", "need", "expected", "reason"),
+    [
+        pytest.param(0.5, "Q8_0", 10, "L4", "table row '< 3B'", id="small-fits-its-row"),
+        pytest.param(0.5, "Q8_0", 16, "A10", "escalated: ", id="small-but-long-context-escalates-one-step"),
+        pytest.param(5, "F16", 20, "L40S", "escalated: ", id="5b-f16-escalates-to-l40s"),
+        pytest.param(8, "Q4_K_M", 30, "L40S", "table row '7B - 13B'", id="8b-l40s"),
+        pytest.param(20, "BF16", 60, "A100-80GB", "table row '13B - 30B, unquantized'", id="20b-bf16-a100"),
+        pytest.param(70, "Q4_K_M", 60, "H100", "table row '>= 13B, quantized'", id="70b-q4-h100"),
+        pytest.param(70, "Q4_K_M", 80, "H200", "escalated: ", id="70b-q4-131k-escalates"),
+        pytest.param(123, "Q4_K_M", 150, "B200", "escalated: ", id="123b-needs-b200"),
+        pytest.param(123, "F16", 160, "B200", "table row '> 70B, unquantized'", id="123b-f16-b200-row"),
+        pytest.param(123, "F16", 250, "H200:2", "escalated: ", id="beyond-b200-two-of-the-cheapest"),
+        pytest.param(405, "F16", 800, "H200:8", "escalated: ", id="800-gib-eight-h200"),
+        pytest.param(405, "F16", 1300, "B200:8", "escalated: ", id="1300-gib-eight-b200"),
+    ],
+)
+def test_selection_and_escalation(params, quant, need, expected, reason):
+    result = _plan(params, quant, need)
+    assert result.gpu.modal == expected
+    assert result.reason.startswith(reason)
+
+
+def test_nothing_fits_names_the_largest_set():
+    with pytest.raises(PlanError, match=r"8× B200 offers 170\.1 GiB usable per GPU .* needs 187\.5 GiB per GPU"):
+        _plan(405, "F16", 1500)
+
+
+@pytest.mark.parametrize(
+    ("params", "quant", "need"),
+    [
+        pytest.param(0.5, "Q8_0", 1, id="tiny"),
+        pytest.param(18.4, "Q8_0", 22, id="target-size"),
+        pytest.param(70, "Q4_K_M", 80, id="70b-long-context"),
+        pytest.param(405, "F16", 800, id="huge"),
+    ],
+)
+def test_cheapest_is_the_cheapest_set_that_fits(params, quant, need):
+    table, cheapest = _plan(params, quant, need), _plan(params, quant, need, policy="cheapest")
+    assert cheapest.gpu == table.cheapest == cheapest.cheapest
+    assert cheapest.reason.startswith("policy 'cheapest'")
+    assert cheapest.gpu.usd_per_hour <= table.gpu.usd_per_hour
+    for gpu in CATALOGUE.gpus.values():  # nothing cheaper holds it
+        for count in (1, *CATALOGUE.multi_gpu_counts):
+            if count <= gpu.max_count and gpu.usd_per_hour * count < cheapest.gpu.usd_per_hour:
+                assert need * GIB / count > gpu.usable_bytes, (gpu.name, count)
+
+
+def test_fallbacks_have_the_same_or_more_memory_and_hold_the_model():
+    result = _plan(0.5, "Q8_0", 10)
+    chosen = CATALOGUE.gpus[result.gpu.type]
+    assert result.fallbacks, "an L4 has fallbacks"
+    for fallback in result.fallbacks:
+        gpu = CATALOGUE.gpus[fallback.type]
+        assert gpu.memory_mib >= chosen.memory_mib * SAME_MEMORY
+        assert gpu.usable_bytes >= 10 * GIB
+    prices = [f.usd_per_hour for f in result.fallbacks]
+    assert prices == sorted(prices)
+    assert result.fallbacks[0].type == "A10"  # 24 GB like the L4
+
+
+def test_the_rows_own_fallback_comes_first():
+    result = _plan(123, "F16", 130)
+    assert result.modal_gpus[:2] == ["B200", "H200"]  # the table's "B200 (fallback H200)"
+
+
+def test_multi_gpu_fallbacks_keep_the_count():
+    result = _plan(123, "F16", 250)
+    assert all(f.count == 2 for f in result.fallbacks)
+
+
+def test_override_too_small_even_as_a_fallback():
+    with pytest.raises(PlanError, match=r"^manifests/m\.toml: gpu: A10 offers 16\.9 GiB usable per GPU"):
+        _plan(8, "Q8_0", 20, gpu=["L40S", "A10"])
+
+
+# ## Many manifests: one failure does not stop the others
+
+
+def test_plan_all_collects_failures_and_goes_on(facts_of):
+    good = manifest(ggufgen.QWEN_0_5B, path="manifests/a.toml", name="a")
+    bad = manifest(ggufgen.QWEN_0_5B, path="manifests/b.toml", name="b", context=65536)
+    missing = manifest(ggufgen.QWEN_0_5B, path="manifests/c.toml", name="c")
+
+    def resolve(loaded):
+        if loaded.name == "c":
+            raise HubError("org/model-GGUF: repository not found")
+        return facts_of(ggufgen.QWEN_0_5B)
+
+    results = plan_all([bad, good, missing], resolve, catalogue=CATALOGUE)
+    assert [type(r) for r in results] == [PlanFailure, Plan, PlanFailure]
+    assert results[0].error == "manifests/b.toml: context: 65536 exceeds the model's trained context 32768"
+    assert results[2].error == "manifests/c.toml: org/model-GGUF: repository not found"
+    assert results[1].gpu.type == "L4"
+
+
+def test_plan_does_not_change_its_inputs(facts_of):
+    facts = facts_of(ggufgen.QWEN_0_5B)
+    before = replace(facts)
+    plan(manifest(ggufgen.QWEN_0_5B), facts, CATALOGUE)
+    assert facts == before
