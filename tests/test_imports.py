@@ -29,6 +29,12 @@ def test_validate_does_not_import_modal_or_llama_cpp():
     assert not {"llama_cpp", "modal"} & loaded
 
 
+def test_public_api_is_lazy_and_complete():
+    assert set(deployer.__all__) == {"__version__", *deployer._EXPORTS}
+    loaded = _modules_after("import deployer")
+    assert not {"pydantic", "deployer.loading", "huggingface_hub"} & loaded
+
+
 def test_public_api():
     assert set(deployer.__all__) >= {"load_manifest", "load_manifests", "manifest_schema", "GgufDeployError"}
     for name in deployer.__all__:
