@@ -86,6 +86,33 @@ IN_PROCESS_COLD = "in-process, prompt cache reset"
 OURS = "gguf-deploy runtime (HTTP)"
 STOCK = "stock llama_cpp.server (HTTP)"
 STOCK_LEAN = "stock, logits_all=False (HTTP)"
+FLOOR = "HTTP floor: no model (HTTP)"
+
+# The floor: the same client and web stack (uvicorn + Starlette) answering one token at once, with
+# no model behind it. Its TTFT is what HTTP itself costs on this machine, paid by every server.
+FLOOR_APP = """
+import json, sys, uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+CHUNK = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "floor",
+         "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"}, "finish_reason": None}]}
+LAST = {**CHUNK, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+
+async def chat(request):
+    await request.json()
+    async def events():
+        yield "data: " + json.dumps(CHUNK) + "\\n\\n"
+        yield "data: " + json.dumps(LAST) + "\\n\\ndata: [DONE]\\n\\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+async def health(request):
+    return JSONResponse({"status": "ok"})
+
+app = Starlette(routes=[Route("/health", health), Route("/v1/chat/completions", chat, methods=["POST"])])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="h11", log_level="warning")
+"""
 
 
 @dataclass(frozen=True)
@@ -286,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         STOCK: (lambda port: stock_command(config, port, logits_all=True), "/v1/models"),
         STOCK_LEAN: (lambda port: stock_command(config, port, logits_all=False), "/v1/models"),
     }
+    floor = {FLOOR: (lambda port: [sys.executable, "-c", FLOOR_APP, str(port)], "/health")}
     print("(a) generation", file=sys.stderr)
     paths = {
         IN_PROCESS: in_process(config, args.max_tokens),
@@ -293,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     processes = []
     try:
-        for label, (command_for, health) in servers.items():
+        for label, (command_for, health) in {**servers, **floor}.items():
             port = _free_port()
             process, _ = start_and_wait(command_for(port), f"http://127.0.0.1:{port}{health}")
             processes.append(process)
@@ -340,14 +368,21 @@ def markdown(report: dict) -> str:
             "|---|---|---|---|---|",
         ]
         for label, r in results.items():
+            if label == FLOOR:  # one token, no model: only its TTFT means anything
+                lines.append(f"| {label} | {r['ttft_ms']:.1f} | — | — | — |")
+                continue
             lines.append(
                 f"| {label} | {r['ttft_ms']:.1f} | {base['ttft_ms'] / r['ttft_ms']:.2f}× | "
                 f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}× |"
             )
+        floor = results[FLOOR]["ttft_ms"]
         lines += [
             "",
             f"Runtime against the in-process run with the same cache policy (reset): TTFT "
-            f"{cold['ttft_ms'] / ours['ttft_ms']:.2f}×, decode {ours['tokens_per_s'] / cold['tokens_per_s']:.2f}×.",
+            f"{cold['ttft_ms'] / ours['ttft_ms']:.2f}×, decode {ours['tokens_per_s'] / cold['tokens_per_s']:.2f}×. "
+            f"HTTP itself costs {floor:.1f} ms (the floor row); the runtime's TTFT beyond that floor is "
+            f"{ours['ttft_ms'] - floor:.1f} ms against {cold['ttft_ms']:.1f} ms in-process with the same cache "
+            f"policy ({cold['ttft_ms'] / (ours['ttft_ms'] - floor):.2f}×).",
             "",
         ]
     startup = report["startup_s"]
