@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "GgufHeader": "deployer.facts",
     "read_header": "deployer.gguf_header",
     "FactsCache": "deployer.cache",
+    "default_cache_dir": "deployer.cache",
     "HfHubClient": "deployer.hub",
     "Resolver": "deployer.hub",
     "EstimateSettings": "deployer.estimate",
@@ -48,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "Plan": "deployer.plan",
     "plan": "deployer.plan",
     "plan_all": "deployer.plan",
+    "PlanFailure": "deployer.plan",
     "render": "deployer.render",
     "RuntimeConfig": "deployer.runtime",
     "runtime_config": "deployer.runtime",
@@ -66,10 +68,12 @@ __all__ = [
     "MemoryEstimate",
     "ModelFacts",
     "Plan",
+    "PlanFailure",
     "Problem",
     "Resolver",
     "RuntimeConfig",
     "__version__",
+    "default_cache_dir",
     "estimate",
     "load_manifest",
     "load_manifests",
@@ -99,7 +103,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from deployer.cache import FactsCache
+    from deployer.cache import FactsCache, default_cache_dir
     from deployer.errors import GgufDeployError, ManifestInvalid, Problem
     from deployer.estimate import EstimateSettings, MemoryEstimate, estimate
     from deployer.facts import GgufHeader, ModelFacts
@@ -107,6 +111,6 @@ if TYPE_CHECKING:
     from deployer.hub import HfHubClient, Resolver
     from deployer.loading import LoadedManifest, load_manifest, load_manifests, load_valid_manifests, parse_manifest
     from deployer.manifest import Manifest, manifest_schema
-    from deployer.plan import Plan, plan, plan_all
+    from deployer.plan import Plan, PlanFailure, plan, plan_all
     from deployer.render import render
     from deployer.runtime import RuntimeConfig, runtime_config, serve

@@ -22,6 +22,7 @@ from deployer.cache import FactsCache
 from deployer.errors import GgufError, HubError, OfflineCacheMiss
 from deployer.facts import ModelFacts, ShardFacts
 from deployer.gguf_header import NeedMoreBytes, RawGguf, header_from, next_read_size, parse_gguf, shard_names
+from deployer.loading import LoadedManifest
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 FIRST_READ = 256 * 1024  # most of a header is its tokenizer: 2-10 MiB for today's vocabularies
@@ -193,6 +194,11 @@ class Resolver:
         self.cache = cache
         self.offline = offline
         self.progress = progress or (lambda message: None)
+
+    def resolve_manifest(self, loaded: LoadedManifest) -> ModelFacts:
+        """The facts of the model a manifest names (see :meth:`resolve`)."""
+        manifest = loaded.manifest
+        return self.resolve(manifest.repo, manifest.revision, manifest.file)
 
     def resolve(self, repo: str, revision: str, file: str) -> ModelFacts:
         """The facts of ``file`` in ``repo`` at ``revision``; raises HubError, GgufError or OfflineCacheMiss."""

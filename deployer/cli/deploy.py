@@ -213,8 +213,7 @@ def _planner(ctx: click.Context, offline: bool) -> Callable[[LoadedManifest], An
     )
 
     def plan_one(loaded: LoadedManifest) -> Any:
-        manifest = loaded.manifest
-        return plan(loaded, resolver.resolve(manifest.repo, manifest.revision, manifest.file))
+        return plan(loaded, resolver.resolve_manifest(loaded))
 
     return plan_one
 

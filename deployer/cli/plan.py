@@ -60,7 +60,7 @@ def plan(ctx: click.Context, paths: tuple[str, ...], as_json: bool, markdown: bo
         resolver = _resolver(offline, lambda message: status.update(message))
         results = plan_all(
             loaded,
-            lambda m: resolver.resolve(m.manifest.repo, m.manifest.revision, m.manifest.file),
+            resolver.resolve_manifest,
             policy=cast(Policy, policy),  # click.Choice(POLICIES) guarantees it
         )
     results = _invalid(problems) + results
