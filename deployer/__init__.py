@@ -6,15 +6,17 @@ The library API, in pipeline order (each stage returns an immutable value):
     manifest_schema                     the JSON schema of a manifest               (deployer.manifest)
     Resolver, HfHubClient, FactsCache   (repo, revision, file) -> ModelFacts        (deployer.hub, deployer.cache)
     read_header                         a local .gguf -> GgufHeader                 (deployer.gguf_header)
-    estimate, EstimateSettings          GgufHeader + settings -> MemoryEstimate     (deployer.estimate)
-    plan, plan_all                      manifest + facts -> Plan (the GPU choice)   (deployer.plan)
-    render                              Plan -> the Modal app file's text           (deployer.render)
+    EstimateSettings, MemoryEstimate    GgufHeader + settings -> memory (deployer.estimate.estimate)
+    plan_all, Plan, PlanFailure         manifests + facts -> plans (deployer.plan.plan for one)
+                                        Plan -> the Modal app file: deployer.render.render
     RuntimeConfig, runtime_config, serve  the serving runtime                       (deployer.runtime)
 
 Errors are all subclasses of :class:`GgufDeployError` (see :mod:`deployer.errors`).
 
-Names are imported on first use (PEP 562), so ``import deployer`` costs nothing: the serving
-runtime starts without loading pydantic, and validation without loading huggingface_hub.
+Functions named like their module (``deployer.plan.plan``, ``deployer.estimate.estimate``,
+``deployer.render.render``) are imported from the module, so that the package attribute stays
+the module. Names are imported on first use (PEP 562), so ``import deployer`` costs nothing: the
+serving runtime starts without loading pydantic, and validation without loading huggingface_hub.
 """
 
 from __future__ import annotations
@@ -45,12 +47,9 @@ _EXPORTS: dict[str, str] = {
     "Resolver": "deployer.hub",
     "EstimateSettings": "deployer.estimate",
     "MemoryEstimate": "deployer.estimate",
-    "estimate": "deployer.estimate",
     "Plan": "deployer.plan",
-    "plan": "deployer.plan",
     "plan_all": "deployer.plan",
     "PlanFailure": "deployer.plan",
-    "render": "deployer.render",
     "RuntimeConfig": "deployer.runtime",
     "runtime_config": "deployer.runtime",
     "serve": "deployer.runtime",
@@ -74,16 +73,13 @@ __all__ = [
     "RuntimeConfig",
     "__version__",
     "default_cache_dir",
-    "estimate",
     "load_manifest",
     "load_manifests",
     "load_valid_manifests",
     "manifest_schema",
     "parse_manifest",
-    "plan",
     "plan_all",
     "read_header",
-    "render",
     "runtime_config",
     "serve",
 ]  # the keys of _EXPORTS (a test checks)
@@ -105,12 +101,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from deployer.cache import FactsCache, default_cache_dir
     from deployer.errors import GgufDeployError, ManifestInvalid, Problem
-    from deployer.estimate import EstimateSettings, MemoryEstimate, estimate
+    from deployer.estimate import EstimateSettings, MemoryEstimate
     from deployer.facts import GgufHeader, ModelFacts
     from deployer.gguf_header import read_header
     from deployer.hub import HfHubClient, Resolver
     from deployer.loading import LoadedManifest, load_manifest, load_manifests, load_valid_manifests, parse_manifest
     from deployer.manifest import Manifest, manifest_schema
-    from deployer.plan import Plan, PlanFailure, plan, plan_all
-    from deployer.render import render
+    from deployer.plan import Plan, PlanFailure, plan_all
     from deployer.runtime import RuntimeConfig, runtime_config, serve

@@ -296,6 +296,13 @@ class ScalingSettings(_Strict):
     timeout: Annotated[
         int, Field(ge=10, le=86400, description="Seconds one request may take before it is cancelled.")
     ] = 600
+    memory_snapshot: Annotated[
+        bool,
+        Field(
+            description="Snapshot the container with the model loaded (CPU and GPU memory) so later cold starts "
+            "restore it. Modal's GPU memory snapshots are an alpha feature: the workspace may need access."
+        ),
+    ] = False
 
     @model_validator(mode="after")
     def _coherent(self) -> ScalingSettings:

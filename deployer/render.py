@@ -108,6 +108,7 @@ def app_data(plan: Plan) -> dict[str, Any]:
             "scaledown_window": manifest.scaling.scaledown_window,
             "concurrency": manifest.scaling.concurrency,
             "request_timeout": manifest.scaling.timeout,
+            "memory_snapshot": manifest.scaling.memory_snapshot,
         },
         "resources": {
             "memory_mib": memory_mib(plan.estimate.host),

@@ -85,6 +85,7 @@ PLAN = {
         "scaledown_window": 300,
         "concurrency": 4,
         "request_timeout": 600,
+        "memory_snapshot": False,
     },
     "resources": {
         "memory_mib": 2048,
@@ -272,12 +273,13 @@ RESTORE_TIMEOUT = 2 * MINUTES  # after a snapshot restore the server only has to
 PORT_TIMEOUT = 1 * MINUTES  # the server already listens when the enter methods return
 STOP_GRACE_S = PLAN["runtime"]["shutdown_grace_s"] + 20  # the runtime's grace for running requests, then time to exit
 
-# Memory snapshots (GPU memory included): the first container of a deploy loads the model into
-# GPU memory, answers /health, and Modal snapshots the container, runtime process included. Later
-# cold starts restore that snapshot instead of reading the weights and initialising CUDA again.
-# The API key is read during the snapshot, so rotating it needs a redeploy
-# (`gguf-deploy deploy --force`). Set to False to start every container from scratch.
-MEMORY_SNAPSHOT = True
+# Memory snapshots (GPU memory included), when the manifest opts in (`[scaling] memory_snapshot`):
+# the first container of a deploy loads the model into GPU memory, answers /health, and Modal
+# snapshots the container, runtime process included. Later cold starts restore that snapshot
+# instead of reading the weights and initialising CUDA again. GPU snapshots are an alpha feature
+# of Modal (a workspace may need access), hence opt-in. The API key is read before the snapshot,
+# so rotating it needs a redeploy (`gguf-deploy deploy --force`).
+MEMORY_SNAPSHOT = PLAN["scaling"]["memory_snapshot"]
 SNAPSHOT_OPTIONS = {"enable_gpu_snapshot": True} if MEMORY_SNAPSHOT else {}
 
 

@@ -35,6 +35,18 @@ def test_public_api_is_lazy_and_complete():
     assert not {"pydantic", "deployer.loading", "huggingface_hub"} & loaded
 
 
+def test_exports_never_shadow_a_submodule():
+    import importlib
+    import inspect
+    import pkgutil
+
+    for name in deployer.__all__:
+        getattr(deployer, name)
+    for module in pkgutil.iter_modules(deployer.__path__):
+        assert inspect.ismodule(importlib.import_module(f"deployer.{module.name}"))
+        assert inspect.ismodule(getattr(deployer, module.name)), module.name
+
+
 def test_public_api():
     assert set(deployer.__all__) >= {"load_manifest", "load_manifests", "manifest_schema", "GgufDeployError"}
     for name in deployer.__all__:

@@ -90,8 +90,8 @@ def test_target_model_renders_to_h100_with_fallbacks_volume_secret_and_scale_to_
     assert server["timeout"] == 600
     assert server["startup_timeout"] == startup_timeout(gguf.stat().st_size) > 300
     assert server["web_servers"] == {"serve": {"port": 8000, "startup_timeout": 60.0}}
-    assert server["memory_snapshot"] is True
-    assert server["experimental_options"] == {"enable_gpu_snapshot": "True"}
+    assert server["memory_snapshot"] is False, "GPU snapshots are alpha on Modal: opt-in only"
+    assert server["experimental_options"] == {}
 
     download = spec["download_weights"]
     assert download["volumes"] == server["volumes"]
@@ -131,6 +131,12 @@ def test_target_gpu_list_is_the_planners(tmp_path, fake_hub, dark_champion):
         ),
         pytest.param(
             {"scaling": {"concurrency": 16}}, ("L4",), {"max_concurrent_inputs": 16}, id="concurrency-is-the-runtimes"
+        ),
+        pytest.param(
+            {"scaling": {"memory_snapshot": True}},
+            ("H100",),
+            {"memory_snapshot": True, "experimental_options": {"enable_gpu_snapshot": "True"}},
+            id="gpu-memory-snapshot-opt-in",
         ),
         pytest.param({"auth": {"enabled": False}}, ("L4",), {"secrets": []}, id="auth-off-no-secret"),
         pytest.param(
