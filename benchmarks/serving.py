@@ -38,14 +38,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 import httpx
 
 from deployer.loading import load_manifest
-from deployer.runtime import RuntimeConfig, runtime_config
+from deployer.runtime import API_KEY_ENV, RuntimeConfig, runtime_config
 from deployer.runtime.engine import llama_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,7 +232,8 @@ def stock_command(config: RuntimeConfig, port: int, logits_all: bool) -> list[st
 def start_and_wait(command: list[str], url: str) -> tuple[subprocess.Popen[bytes], float]:
     """Spawn ``command``; seconds until ``url`` answers 200."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}  # an exported key would make ours answer 401
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while time.perf_counter() - started < READY_TIMEOUT_S:
         if process.poll() is not None:
             raise RuntimeError(f"{command[:4]} exited with {process.returncode}")
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     path = args.model_path or model_file()
-    config = replace(runtime_config(load_manifest(MANIFEST), str(path), require_api_key=False), api_key=None)
+    config = runtime_config(load_manifest(MANIFEST), str(path), require_api_key=False)  # no API key
     folder = Path(tempfile.mkdtemp(prefix="bench-serving-"))
 
     servers = {

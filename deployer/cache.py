@@ -82,21 +82,19 @@ class FactsCache:
         target = self._path(kind, *key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 -- closed below, then renamed over the target
-                "w", encoding="utf-8", dir=target.parent, prefix=".tmp-", suffix=".json", delete=False
-            )
-        except OSError as exc:
+            fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=target.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    json.dump({"format": FORMAT, **data}, handle, separators=(",", ":"))
+                Path(temporary).replace(target)  # atomic: a reader sees the old entry or the new one
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    Path(temporary).unlink()
+                raise
+        except OSError as exc:  # a full disk, a read-only folder, a file where the folder should be
             raise HubError(
                 f"cannot write the cache in {self.folder}: {exc.strerror or exc}; set {CACHE_ENV} to a writable folder"
             ) from exc
-        try:
-            with handle:
-                json.dump({"format": FORMAT, **data}, handle, separators=(",", ":"))
-            Path(handle.name).replace(target)  # atomic: a reader sees the old entry or the new one
-        except BaseException:
-            with contextlib.suppress(OSError):
-                Path(handle.name).unlink()
-            raise
 
 
 def _facts_to_json(facts: ModelFacts) -> dict[str, Any]:

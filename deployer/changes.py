@@ -1,6 +1,7 @@
 """The git edge: which manifests changed between two commits, and which apps they leave behind.
 
     changed_manifests(base, head)   → Changes   (runs git; every failure is a GitError)
+    source_commit(path)             → the commit (``+dirty``) a rendered app says it came from
     parse_raw_diff(bytes)           → DiffEntry  (pure: ``git diff --raw -z`` output)
     classify(entries, ...)          → the manifest part of a diff (pure)
 
@@ -32,13 +33,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deployer.errors import GitError, ManifestInvalid
-from deployer.loading import parse_manifest
+from deployer.loading import DEFAULT_MANIFESTS_DIR, parse_manifest
 from deployer.manifest import DEFAULT_APP_PREFIX
 
 ZERO_COMMIT = "0" * 40  # GitHub's "before" on the first push of a branch
 # Paths (from the repository root) whose change can alter every manifest's plan or rendered app.
 EVERYTHING_PREFIXES: tuple[str, ...] = ("deployer/", "templates/", "schema/")
-DEFAULT_MANIFESTS_DIR = "manifests"
 # A full commit id (sha1 or sha256 repositories): what CI passes. A short or named ref that does
 # not resolve is a typo, not a rewritten history, and stays an error.
 _COMMIT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
@@ -224,6 +224,20 @@ def _git_ok(root: Path, *args: str, stdin: bytes | None = None) -> bytes:
         first = (proc.stderr.decode("utf-8", "replace").strip().splitlines() or ["(no message)"])[0]
         raise GitError(f"git {args[0]} failed: {first}")
     return proc.stdout
+
+
+def source_commit(path: str | Path) -> str | None:
+    """The commit of the repository holding ``path``, with ``+dirty`` when files below its folder
+    have local changes; None outside a repository or without git (it only labels rendered apps)."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    try:
+        head = _git(folder, "rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = _git(folder, "status", "--porcelain", "--", ".")
+    except GitError:
+        return None
+    return head.stdout.decode().strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _repository(where: Path) -> tuple[Path, str]:

@@ -31,24 +31,12 @@ from typing import Literal
 
 from deployer.errors import PlanError
 from deployer.facts import GgufHeader, TensorInfo
+from deployer.quants import KV_CACHE_BLOCKS, is_quantized_cache
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
 Backend = Literal["cuda", "cpu"]
-
-# ggml block geometry of the KV cache types: (elements per block, bytes per block)
-KV_BLOCKS: dict[str, tuple[int, int]] = {
-    "f32": (1, 4),
-    "f16": (1, 2),
-    "bf16": (1, 2),
-    "q8_0": (32, 34),
-    "q4_0": (32, 18),
-    "q4_1": (32, 20),
-    "iq4_nl": (32, 18),
-    "q5_0": (32, 22),
-    "q5_1": (32, 24),
-}
 
 CELL_PAD = 256  # llama.cpp pads n_ctx (and the SWA cache) to a multiple of 256 cells
 MAX_SEQ = 256  # LLAMA_MAX_SEQ: llama-cpp-python's sequence count in embedding mode is capped here
@@ -130,17 +118,16 @@ def estimate(header: GgufHeader, settings: EstimateSettings) -> MemoryEstimate:
     """
     _check(settings)
     shape = _Shape.of(header, settings)
-    layer_weights, input_bytes, output_bytes = _weights_by_layer(header, settings.backend)
     layer_kv = _kv_by_layer(header, settings, shape)
     compute, phase = _compute(header, settings, shape)
 
     output = _output(header, settings, shape)
     if settings.backend == "cpu":  # one device, the host: everything llama.cpp allocates is RAM
-        weights = sum(t.n_bytes for t in header.tensors)
-        kv = sum(layer_kv)
+        weights, kv = header.weight_bytes, sum(layer_kv)
         host = RUNTIME_HOST["cpu"] + _scores(header, settings) + output + weights + kv + compute
         return MemoryEstimate(weights, kv, compute, output, overhead=0, host=host, compute_phase=phase)
 
+    layer_weights, input_bytes, output_bytes = _weights_by_layer(header)
     n = settings.n_gpus
     overhead = CUDA_CONTEXT + CUBLAS_WORKSPACE + _cuda_pool(header, settings, shape)
     if n > 1:  # pipeline parallelism replicates the graph inputs (the KQ masks) on every GPU
@@ -175,14 +162,14 @@ def estimate(header: GgufHeader, settings: EstimateSettings) -> MemoryEstimate:
 
 def kv_row_bytes(cache_type: str, n_elements: int) -> int:
     """Bytes of one KV cache row of ``n_elements`` values of ``cache_type`` (ggml's row size)."""
-    per_block, block_bytes = KV_BLOCKS[cache_type]
+    per_block, block_bytes = KV_CACHE_BLOCKS[cache_type]
     return -(-n_elements // per_block) * block_bytes
 
 
 def _check(settings: EstimateSettings) -> None:
-    if settings.kv_cache_type not in KV_BLOCKS:
+    if settings.kv_cache_type not in KV_CACHE_BLOCKS:
         raise PlanError(f"kv_cache_type: unknown cache type {settings.kv_cache_type!r}")
-    if not settings.flash_attn and KV_BLOCKS[settings.kv_cache_type][0] > 1:
+    if not settings.flash_attn and is_quantized_cache(settings.kv_cache_type):
         raise PlanError(f"kv_cache_type: a {settings.kv_cache_type} V cache needs flash_attn = true")
     if settings.context < 1 or settings.n_batch < 1 or settings.n_ubatch < 1 or settings.n_gpus < 1:
         raise PlanError("context, n_batch, n_ubatch and n_gpus must be positive")
@@ -219,14 +206,14 @@ class _Shape:
         return self.swa_cells if swa else self.cells
 
 
-def _weights_by_layer(header: GgufHeader, backend: Backend) -> tuple[list[int], int, int]:
-    """Tensor bytes per repeating layer, of the input layer (host on CUDA), of the output layer."""
-    align = ALIGN[backend]
+def _weights_by_layer(header: GgufHeader) -> tuple[list[int], int, int]:
+    """CUDA buffer bytes per repeating layer, of the input layer (kept in host memory), of the output layer."""
+    align = ALIGN["cuda"]
     per_layer = [0] * header.block_count
     input_bytes = output_bytes = 0
     tied = not any(t.name == "output.weight" for t in header.tensors)
     for t in header.tensors:
-        size = _pad(t.n_bytes, align) + (_row_padding(t) if backend == "cuda" else 0)
+        size = _pad(t.n_bytes, align) + _row_padding(t)
         match = _LAYER.match(t.name)
         if match and int(match.group(1)) < header.block_count:
             per_layer[int(match.group(1))] += size
@@ -314,7 +301,7 @@ def _compute(header: GgufHeader, settings: EstimateSettings, shape: _Shape) -> t
     if not settings.flash_attn:  # KQ: cells × n_ubatch × n_head (the softmax runs in place)
         layers = range(header.block_count)
         attention += 4 * t * max((shape.layer_cells(header, i) * header.head_count[i] for i in layers), default=0)
-    if KV_BLOCKS[settings.kv_cache_type][0] > 1:
+    if is_quantized_cache(settings.kv_cache_type):
         attention += q + 2 * w + o  # quantized caches: Hadamard rotations of Q, K, V and the output
 
     dense, expert, shared = _ffn_widths(header)
@@ -360,7 +347,7 @@ def _cuda_pool(header: GgufHeader, settings: EstimateSettings, shape: _Shape) ->
     candidates = [4 * header.embedding_length * t, 2 * max(dense, expert * header.expert_used_count) * t]
     if not settings.flash_attn:
         candidates.append(2 * t * shape.cells * max(header.head_count, default=0))
-    elif KV_BLOCKS[settings.kv_cache_type][0] > 1:
+    elif is_quantized_cache(settings.kv_cache_type):
         candidates.append(2 * 2 * shape.cells * kv_width)
     if expert and header.expert_used_count:
         candidates.append(4 * header.expert_used_count * t * (header.embedding_length + expert))

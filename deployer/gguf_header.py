@@ -8,17 +8,19 @@ cannot work on a partial range, hence this small parser.
     parse_gguf(data)           bytes of a header prefix → RawGguf (every key, every tensor info)
     header_from(raw, *more)    RawGguf of the first shard (and the others) → GgufHeader
     parse_header(data)         both at once, for a single-file model
+    read_growing(read, size)   a header read by ``read(start, end)`` in growing ranges (a file, HTTP)
     read_gguf / read_header    the same for local files (a split model's shards are found beside it)
 
-When ``data`` stops short, :class:`NeedMoreBytes` says how long the prefix must at least be; the
-readers grow their range with :func:`next_read_size` and try again.
+When ``data`` stops short, :class:`NeedMoreBytes` says how long the prefix must at least be;
+:func:`read_growing` grows its range with :func:`next_read_size` and tries again.
 """
 
 from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,9 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_STRING = 64 * MIB  # a tokenizer's chat template is KBs; anything bigger is a corrupt length
+# Today's largest headers (260k-token vocabularies with merges) are tens of MB; a header that
+# claims more is corrupt, and following it would read the tensor data of a many-GB file.
+MAX_HEADER = 256 * MIB
 DECODED_ARRAY_MAX = 4096  # numeric arrays up to this length are kept (per-layer values); longer ones only counted
 SHARD_NAME = re.compile(r"^(?P<prefix>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -96,6 +101,28 @@ def next_read_size(have: int, needed: int) -> int:
     return max(needed, have + max(MIB, have // 10))
 
 
+def read_growing(read: Callable[[int, int], bytes], size: int, first_read: int = MIB) -> RawGguf:
+    """Parse the header of a file of ``size`` bytes, given ``read(start, end)`` for its byte ranges.
+
+    Each range continues where the last one ended and is sized by :func:`next_read_size`, so what
+    is read past the header stays small; the tensor data is never read. ``read`` may return fewer
+    bytes than asked for, but not none.
+    """
+    if size <= 0:
+        raise GgufError("the file is empty")
+    data = b""
+    end = min(first_read, size)
+    while True:
+        chunk = read(len(data), end)
+        if not chunk:  # a file that shrank, a server that answers with nothing: never loop forever
+            raise GgufError(f"no bytes came for range {len(data):,}-{end - 1:,} of a file of {size:,} bytes")
+        data += chunk
+        try:
+            return parse_gguf(data, file_size=size)
+        except NeedMoreBytes as more:
+            end = min(next_read_size(len(data), more.needed), size)
+
+
 # ## Bytes → RawGguf
 
 
@@ -143,6 +170,8 @@ def parse_gguf(data: bytes, *, file_size: int | None = None) -> RawGguf:
     except NeedMoreBytes as more:
         if file_size is not None and more.needed > file_size:
             raise GgufError(f"malformed GGUF header: it runs past the end of the file ({file_size:,} bytes)") from None
+        if more.needed > MAX_HEADER:
+            raise GgufError(f"malformed GGUF header: it claims more than {MAX_HEADER // MIB} MiB") from None
         raise
 
 
@@ -188,13 +217,13 @@ def _value(cur: _Cursor, value_type: int, key: str) -> Scalar | GgufArray:
             return GgufArray(item_type, length)
         fmt = "<" + _SCALARS[item_type].format[1:] * length
         return GgufArray(item_type, length, struct.unpack_from(fmt, cur.data, start))
-    if item_type not in (GGUFValueType.STRING, GGUFValueType.ARRAY):
-        raise GgufError(f"malformed GGUF header: key '{key}' is an array of unknown type {item_type}")
     if item_type == GGUFValueType.STRING:
         _skip_strings(cur, length, key)
-    else:
+    elif item_type == GGUFValueType.ARRAY:
         for _ in range(length):
             _value(cur, item_type, key)
+    else:
+        raise GgufError(f"malformed GGUF header: key '{key}' is an array of unknown type {item_type}")
     return GgufArray(item_type, length)
 
 
@@ -352,25 +381,29 @@ def _swa_layers(md: Mapping[str, Scalar | GgufArray], arch: str, n_layer: int) -
 # ## Local files
 
 
+@contextmanager
+def _about(file: Path) -> Iterator[None]:
+    """Prefix the message of a :class:`GgufError` raised inside with the file it is about."""
+    try:
+        yield
+    except GgufError as exc:
+        raise GgufError(f"{file}: {exc}") from exc
+
+
 def read_gguf(path: str | Path) -> RawGguf:
     """Read one local GGUF file's header, never its tensor data."""
     file = Path(path)
-    try:
-        size = file.stat().st_size
-        with file.open("rb") as handle:
-            data = handle.read(MIB)
-            while True:
-                try:
-                    return parse_gguf(data, file_size=size)
-                except NeedMoreBytes as more:
-                    chunk = handle.read(min(next_read_size(len(data), more.needed), size) - len(data))
-                    if not chunk:  # the file shrank while we read it
-                        raise GgufError("the file ended inside its header") from None
-                    data += chunk
-    except GgufError as exc:
-        raise GgufError(f"{file}: {exc}") from exc
-    except OSError as exc:
-        raise GgufError(f"{file}: cannot read: {exc.strerror or exc}") from exc
+    with _about(file):
+        try:
+            with file.open("rb") as handle:
+
+                def read(start: int, end: int) -> bytes:
+                    handle.seek(start)
+                    return handle.read(end - start)
+
+                return read_growing(read, file.stat().st_size)
+        except OSError as exc:
+            raise GgufError(f"cannot read: {exc.strerror or exc}") from exc
 
 
 def shard_names(file: str) -> list[str] | None:
@@ -390,15 +423,21 @@ def read_header(path: str | Path) -> GgufHeader:
     """Read a local model's header; for a split model, pass the first shard (the others are read beside it)."""
     file = Path(path)
     first = read_gguf(file)
-    count = first.metadata.get("split.count", 1)
+    with _about(file):
+        others = _other_shards(file, _int(first.metadata, "split.count", 1))
+    raws = [read_gguf(file.parent / name) for name in others]  # their errors name their own file
+    with _about(file):
+        return header_from(first, *raws)
+
+
+def _other_shards(file: Path, count: int) -> list[str]:
+    """The names of the shards after ``file``, the first of ``count``, all of them present beside it."""
     if count == 1:
-        return header_from(first)
+        return []
     names = shard_names(file.name)
     if names is None or len(names) != count or names[0] != file.name:
-        raise GgufError(
-            f"{file}: a split model of {count} shards; name its first shard '<name>-00001-of-{count:05d}.gguf'"
-        )
-    missing = [n for n in names[1:] if not (file.parent / n).is_file()]
+        raise GgufError(f"a split model of {count} shards; name its first shard '<name>-00001-of-{count:05d}.gguf'")
+    missing = [name for name in names[1:] if not (file.parent / name).is_file()]
     if missing:
-        raise GgufError(f"{file}: shard {missing[0]} is missing")
-    return header_from(first, *(read_gguf(file.parent / n) for n in names[1:]))
+        raise GgufError(f"shard {missing[0]} is missing")
+    return names[1:]

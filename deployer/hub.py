@@ -16,12 +16,13 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Protocol
 
-from deployer.cache import FactsCache
+from deployer.cache import FactsCache, default_cache_dir
 from deployer.errors import GgufError, HubError, OfflineCacheMiss
 from deployer.facts import ModelFacts, ShardFacts
-from deployer.gguf_header import NeedMoreBytes, RawGguf, header_from, next_read_size, parse_gguf, shard_names
+from deployer.gguf_header import RawGguf, header_from, read_growing, shard_names
 from deployer.loading import LoadedManifest
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -92,24 +93,22 @@ class HfHubClient:
 
         from deployer import __version__
 
-        url = hf_hub_url(repo, file, revision=commit, endpoint=self.endpoint)
-        headers = build_hf_headers(token=self._token, library_name="gguf-deploy", library_version=__version__)
-        headers["Range"] = f"bytes={start}-{end - 1}"
-        with (
-            self._errors(repo, commit, file),
-            http_stream_backoff("GET", url, headers=headers, timeout=READ_TIMEOUT) as response,
-        ):
-            if response.status_code >= 400:
-                response.read()
-                hf_raise_for_status(response)
-            # 206 is the answer; a server that ignores Range sends the whole file with 200, of which
-            # only the wanted prefix is read before the connection is dropped
-            skip = 0 if response.status_code == 206 else start
-            data = bytearray()
-            for chunk in response.iter_bytes():
-                data += chunk
-                if len(data) >= skip + end - start:
-                    break
+        with self._errors(repo, commit, file):
+            url = hf_hub_url(repo, file, revision=commit, endpoint=self.endpoint)
+            headers = build_hf_headers(token=self._token, library_name="gguf-deploy", library_version=__version__)
+            headers["Range"] = f"bytes={start}-{end - 1}"
+            with http_stream_backoff("GET", url, headers=headers, timeout=READ_TIMEOUT) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    hf_raise_for_status(response)
+                # 206 is the answer; a server that ignores Range sends the whole file with 200, of which
+                # only the wanted prefix is read before the connection is dropped
+                skip = 0 if response.status_code == 206 else start
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) >= skip + end - start:
+                        break
         return bytes(data[skip : skip + end - start])
 
     def revisions(self, repo: str) -> list[str]:
@@ -128,6 +127,7 @@ class HfHubClient:
         from huggingface_hub.errors import (
             GatedRepoError,
             HfHubHTTPError,
+            HFValidationError,
             OfflineModeIsEnabled,
             RemoteEntryNotFoundError,
             RepositoryNotFoundError,
@@ -136,6 +136,8 @@ class HfHubClient:
 
         try:
             yield
+        except HFValidationError as exc:  # a repo id the manifest's pattern lets through ("org/x.git")
+            raise HubError(f"{repo}: not a valid Hugging Face repo id: {exc}") from exc
         except GatedRepoError as exc:
             raise HubError(
                 f"{repo}: a gated repository; accept its terms on Hugging Face and set HF_TOKEN to a token with access"
@@ -195,6 +197,12 @@ class Resolver:
         self.offline = offline
         self.progress = progress or (lambda message: None)
 
+    @classmethod
+    def default(cls, *, offline: bool = False, progress: Progress | None = None) -> Resolver:
+        """The usual wiring: :class:`HfHubClient` (none offline) and the cache in :func:`default_cache_dir`."""
+        client = None if offline else HfHubClient()
+        return cls(client, FactsCache(default_cache_dir()), offline=offline, progress=progress)
+
     def resolve_manifest(self, loaded: LoadedManifest) -> ModelFacts:
         """The facts of the model a manifest names (see :meth:`resolve`)."""
         manifest = loaded.manifest
@@ -202,9 +210,10 @@ class Resolver:
 
     def resolve(self, repo: str, revision: str, file: str) -> ModelFacts:
         """The facts of ``file`` in ``repo`` at ``revision``; raises HubError, GgufError or OfflineCacheMiss."""
-        commit = revision if COMMIT.match(revision) else self.cache.commit(repo, revision)
+        pinned = COMMIT.match(revision) is not None
+        commit = revision if pinned else self.cache.commit(repo, revision)
         cached = self.cache.facts(repo, commit, file) if commit else None
-        if cached is not None and (self.offline or commit == revision):
+        if cached is not None and (self.offline or pinned):
             return replace(cached, revision=revision)
         if self.offline or self.client is None:
             what = "the revision" if commit is None else f"'{file}' at commit {commit[:12]}"
@@ -214,8 +223,10 @@ class Resolver:
             )
         self.progress(f"resolving {repo}@{revision}")
         snapshot = self.client.snapshot(repo, revision)
-        self.cache.put_commit(repo, revision, snapshot.commit)
-        cached = self.cache.facts(repo, snapshot.commit, file)
+        if not pinned:  # a commit needs no entry: it resolves to itself
+            self.cache.put_commit(repo, revision, snapshot.commit)
+        if snapshot.commit != commit:  # the branch moved (or was never resolved): look again
+            cached = self.cache.facts(repo, snapshot.commit, file)
         if cached is not None:
             return replace(cached, revision=revision)
         facts = self._fetch(snapshot, revision, file)
@@ -243,21 +254,11 @@ class Resolver:
     def _read_gguf(self, snapshot: RepoSnapshot, shard: ShardFacts) -> RawGguf:
         """Read one header with growing Range requests: a little past its end, never the tensors."""
         assert self.client is not None
-        if shard.size <= 0:
-            raise GgufError(f"{snapshot.repo}/{shard.file}: the file is empty")
-        data = b""
-        want = min(FIRST_READ, shard.size)
-        while True:
-            chunk = self.client.read_range(snapshot.repo, snapshot.commit, shard.file, len(data), want)
-            if not chunk:  # a server that answers a range with nothing would otherwise loop forever
-                raise HubError(f"{snapshot.repo}/{shard.file}: the Hub sent no bytes for range {len(data)}-{want - 1}")
-            data += chunk
-            try:
-                return parse_gguf(data, file_size=shard.size)
-            except NeedMoreBytes as more:
-                want = min(next_read_size(len(data), more.needed), shard.size)
-            except GgufError as exc:
-                raise GgufError(f"{snapshot.repo}/{shard.file}: {exc}") from exc
+        read = partial(self.client.read_range, snapshot.repo, snapshot.commit, shard.file)
+        try:
+            return read_growing(read, shard.size, FIRST_READ)
+        except GgufError as exc:
+            raise GgufError(f"{snapshot.repo}/{shard.file}: {exc}") from exc
 
 
 def _shards(snapshot: RepoSnapshot, revision: str, file: str) -> list[ShardFacts]:

@@ -19,9 +19,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from deployer.errors import ManifestInvalid, Problem
-from deployer.manifest import APP_NAME_MAX, DEFAULT_APP_PREFIX, Manifest
-from deployer.quants import QUANTS
+from deployer.manifest import APP_NAME_MAX, CHAT_FORMATS, DEFAULT_APP_PREFIX, Manifest, name_max
+from deployer.quants import KV_CACHE_TYPES, QUANTS
 
+DEFAULT_MANIFESTS_DIR = "manifests"  # where the commands look when given no path
 SCHEMA_COMMENT = "#:schema ../schema/manifest.schema.json"
 MAX_MANIFEST_BYTES = 1024 * 1024  # a manifest is a few hundred bytes; anything huge is a mistake
 
@@ -109,7 +110,7 @@ def _decode(data: bytes, path: str) -> str:
 
 
 def _check_app_name(loaded: LoadedManifest, text: str) -> None:
-    longest = APP_NAME_MAX - len(loaded.app_prefix) - 1
+    longest = name_max(loaded.app_prefix)
     name = loaded.name
     explicit = loaded.manifest.name is not None
     key = "name" if explicit else "file"
@@ -170,6 +171,14 @@ _EXPECTED = {
     "list_type": "an array",
 }
 
+# pydantic's bound errors: the words people read, and the key of the bound in the error's ctx
+_BOUNDS = {
+    "greater_than_equal": ("at least", "ge"),
+    "greater_than": ("more than", "gt"),
+    "less_than_equal": ("at most", "le"),
+    "less_than": ("less than", "lt"),
+}
+
 
 def _got(value: Any) -> str:
     kind = next((name for t, name in _TOML_TYPES.items() if type(value) is t), type(value).__name__)
@@ -187,11 +196,9 @@ def _message(error: dict[str, Any], loc: tuple[Any, ...], raw: dict[str, Any]) -
         return _unknown_key(loc)
     if kind in _EXPECTED:
         return f"expected {_EXPECTED[kind]}, got {_got(value)}"
-    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        word = {"greater_than_equal": "at least", "greater_than": "more than"}.get(kind, "at most")
-        bound = ctx.get("ge", ctx.get("gt", ctx.get("le", ctx.get("lt"))))
-        if kind == "less_than":
-            word = "less than"
+    if kind in _BOUNDS:
+        word, bound_key = _BOUNDS[kind]
+        bound = ctx.get(bound_key)
         return f"must be {word} {bound:,}, got {value:,}" if isinstance(value, int) else f"must be {word} {bound}"
     if kind in ("literal_error", "enum"):
         return _unknown_choice(loc, value)
@@ -214,9 +221,6 @@ def _unknown_key(loc: tuple[Any, ...]) -> str:
 
 
 def _unknown_choice(loc: tuple[Any, ...], value: Any) -> str:
-    from deployer.manifest import CHAT_FORMATS
-    from deployer.quants import KV_CACHE_TYPES
-
     choices = {"quant": QUANTS, "kv_cache_type": KV_CACHE_TYPES, "chat_format": CHAT_FORMATS}.get(str(loc[-1]), ())
     if not isinstance(value, str):
         return f"expected a string, got {_got(value)}"

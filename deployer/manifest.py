@@ -24,11 +24,18 @@ from pydantic import (
 )
 
 from deployer.catalogue import load_catalogue
-from deployer.quants import KV_CACHE_TYPES, QUANTS
+from deployer.quants import KV_CACHE_TYPES, QUANTS, is_quantized_cache
 
 DEFAULT_APP_PREFIX = "gguf"
 APP_NAME_MAX = 63  # Modal object names are at most 63 characters here (Modal allows < 64)
-NAME_MAX = APP_NAME_MAX - len(DEFAULT_APP_PREFIX) - 1
+
+
+def name_max(app_prefix: str) -> int:
+    """The longest manifest name whose app name, ``<app_prefix>-<name>``, Modal accepts."""
+    return APP_NAME_MAX - len(app_prefix) - 1
+
+
+NAME_MAX = name_max(DEFAULT_APP_PREFIX)
 SCHEMA_ID = "https://github.com/gguf-deploy/gguf-deploy/schema/manifest.schema.json"
 
 # chat formats registered by llama-cpp-python 0.3.x (llama_cpp.llama_chat_format); a test keeps
@@ -270,7 +277,7 @@ class ServerSettings(_Strict):
     def _coherent(self) -> ServerSettings:
         if self.n_ubatch > self.n_batch:
             raise ValueError(f"n_ubatch ({self.n_ubatch}) must not exceed n_batch ({self.n_batch})")
-        if self.kv_cache_type not in ("f32", "f16", "bf16") and not self.flash_attn:
+        if is_quantized_cache(self.kv_cache_type) and not self.flash_attn:
             raise ValueError(f"kv_cache_type '{self.kv_cache_type}' needs flash_attn = true (llama.cpp rule)")
         return self
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -131,7 +131,7 @@ class ModalCli:
 
     def _json(self, args: list[str], what: str) -> list[dict]:
         try:
-            proc = subprocess.run([*self.command, *args], capture_output=True, text=True, check=False)
+            proc = subprocess.run([*self.command, *args], capture_output=True, text=True, errors="replace", check=False)
         except OSError as exc:
             raise ModalError(f"{what}: cannot run {self.command[0]}: {exc.strerror or exc}") from exc
         if proc.returncode != 0:
@@ -272,7 +272,7 @@ def _deploy_one(
     assert client is not None
     current = live.get(item.app_name)
     if current is not None and current.tags.get("config") == rendered.config_hash and not force:
-        return _with(done, "unchanged", "the live app has this config hash")
+        return replace(done, outcome="unchanged", detail="the live app has this config hash")
     for name, key in _needed_secrets(item):
         if name not in secrets:
             where = f" in environment '{env}'" if env else ""
@@ -281,8 +281,8 @@ def _deploy_one(
             )
     client.prefetch(path, env)
     client.deploy(path, env, rendered.config_hash)
-    was = current.tags.get("config", "?") if current else ""
-    return _with(done, "deployed", f"config {was} -> {rendered.config_hash}" if current else "new app")
+    detail = f"config {current.tags.get('config', '?')} -> {rendered.config_hash}" if current else "new app"
+    return replace(done, outcome="deployed", detail=detail)
 
 
 def _needed_secrets(item: LoadedManifest) -> list[tuple[str, str]]:
@@ -291,13 +291,9 @@ def _needed_secrets(item: LoadedManifest) -> list[tuple[str, str]]:
     return needed + ([(auth.hf_token_secret, "HF_TOKEN")] if auth.hf_token_secret else [])
 
 
-def _with(result: DeployResult, outcome: Outcome, detail: str) -> DeployResult:
-    return DeployResult(result.path, result.app_name, outcome, detail, result.gpu, result.config_hash, result.app_file)
-
-
 def _one_line(exc: GgufDeployError) -> str:
-    lines = exc.show() if not isinstance(exc, ModalError) else [exc.message]
-    return "; ".join(line.removeprefix("error: ") for line in lines)
+    """The error as one table cell: its lines as the CLI shows them, joined, without "error: "."""
+    return "; ".join(line.removeprefix("error: ") for line in exc.show())
 
 
 # ## Status and destroy

@@ -1,8 +1,8 @@
 """The plan: a pure function of a manifest, model facts and the GPU catalogue.
 
-CONTRACT FIRST — these types are what rendering, deploying and the CLI read.
-
-How a GPU is chosen (:func:`plan`), the catalogue and the table being data in ``gpus.toml``:
+Its types (:class:`Plan`, :class:`GpuChoice`, :class:`PlanFailure`) are what rendering,
+deploying and the CLI read. How a GPU is chosen (:func:`plan`), the catalogue and the table
+being data in ``gpus.toml``:
 
 1. the manifest must agree with the file: its ``quant`` with ``general.file_type``, its
    ``context`` within the trained context (:func:`check_facts`);
@@ -11,7 +11,8 @@ How a GPU is chosen (:func:`plan`), the catalogue and the table being data in ``
    estimate must fit its usable memory × count. If it does not, escalate up the ladder
    (L4 → A10 → L40S → A100-80GB → H100 → H200 → B200), then to 2, 4, 8 GPUs of the cheapest
    type that holds it; ``policy="cheapest"`` takes the cheapest GPU set that fits instead;
-4. Modal fallbacks: other types of the same or more memory that also hold it, cheapest first.
+4. Modal fallbacks, up to three that also hold it: the table row's own first, then other types
+   of the same or more memory, cheapest first (an override's list is its own).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Literal
 
 from deployer.catalogue import Catalogue, GpuType, load_catalogue
 from deployer.errors import GgufDeployError, PlanError
-from deployer.estimate import EstimateSettings, MemoryEstimate, estimate
-from deployer.facts import ModelFacts
+from deployer.estimate import GIB, EstimateSettings, MemoryEstimate, estimate
+from deployer.facts import GgufHeader, ModelFacts
 from deployer.loading import LoadedManifest
 from deployer.manifest import Manifest
 from deployer.quants import is_quantized
@@ -34,9 +35,8 @@ MAX_FALLBACKS = 3  # enough to ride out one scarce type without drifting into fa
 # nvidia-smi totals of GPUs sold as the same size differ by a few MiB (L4 23034, A10 23028):
 # a fallback "of the same memory" may have this much less
 SAME_MEMORY = 0.99
-GIB = 1024**3
 
-Estimator = Callable[..., MemoryEstimate]
+Estimator = Callable[[GgufHeader, EstimateSettings], MemoryEstimate]  # estimate(), or a test's own
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,13 @@ class _Sizer:
             f"{gib(gpu.memory_bytes)}) but the model needs {gib(est.per_gpu)} per GPU ({breakdown(est)})"
         )
 
+    def fits_nowhere(self, gpu_types: Iterable[str]) -> PlanError:
+        """The error when none of ``gpu_types`` holds the model: the numbers of the largest set of them."""
+        largest = max((self.catalogue.gpus[t] for t in gpu_types), key=lambda g: g.usable_bytes * g.max_count)
+        return PlanError(
+            f"{self.loaded.path}: the model fits on no GPU set: {self.too_small(largest.name, largest.max_count)}"
+        )
+
 
 def plan(
     loaded: LoadedManifest,
@@ -186,10 +193,7 @@ def plan(
     if loaded.manifest.gpus:
         chosen, fallbacks, reason = _override(loaded, sizer)
     elif cheapest is None:
-        biggest = max(catalogue.gpus.values(), key=lambda g: g.usable_bytes * g.max_count)
-        raise PlanError(
-            f"{loaded.path}: the model fits on no GPU set: {sizer.too_small(biggest.name, biggest.max_count)}"
-        )
+        raise sizer.fits_nowhere(catalogue.gpus)
     elif policy == "cheapest":
         chosen, reason = cheapest, "policy 'cheapest': the cheapest GPU set that holds the estimate"
     else:
@@ -244,11 +248,7 @@ def _from_table(sizer: _Sizer) -> tuple[GpuChoice, str, tuple[str, ...]]:
                 f"is the cheapest set of {count} that holds {gib(sizer.estimate(count).per_gpu)} per GPU"
             )
             return best, why, ()
-    largest = max(ladder, key=lambda t: catalogue.gpus[t].usable_bytes)
-    raise PlanError(
-        f"{sizer.loaded.path}: the model fits on no GPU set: "
-        f"{sizer.too_small(largest, catalogue.gpus[largest].max_count)}"
-    )
+    raise sizer.fits_nowhere(ladder)  # only a GPU off the ladder holds it
 
 
 def _cheapest(sizer: _Sizer) -> GpuChoice | None:

@@ -1,8 +1,9 @@
-"""llama.cpp's quantization names and the ``general.file_type`` values that stand for them.
+"""llama.cpp's quantization names and the ``general.file_type`` values that stand for them, and
+the KV cache types with their block geometry.
 
 Kept as data here (not read from the ``gguf`` package at import time) so that the manifest
-schema does not change under a user when ``gguf`` is upgraded; a test checks the table
-against ``gguf.LlamaFileType``.
+schema does not change under a user when ``gguf`` is upgraded; tests check the tables against
+``gguf.LlamaFileType`` and ``gguf.GGML_QUANT_SIZES``.
 """
 
 from __future__ import annotations
@@ -47,8 +48,20 @@ FILE_TYPES: dict[str, int] = {
 QUANTS: tuple[str, ...] = tuple(FILE_TYPES)
 UNQUANTIZED: frozenset[str] = frozenset({"F32", "F16", "BF16"})
 
-# KV cache element types llama.cpp accepts for --cache-type-k / --cache-type-v
-KV_CACHE_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+# KV cache element types llama.cpp accepts for --cache-type-k / --cache-type-v, with ggml's block
+# geometry (elements per block, bytes per block), which sizes the cache
+KV_CACHE_BLOCKS: dict[str, tuple[int, int]] = {
+    "f32": (1, 4),
+    "f16": (1, 2),
+    "bf16": (1, 2),
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+    "q4_1": (32, 20),
+    "iq4_nl": (32, 18),
+    "q5_0": (32, 22),
+    "q5_1": (32, 24),
+}
+KV_CACHE_TYPES: tuple[str, ...] = tuple(KV_CACHE_BLOCKS)
 
 
 def quant_for_file_type(file_type: int) -> str | None:
@@ -57,6 +70,11 @@ def quant_for_file_type(file_type: int) -> str | None:
         if value == file_type:
             return name
     return None
+
+
+def is_quantized_cache(cache_type: str) -> bool:
+    """A block-quantized KV cache type (``q8_0``, ...): llama.cpp needs flash attention for its V."""
+    return KV_CACHE_BLOCKS[cache_type][0] > 1
 
 
 def is_quantized(quant: str) -> bool:

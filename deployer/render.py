@@ -12,8 +12,9 @@ for the value of ``PLAN``, and that the value reads back (``ast.literal_eval``) 
     write_app(rendered, folder)             -> Path         atomically (temporary file + rename)
 
 The config hash is a stable hash of what is deployed: the data (which holds the resolved commit,
-so a moved ``main`` redeploys), the template and the serving runtime's source. It is recorded in
-the app's tags; ``deploy`` skips a manifest whose hash equals the live app's.
+so a moved ``main`` redeploys), the template and the source the container runs (the runtime and
+the package modules it imports, :data:`RUNTIME_SOURCES`). It is recorded in the app's tags;
+``deploy`` skips a manifest whose hash equals the live app's.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 TEMPLATE_PATH = PACKAGE_DIR.parent / "templates" / "modal_app.py"
 PLAN_NAME = "PLAN"  # the one assignment rendering replaces
 HEADER_START, HEADER_END = "# <gguf-deploy header>", "# </gguf-deploy header>"
+
+# What the container runs of this package (`python -m deployer.runtime`): the runtime, and the
+# package modules it imports (a test keeps this list complete). Its source is part of the deploy.
+RUNTIME_SOURCES = ("__init__.py", "errors.py", "runtime")
 
 MODELS_DIR = "/models"  # where the template mounts the Volume; the runtime config names files below it
 TAG_MAX = 63  # Modal: tag keys and values are 1-63 characters of [A-Za-z0-9._-]
@@ -170,7 +175,6 @@ def app_tags(plan: Plan, digest: str) -> dict[str, str]:
     }
 
 
-_TAG_OK = re.compile(rf"[A-Za-z0-9._-]{{1,{TAG_MAX}}}")
 _TAG_BAD_CHAR = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -187,11 +191,6 @@ def tag_value(value: str) -> str:
         short = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         encoded = f"{encoded[: TAG_MAX - 9]}.{short}"
     return encoded
-
-
-def is_valid_tag(value: str) -> bool:
-    """Modal's rule for tag keys and values (``modal._utils.name_utils.check_tag_dict``)."""
-    return _TAG_OK.fullmatch(value) is not None
 
 
 # ## The file
@@ -372,11 +371,19 @@ def _template_skeleton() -> str:
     return skeleton(ast.parse(_template_text()))
 
 
+def runtime_source_files() -> list[Path]:
+    """The files of :data:`RUNTIME_SOURCES`: every module of this package the container runs."""
+    files: set[Path] = set()
+    for name in RUNTIME_SOURCES:
+        path = PACKAGE_DIR / name
+        files.update(path.rglob("*.py") if path.is_dir() else [path])
+    return sorted(files)
+
+
 @cache
 def _runtime_source_digest() -> str:
-    """The serving runtime's source: it is copied into the container, so it is part of the deploy."""
+    """The serving runtime's source: it runs in the container, so it is part of the deploy."""
     digest = hashlib.sha256()
-    runtime = PACKAGE_DIR / "runtime"
-    for path in sorted(runtime.rglob("*.py")):
-        digest.update(path.relative_to(runtime).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in runtime_source_files():
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()

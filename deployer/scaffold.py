@@ -29,7 +29,7 @@ from deployer.facts import ModelFacts
 from deployer.gguf_header import SHARD_NAME
 from deployer.hub import HubClient, Resolver
 from deployer.loading import SCHEMA_COMMENT, LoadedManifest, display_path, load_manifests, parse_manifest
-from deployer.manifest import APP_NAME_MAX, DEFAULT_APP_PREFIX, default_name
+from deployer.manifest import DEFAULT_APP_PREFIX, default_name, name_max
 from deployer.quants import QUANTS
 
 DEFAULT_QUANT = "Q8_0"  # the project's recommendation: near-lossless, and llama.cpp's fastest 8-bit path
@@ -94,9 +94,8 @@ def _listed(names: list[str]) -> str:
 
 def manifest_name(file: str, app_prefix: str = DEFAULT_APP_PREFIX, repo: str = "") -> str:
     """The default name: :func:`deployer.manifest.default_name`, cut to what the app name allows."""
-    longest = APP_NAME_MAX - len(app_prefix) - 1
     name = default_name(file) or default_name(repo.rsplit("/", 1)[-1] + ".gguf")
-    return name[:longest].rstrip("-") or "model"
+    return name[: name_max(app_prefix)].rstrip("-") or "model"
 
 
 def manifest_values(

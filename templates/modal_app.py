@@ -137,8 +137,8 @@ LLAMA_CMAKE_ARGS = " ".join(
     ]
 )
 
-# The serving runtime is gguf-deploy's own package, copied in as source. gpus.toml rides along
-# because importing the package reads it.
+# The serving runtime is gguf-deploy's own package, copied in as source: its .py files and its
+# data (gpus.toml), so that any of its modules imports there; caches and build leftovers stay out.
 DEPLOYER_SOURCE = ~modal.FilePatternMatcher("**/*.py", "**/*.toml")
 
 image = (

@@ -19,6 +19,8 @@ API (``FakeHub``):
         Files over 10 MiB, and every .gguf, are LFS files (sha256 etag, X-Linked-Size).
         ``token``: the repo is private; requests need ``Authorization: Bearer <token>``.
     tag(repo, name, commit)             add a tag
+    ignore_ranges                       set True to answer every GET with the whole file (200), like
+                                        a server without Range support
     requests                            every request served: Request(method, path, headers, status, sent)
     bytes_served(repo, file)            body bytes sent for one file (all revisions)
     reset()                             forget the requests and counters
@@ -136,6 +138,7 @@ class FakeHub:
         self._served: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
         self._commits = 0
+        self.ignore_ranges = False
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -329,7 +332,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _content(self, file: _File, headers: dict[str, str], body: bool) -> None:
             start, end, status = 0, file.size, 200
-            wanted = self.headers.get("Range")
+            wanted = None if hub.ignore_ranges else self.headers.get("Range")
             if wanted:
                 found = _RANGE.match(wanted.strip())
                 if not found or (not found[1] and not found[2]):

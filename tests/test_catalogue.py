@@ -6,7 +6,7 @@ import gguf
 import pytest
 
 from deployer.catalogue import load_catalogue
-from deployer.quants import FILE_TYPES, is_quantized
+from deployer.quants import FILE_TYPES, KV_CACHE_BLOCKS, is_quantized
 
 B = 1_000_000_000
 
@@ -15,6 +15,11 @@ def test_quant_table_matches_the_gguf_package():
     known = {t.name.removeprefix("MOSTLY_").removeprefix("ALL_"): t.value for t in gguf.LlamaFileType}
     for name, value in FILE_TYPES.items():
         assert known.get(name) == value, name
+
+
+def test_kv_cache_blocks_match_the_gguf_package():
+    for name, geometry in KV_CACHE_BLOCKS.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]] == geometry, name
 
 
 @pytest.mark.parametrize(

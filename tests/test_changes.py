@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from deployer.changes import ZERO_COMMIT, DiffEntry, changed_manifests, classify, parse_raw_diff
+from deployer.changes import ZERO_COMMIT, DiffEntry, changed_manifests, classify, parse_raw_diff, source_commit
 from deployer.errors import GitError
 from tests.gitrepo import Repo, manifest, run_cli_in
 
@@ -303,6 +303,21 @@ def test_parse_raw_diff_reads_renames_and_deletions():
 def test_classify_a_type_change_is_a_modification():
     entry = DiffEntry("T", "manifests/a.toml", None, "a" * 40, "b" * 40)
     assert classify([entry], "manifests").modified == (entry,)
+
+
+def test_source_commit_labels_clean_and_dirty_trees(repo, tmp_path, monkeypatch):
+    head = repo.git("rev-parse", "HEAD")
+    assert source_commit(repo.path / "manifests" / "alpha.toml") == head
+    assert source_commit(repo.path / "manifests") == head
+    repo.write("manifests/alpha.toml", manifest("alpha", context=8192))
+    assert source_commit(repo.path / "manifests") == f"{head}+dirty"
+    assert source_commit(repo.path / "deployer") == head, "only changes below the folder count"
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    (tmp_path / "loose").mkdir()
+    assert source_commit(tmp_path / "loose" / "m.toml") is None, "outside a repository"
+    assert source_commit(tmp_path / "missing" / "m.toml") is None, "a folder that does not exist"
+    monkeypatch.setenv("PATH", os.devnull)
+    assert source_commit(repo.path / "manifests") is None, "without git"
 
 
 def test_git_missing_is_a_git_error(repo, monkeypatch):

@@ -145,6 +145,13 @@ def test_one_failing_manifest_does_not_stop_the_others(tmp_path):
     assert client.made("deploy") == ["gguf_deploy_fails.py", "gguf_fine.py"], "no deploy without its weights"
 
 
+def test_a_multi_line_failure_is_one_table_cell(tmp_path):
+    (item,) = manifests("alpha")
+    client = FakeModal(fail={("deploy", "gguf_alpha.py"): "modal deploy failed\nsee the build log above"})
+    (result,) = deploy_all([item], plan_one=planner(), client=client, out_dir=tmp_path)
+    assert (result.outcome, result.detail) == ("failed", "modal deploy failed; see the build log above")
+
+
 def test_missing_api_key_secret_is_a_clear_failure_before_any_work(tmp_path):
     (item,) = manifests("alpha")
     client = FakeModal(secrets=())
@@ -158,17 +165,27 @@ def test_missing_api_key_secret_is_a_clear_failure_before_any_work(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("auth", "secrets", "outcome"),
+    ("auth", "secrets", "outcome", "detail"),
     [
-        pytest.param({"enabled": False}, (), "deployed", id="auth-off-needs-no-secret"),
-        pytest.param({"hf_token_secret": "hf"}, ("gguf-api-key",), "failed", id="missing-hf-token-secret"),
-        pytest.param({"hf_token_secret": "hf"}, ("gguf-api-key", "hf"), "deployed", id="both-secrets-present"),
+        pytest.param({"enabled": False}, (), "deployed", "new app", id="auth-off-needs-no-secret"),
+        pytest.param(
+            {"hf_token_secret": "hf"},
+            ("gguf-api-key",),
+            "failed",
+            "Modal secret 'hf' not found; create it: modal secret create hf HF_TOKEN=<value>",
+            id="missing-hf-token-secret",
+        ),
+        pytest.param(
+            {"hf_token_secret": "hf"}, ("gguf-api-key", "hf"), "deployed", "new app", id="both-secrets-present"
+        ),
     ],
 )
-def test_secrets_a_manifest_needs(tmp_path, auth, secrets, outcome):
+def test_secrets_a_manifest_needs(tmp_path, auth, secrets, outcome, detail):
     (item,) = manifests("alpha", auth=auth)
-    (result,) = deploy_all([item], plan_one=planner(), client=FakeModal(secrets=secrets), out_dir=tmp_path)
-    assert result.outcome == outcome, result.detail
+    client = FakeModal(secrets=secrets)
+    (result,) = deploy_all([item], plan_one=planner(), client=client, out_dir=tmp_path)
+    assert (result.outcome, result.detail) == (outcome, detail)
+    assert client.made("deploy") == (["gguf_alpha.py"] if outcome == "deployed" else [])
 
 
 def test_dry_run_renders_and_never_touches_modal(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from deployer.gguf_header import (
     parse_gguf,
     parse_header,
     read_gguf,
+    read_growing,
     read_header,
     shard_names,
 )
@@ -172,6 +174,8 @@ def _write(path: Path, arch: str, n_layer: int, extra: dict[str, object]) -> Pat
             writer.add_array(key, value)
         elif isinstance(value, bool):
             writer.add_bool(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
         else:
             writer.add_uint32(key, value)
     writer.add_tensor("token_embd.weight", np.zeros((10, 64), dtype=np.float32))
@@ -222,7 +226,13 @@ def test_per_layer_head_counts(tmp_path):
 
 def test_per_layer_array_of_the_wrong_length(tmp_path):
     path = _write(tmp_path / "m.gguf", "llama", 4, {"llama.attention.head_count": [4, 4]})
-    with pytest.raises(GgufError, match=r"'llama.attention.head_count' has 2 values for 4 layers"):
+    with pytest.raises(GgufError, match=r"m\.gguf: the GGUF header's 'llama\.attention\.head_count' has 2 values"):
+        read_header(path)
+
+
+def test_a_split_count_that_is_not_an_integer(tmp_path):
+    path = _write(tmp_path / "m.gguf", "llama", 2, {"split.count": "3"})
+    with pytest.raises(GgufError, match=r"m\.gguf: the GGUF header's 'split\.count' is '3', not an integer$"):
         read_header(path)
 
 
@@ -270,6 +280,36 @@ def test_growing_by_the_hint_reaches_the_whole_header(tiny_bytes):
             steps += 1
     assert raw.data_offset == data_offset
     assert steps > 3
+
+
+def test_growing_reads_continue_where_the_last_ended(tiny_bytes):
+    data, data_offset = tiny_bytes
+    ranges = []
+
+    def read(start: int, end: int) -> bytes:
+        ranges.append((start, end))
+        return data[start:end]
+
+    assert read_growing(read, len(data), first_read=1024).data_offset == data_offset
+    assert len(ranges) > 1 and ranges[0] == (0, 1024)
+    assert all(after[0] == before[1] for before, after in itertools.pairwise(ranges))
+    assert ranges[-1][1] < len(data)  # the tensor data was not read
+
+
+def test_a_reader_that_returns_nothing_stops_with_an_error(tiny_bytes):
+    data, _ = tiny_bytes
+
+    def read(start: int, end: int) -> bytes:
+        return data[start:end] if start == 0 else b""
+
+    with pytest.raises(GgufError, match=rf"^no bytes came for range 1,024-[\d,]+ of a file of {len(data):,} bytes$"):
+        read_growing(read, len(data), first_read=1024)
+
+
+def test_an_empty_file(tmp_path):
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(GgufError, match=r"empty\.gguf: the file is empty$"):
+        read_gguf(tmp_path / "empty.gguf")
 
 
 @pytest.mark.parametrize(
@@ -322,6 +362,13 @@ def _kv(key: str, value_type: int, payload: bytes) -> bytes:
 def test_malformed(data, message):
     with pytest.raises(GgufError, match=message):
         parse_gguf(data, file_size=len(data))
+
+
+def test_a_header_claiming_hundreds_of_mib_is_refused_not_followed():
+    # a byte array of 300 MiB inside a 20 GB file: following it would read tensor data, not a header
+    data = _header(n_kv=1) + _kv("k", 9, struct.pack("<IQ", 0, 300 * MIB))
+    with pytest.raises(GgufError, match=r"^malformed GGUF header: it claims more than 256 MiB$"):
+        parse_gguf(data, file_size=20 * 10**9)
 
 
 def test_tensor_data_past_the_end_of_the_file(tiny_files, tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +57,16 @@ def test_planning_a_20_gb_model_reads_only_its_header(fake_hub, resolver, dark_c
     served = fake_hub.bytes_served("DavidAU/dark-champion-GGUF", DC_FILE)
     assert header.data_offset <= served <= header.data_offset + max(MIB, header.data_offset // 10)
     assert all(r.status in (206, 302) for r in _file_requests(fake_hub))  # ranges only, never a whole file
+
+
+def test_a_server_that_ignores_ranges_still_gives_the_header(fake_hub, resolver, sparse_gguf):
+    # every read after the first starts past byte 0: the client must skip to it in the whole-file answer
+    fake_hub.add_repo("org/q", {"q.gguf": sparse_gguf(ggufgen.QWEN_0_5B)})
+    fake_hub.ignore_ranges = True
+    facts = resolver.resolve("org/q", "main", "q.gguf")
+    assert facts.header == read_header(sparse_gguf(ggufgen.QWEN_0_5B))
+    reads = [r for r in _file_requests(fake_hub) if r.status == 200]
+    assert len(reads) > 1  # the header took several reads
 
 
 def test_split_model_every_shard_found_and_summed(fake_hub, resolver, sparse_gguf):
@@ -135,6 +147,12 @@ def test_private_repo_needs_hf_token(fake_hub, cache, sparse_gguf, monkeypatch):
     assert fake_hub.requests[-1].headers.get("Authorization") == "Bearer hf_secret"  # the range read too
 
 
+def test_a_repo_id_hugging_face_refuses_is_a_hub_error(resolver):
+    # the manifest's pattern lets "org/model.git" through; huggingface_hub raises a ValueError for it
+    with pytest.raises(HubError, match=r"^org/model\.git: not a valid Hugging Face repo id: .*'\.git'"):
+        resolver.resolve("org/model.git", "main", "m.gguf")
+
+
 def test_hub_unreachable(cache):
     client = HfHubClient(endpoint="http://127.0.0.1:9")  # the discard port: nothing listens
     with pytest.raises(
@@ -161,11 +179,12 @@ def test_repeated_resolution_of_a_branch_costs_one_small_request(fake_hub, resol
     assert fake_hub.bytes_served("DavidAU/dark-champion-GGUF", DC_FILE) == 0
 
 
-def test_repeated_resolution_of_a_commit_makes_no_request(fake_hub, resolver, dark_champion):
+def test_repeated_resolution_of_a_commit_makes_no_request(fake_hub, resolver, cache, dark_champion):
     resolver.resolve("DavidAU/dark-champion-GGUF", dark_champion, DC_FILE)
     fake_hub.reset()
     resolver.resolve("DavidAU/dark-champion-GGUF", dark_champion, DC_FILE)
     assert fake_hub.requests == []
+    assert not (cache.folder / "refs").exists()  # a commit resolves to itself: nothing to remember
 
 
 def test_a_moved_branch_is_followed(fake_hub, resolver, dark_champion, sparse_gguf):
@@ -232,3 +251,15 @@ def test_an_unwritable_cache_is_a_clear_error(fake_hub, dark_champion, tmp_path)
     resolver = Resolver(HfHubClient(endpoint=fake_hub.url), FactsCache(blocker / "cache"))
     with pytest.raises(HubError, match=r"^cannot write the cache in .*not-a-folder/cache: .*; set GGUF_DEPLOY_CACHE"):
         resolver.resolve("DavidAU/dark-champion-GGUF", "main", DC_FILE)
+
+
+def test_a_failed_cache_write_is_a_clear_error_and_leaves_nothing(cache, monkeypatch):
+    def disk_full(self, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", disk_full)
+    with pytest.raises(
+        HubError, match=r"^cannot write the cache in .*: No space left on device; set GGUF_DEPLOY_CACHE"
+    ):
+        cache.put_commit("org/m", "main", "c" * 40)
+    assert [p.name for p in cache.folder.rglob("*") if p.is_file()] == []  # the temporary file is gone

@@ -94,6 +94,13 @@ def test_markdown_summary(cli, target, tmp_path):
     assert result.out.rstrip().endswith("1 planned, 2 failed.")
 
 
+def test_a_repo_id_hugging_face_refuses_is_one_error_line(cli, fake_hub, tmp_path):
+    _write(tmp_path, "dotgit", repo="org/model.git", file="m.gguf", quant="Q8_0", context=4096)
+    result = cli("plan", cwd=tmp_path)  # the fixture fails on a traceback
+    assert result.code == 1
+    assert result.err.startswith("error: manifests/dotgit.toml: org/model.git: not a valid Hugging Face repo id: ")
+
+
 def test_tables_by_default(cli, target, tmp_path):
     result = cli("plan", cwd=tmp_path)
     assert result.code == 0, result.err

@@ -250,6 +250,62 @@ def test_config_hash_covers_the_template(monkeypatch, tmp_path):
         render_mod._template_skeleton.cache_clear()
 
 
+def _package_imports(path: Path) -> set[str]:
+    """The ``deployer`` modules a file imports at run time (``if TYPE_CHECKING:`` blocks aside)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "deployer"}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "deployer":
+            found.add(node.module)
+            if node.module == "deployer":  # `from deployer import errors`: the names may be modules
+                found |= {f"deployer.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_config_hash_covers_every_package_module_the_container_runs():
+    package = ROOT / "deployer"
+    hashed = set(render_mod.runtime_source_files())
+    imported = {"deployer"}.union(*(_package_imports(p) for p in (package / "runtime").rglob("*.py")))
+    for module in imported:
+        parts = module.split(".")[1:]
+        folder = package.joinpath(*parts)
+        source = folder / "__init__.py" if folder.is_dir() else folder.with_suffix(".py")
+        if source.exists():  # else a name imported from a module, not a module
+            assert source in hashed, f"{module} runs in the container but is not in render.RUNTIME_SOURCES"
+    assert hashed >= {package / "errors.py", package / "__init__.py", package / "runtime" / "__main__.py"}
+
+
+def test_config_hash_covers_the_runtime_and_the_modules_it_imports(monkeypatch, tmp_path):
+    import shutil
+
+    before = render(make_plan(), Provenance("m.toml")).config_hash
+    copy = tmp_path / "deployer"
+    shutil.copytree(ROOT / "deployer", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    hashes = []
+    for edited in ("errors.py", "runtime/server.py"):
+        with (copy / edited).open("a", encoding="utf-8") as handle:
+            handle.write("# changed\n")
+        monkeypatch.setattr(render_mod, "PACKAGE_DIR", copy)
+        render_mod._runtime_source_digest.cache_clear()
+        try:
+            hashes.append(render(make_plan(), Provenance("m.toml")).config_hash)
+        finally:
+            monkeypatch.undo()
+            render_mod._runtime_source_digest.cache_clear()
+    assert len({before, *hashes}) == 3, "each edit changes the config hash"
+
+
 @given(st.text(max_size=200))
 def test_tag_values_always_follow_modals_rules(value):
     assert modal_is_valid_tag(tag_value(value), 63)
@@ -321,7 +377,9 @@ def test_render_of_an_unknown_repo_fails_cleanly(cli, tmp_path, fake_hub):
     manifest.write_text('repo = "org/nothing"\nfile = "x-Q8_0.gguf"\nquant = "Q8_0"\ncontext = 4096\n')
     result = cli("render", str(manifest), "-o", str(tmp_path / "out"))
     assert result.code == 1
-    assert "org/nothing" in result.err
+    assert result.err.splitlines()[-1].startswith("error: org/nothing: repository not found on Hugging Face"), (
+        result.err
+    )
     assert not (tmp_path / "out").exists()
 
 

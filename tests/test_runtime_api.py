@@ -322,8 +322,9 @@ def test_bad_input_is_a_4xx_in_openai_shape(gemma_server, route, body, status, t
 
 def test_wrong_method_and_unknown_model_are_4xx(gemma_server):
     with gemma_server.http() as http:
-        assert http.get(CHAT).status_code == 405
+        wrong_method = http.get(CHAT)
         missing = http.get("/v1/models/gpt-4")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
@@ -334,7 +335,7 @@ def test_chunked_body_over_the_cap_is_413(gemma_server):
 
     with gemma_server.http() as http:
         response = http.post(CHAT, content=body())
-    assert response.status_code == 413
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
 
 # ## Concurrency: a bounded queue, nothing cut off, 429 beyond

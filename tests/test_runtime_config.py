@@ -81,6 +81,8 @@ def test_runtime_config_takes_a_bare_manifest_and_local_overrides():
         pytest.param(None, {API_KEY_ENV: "from-env"}, "from-env", id="env-key-used"),
         pytest.param("own", {API_KEY_ENV: "from-env"}, "own", id="config-key-wins"),
         pytest.param(None, {API_KEY_ENV: "  "}, None, id="blank-env-is-unset"),
+        pytest.param(" own\n", {}, "own", id="spaces-around-a-key-stripped"),
+        pytest.param("  ", {API_KEY_ENV: "from-env"}, "from-env", id="blank-own-key-is-unset"),
     ],
 )
 def test_api_key_from_environment(own, env, expected):
@@ -106,6 +108,15 @@ def test_json_round_trip_and_unknown_keys_ignored():
 def test_from_json_errors(text, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         RuntimeConfig.from_json(text)
+
+
+def test_kv_cache_types_are_the_manifests_with_ggml_type_ids():
+    from gguf import GGMLQuantizationType
+
+    from deployer.quants import KV_CACHE_TYPES
+    from deployer.runtime.engine import KV_TYPES
+
+    assert {name: GGMLQuantizationType[name.upper()].value for name in KV_CACHE_TYPES} == KV_TYPES
 
 
 def test_repr_never_shows_the_key():
@@ -187,7 +198,8 @@ def test_runtime_bad_config_file(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: {bad}: not JSON")
     proc = _runtime("--config", str(tmp_path / "none.json"))
-    assert (proc.returncode, "cannot read" in proc.stderr) == (1, True)
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: {tmp_path / 'none.json'}: cannot read: No such file or directory\n"
 
 
 def test_runtime_port_in_use(tmp_path):

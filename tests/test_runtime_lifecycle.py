@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import json
 import math
 import os
 import signal
@@ -72,10 +73,11 @@ def test_sigterm_when_idle_exits_0(start_server, tiny_llama_file):
     assert server.log_lines()[-1]["event"] == "stopped"
 
 
-def test_sigterm_cancels_a_long_stream_after_the_grace_period(start_server, gemma_file):
+def test_sigterm_cancels_a_long_stream_and_the_queue_after_the_grace_period(start_server, gemma_file):
     server = start_server(gemma_config(gemma_file, n_ctx=1024, shutdown_grace_s=2.0, require_api_key=False))
     body = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 900, "temperature": 0, "stream": True}
-    received = []
+    received: list = []
+    queued: list = []
 
     def read() -> None:
         try:
@@ -84,15 +86,29 @@ def test_sigterm_cancels_a_long_stream_after_the_grace_period(start_server, gemm
         except httpx.HTTPError as exc:  # the connection is closed mid-stream
             received.append(exc)
 
+    def wait_in_queue() -> None:  # behind the stream: it never starts
+        queued.append(httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=60))
+
     reader = threading.Thread(target=read)
     reader.start()
     while len(received) < 3:
         time.sleep(0.02)
+    waiter = threading.Thread(target=wait_in_queue)
+    waiter.start()
+    while server.health().json()["in_flight"] < 2:
+        time.sleep(0.02)
     stopped = time.monotonic()
     assert server.stop(signal.SIGTERM) == 0
     reader.join(30)
-    assert time.monotonic() - stopped < 8  # the grace period (2 s), not the 900 tokens (15 s here)
+    waiter.join(30)
+    assert time.monotonic() - stopped < 6  # the grace period (2 s), not the 900 tokens (15 s here), nor twice it
     assert len(received) < 400
+    # the cut is said, not hidden: the stream ends with an error event, the queued request gets a 503
+    assert received[-1] == "data: [DONE]"
+    assert json.loads(received[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
+    [answer] = queued
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
+    assert "Traceback" not in server.log_path.read_text()
     assert server.log_lines()[-1]["event"] == "stopped"
 
 

@@ -126,23 +126,26 @@ def test_completion_prompts(prompt, text, tokens):
 
 
 @pytest.mark.parametrize(
-    ("body", "message"),
+    ("body", "message", "param"),
     [
-        pytest.param({}, "prompt is required", id="missing-prompt"),
-        pytest.param({"prompt": ["a", "b"]}, "a batch of 2 prompts is not supported", id="batch"),
-        pytest.param({"prompt": []}, "prompt must not be an empty list", id="empty-list"),
-        pytest.param({"prompt": [1, -5]}, "must not be negative", id="negative-token"),
-        pytest.param({"prompt": 5}, "prompt must be a string or a list of token ids", id="number"),
-        pytest.param({"prompt": "x", "suffix": "y"}, "suffix (fill-in-the-middle) is not supported", id="suffix"),
-        pytest.param({"prompt": "x", "best_of": 3}, "best_of is not supported", id="best-of"),
-        pytest.param({"prompt": "x", "logprobs": 2}, "logprobs are not available", id="logprobs"),
-        pytest.param({"prompt": "x", "max_tokens": -3}, "max_tokens must be at least 1", id="negative-max-tokens"),
+        pytest.param({}, "prompt is required", "prompt", id="missing-prompt"),
+        pytest.param({"prompt": ["a", "b"]}, "a batch of 2 prompts is not supported", "prompt", id="batch"),
+        pytest.param({"prompt": []}, "prompt must not be an empty list", "prompt", id="empty-list"),
+        pytest.param({"prompt": [1, -5]}, "must not be negative", "prompt", id="negative-token"),
+        pytest.param({"prompt": 5}, "prompt must be a string or a list of token ids, got a number", "prompt", id="number"),
+        pytest.param({"prompt": ["a", 5]}, "prompt must be a string or a list of token ids, got an array", "prompt", id="text-and-number-not-cut-to-the-text"),
+        pytest.param({"prompt": [[["a"]]]}, "prompt must be a string or a list of token ids, got an array", "prompt", id="nested-too-deep"),
+        pytest.param({"prompt": "x", "suffix": "y"}, "suffix (fill-in-the-middle) is not supported", "suffix", id="suffix"),
+        pytest.param({"prompt": "x", "best_of": 3}, "best_of is not supported", "best_of", id="best-of"),
+        pytest.param({"prompt": "x", "logprobs": 2}, "logprobs are not available", "logprobs", id="logprobs"),
+        pytest.param({"prompt": "x", "max_tokens": -3}, "max_tokens must be at least 1", "max_tokens", id="negative-max-tokens"),
     ],
-)
-def test_completion_refused(body, message):
+)  # fmt: skip
+def test_completion_refused(body, message, param):
     with pytest.raises(ApiError) as info:
         normalize_completion(body)
     assert info.value.status == 400 and message in info.value.message
+    assert info.value.param == param
 
 
 def test_logprobs_accepted_when_the_server_keeps_logits():
@@ -162,20 +165,21 @@ def test_embeddings_normalized(body, inputs, b64):
 
 
 @pytest.mark.parametrize(
-    ("body", "message"),
+    ("body", "message", "param"),
     [
-        pytest.param({}, "input is required", id="missing"),
-        pytest.param({"input": [1, 2]}, "token-array inputs are not supported", id="tokens"),
-        pytest.param({"input": ""}, "must not contain empty strings", id="empty"),
-        pytest.param(
-            {"input": "x", "encoding_format": "int8"}, "encoding_format must be 'float' or 'base64'", id="format"
-        ),
+        pytest.param({}, "input is required", "input", id="missing"),
+        pytest.param({"input": [1, 2]}, "token-array inputs are not supported", "input", id="tokens"),
+        pytest.param({"input": ""}, "must not contain empty strings", "input", id="empty"),
+        pytest.param({"input": ["x"] * 2049}, "at most 2048 inputs per request, got 2049", "input", id="too-many"),
+        pytest.param({"input": "x", "encoding_format": "int8"}, "encoding_format must be 'float' or 'base64'", "encoding_format", id="format"),
+        pytest.param({"input": "x", "dimensions": 0}, "dimensions must be at least 1", "dimensions", id="zero-dimensions"),
     ],
-)
-def test_embeddings_refused(body, message):
+)  # fmt: skip
+def test_embeddings_refused(body, message, param):
     with pytest.raises(ApiError) as info:
         normalize_embedding(body)
-    assert message in info.value.message
+    assert info.value.status == 400 and message in info.value.message
+    assert info.value.param == param
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,16 @@ def test_no_model_file_and_no_network(cli, tmp_path, flags, env, reason):
     assert reason in line and line.endswith("or pass --model-path FILE")
 
 
+def test_a_later_shard_named_as_the_file(cli, tmp_path):
+    manifest = _manifest(tmp_path, TINY_MANIFEST.replace("tiny-llama.gguf", "tiny-llama-00002-of-00003.gguf"))
+    result = cli("serve", manifest, env=_offline_env(tmp_path))
+    assert result.code == 1
+    assert result.err == (
+        "error: test-org/tiny-llama-GGUF: 'tiny-llama-00002-of-00003.gguf' is not the first shard; "
+        "set file to 'tiny-llama-00001-of-00003.gguf'\n"
+    )
+
+
 def test_port_in_use(cli, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -88,6 +98,24 @@ def test_port_in_use(cli, tmp_path):
 def test_missing_model_path_is_a_usage_error(cli, tmp_path):
     result = cli("serve", _manifest(tmp_path), "--model-path", str(tmp_path / "none.gguf"))
     assert result.code == 2 and "does not exist" in result.err
+
+
+@pytest.mark.parametrize(
+    ("url", "api_key", "key_from_flag", "expected", "absent"),
+    [
+        pytest.param("http://127.0.0.1:8000/v1", None, False, ["curl http://127.0.0.1:8000/v1/chat/completions", 'api_key="unused"'], ["Authorization"], id="no-key"),
+        pytest.param("http://[::1]:8000/v1", None, False, ["curl 'http://[::1]:8000/v1/chat/completions'"], [], id="ipv6-quoted-for-zsh"),
+        pytest.param("http://127.0.0.1:8000/v1", "s3cret", True, ["Bearer <the --api-key>", 'api_key="<the --api-key>"'], ["s3cret"], id="flag-key-never-printed"),
+        pytest.param("http://127.0.0.1:8000/v1", "s3cret", False, ['"Authorization: Bearer $GGUF_DEPLOY_API_KEY"', 'os.environ["GGUF_DEPLOY_API_KEY"]', "import os"], ["s3cret"], id="env-key-by-name"),
+    ],
+)  # fmt: skip
+def test_printed_examples(url, api_key, key_from_flag, expected, absent):
+    from deployer.cli.serve import examples
+    from deployer.runtime import RuntimeConfig
+
+    text = examples(url, RuntimeConfig("tiny", "tiny.gguf", 256, api_key=api_key), key_from_flag=key_from_flag)
+    assert all(part in text for part in expected), text
+    assert not any(part in text for part in absent), text
 
 
 # ## Serving for real

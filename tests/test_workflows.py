@@ -7,6 +7,7 @@ deploy or destroy, so what CI does cannot drift from what is tested here.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from deployer.changes import ZERO_COMMIT
 from tests import ggufgen
 from tests.conftest import ROOT
 from tests.gitrepo import GIT_ENV, Repo, manifest
@@ -268,3 +270,81 @@ def test_a_manifest_that_does_not_plan_fails_the_pull_request_with_its_summary(r
     summary = (repo.path.parent / "out" / "summary.md").read_text(encoding="utf-8")
     assert "context: 65536 exceeds the model's trained context 4096" in summary
     assert summary.endswith("0 planned, 1 failed.\n")
+
+
+# ## The destroying half, with Modal stood in for
+
+# `gguf-deploy` with a stand-in for Modal: deploy, status and destroy are recorded, status
+# answers from $SHIM_STATUS and deploy fails when $SHIM_DEPLOY_FAILS is set; any other
+# command is the real one (changed, validate).
+SHIM = """#!/usr/bin/env bash
+case "$1" in
+  deploy | destroy | status) printf '%s\\n' "$*" >>"$SHIM_LOG" ;;&
+  deploy) [[ -z "${SHIM_DEPLOY_FAILS:-}" ]] ;;
+  status) cat "$SHIM_STATUS" ;;
+  destroy) ;;
+  *) exec "$SHIM_REAL" "$@" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize(
+    ("ops", "zero_base", "orphans", "deploy_fails", "calls"),
+    [
+        pytest.param(
+            [("rm", "manifests/beta.toml")],
+            False,
+            ["gguf-beta-q8-0", "gguf-stray"],
+            False,
+            ["status --offline --json", "destroy --yes -- gguf-beta-q8-0"],
+            id="removed-app-destroyed-stray-left",
+        ),
+        pytest.param([("rm", "manifests/beta.toml")], False, [], False, ["status --offline --json"], id="already-gone"),
+        pytest.param(
+            [("rm", "manifests/beta.toml"), ("write", "manifests/gamma.toml", manifest("gamma"))],
+            False,
+            ["gguf-beta-q8-0"],
+            True,
+            ["deploy -- manifests/gamma.toml"],
+            id="failed-deploy-destroys-nothing",
+        ),
+        pytest.param(
+            [],
+            True,
+            ["gguf-stray"],
+            False,
+            [
+                "deploy -- manifests/alpha.toml manifests/beta.toml",
+                "status --offline --json",
+                "destroy --yes -- gguf-stray",
+            ],
+            id="full-sync-prunes-orphans",
+        ),
+    ],
+)
+def test_the_deploy_chain_destroys_only_what_is_due(tmp_path, repo, ops, zero_base, orphans, deploy_fails, calls):
+    shim = tmp_path / "shim" / "gguf-deploy"
+    shim.parent.mkdir()
+    shim.write_text(SHIM, encoding="utf-8")
+    shim.chmod(0o755)
+    log, status = tmp_path / "modal.log", tmp_path / "status.json"
+    rows = [{"app_name": "gguf-alpha-q8-0", "state": "deployed"}] + [
+        {"app_name": a, "state": "orphan"} for a in orphans
+    ]
+    status.write_text(json.dumps(rows), encoding="utf-8")
+    base = ZERO_COMMIT if zero_base else repo.git("rev-parse", "HEAD")
+    repo.apply(ops)
+    repo.commit()
+
+    env = {"SHIM_LOG": str(log), "SHIM_STATUS": str(status), "SHIM_REAL": str(BIN / "gguf-deploy")}
+    if deploy_fails:
+        env["SHIM_DEPLOY_FAILS"] = "1"
+    path = f"{shim.parent}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}"
+    result = _run(repo, "deploy", base, GITOPS_DRY_RUN="", PATH=path, **env)
+
+    assert result.returncode == (1 if deploy_fails else 0), result.stdout + result.stderr
+    assert log.read_text(encoding="utf-8").splitlines() == calls
+    notes = re.findall(r"^note: (\S+) is live with no manifest", result.stdout, flags=re.M)
+    assert notes == (["gguf-stray"] if "gguf-stray" in orphans and not zero_base else [])
+    if deploy_fails:
+        assert "note: a deploy failed, so no app was destroyed" in result.stderr

@@ -4,7 +4,8 @@
 #
 #   gitops.sh plan     changed -> validate -> plan --markdown: the pull-request summary
 #   gitops.sh deploy   changed -> validate -> deploy -> destroy the apps of deleted manifests
-#                      (and, when the base is unknown, every orphaned app that `status` lists)
+#                      (and, when the base is unknown, every orphaned app that `status` lists);
+#                      nothing is destroyed when a deploy failed
 #
 # Inputs come from the environment, never from a workflow's command line, so no pull-request
 # title, branch or file name is ever pasted into shell code:
@@ -90,6 +91,12 @@ fi
 if ((${#remove[@]} == 0)) && [[ "$prune" != true ]]; then
   exit "$status"
 fi
+# The failed deploy may be the new app of a renamed manifest: destroying the old one now would
+# leave neither up. This run fails, so the next one diffs from the same base and does both.
+if ((status != 0)); then
+  echo "note: a deploy failed, so no app was destroyed; the next deploy run destroys them" >&2
+  exit "$status"
+fi
 if ((${#dry_run[@]})); then
   for app in "${remove[@]}"; do
     echo "dry run: would destroy $app, if it is live"
@@ -102,8 +109,9 @@ fi
 
 # A removed app is live only if `status` lists it as an orphan (a live app that no manifest
 # produces); one that is already gone needs nothing, so a retried run does not fail on it.
-# `status` exits 1 when a manifest cannot be planned, and still lists every orphan.
-gguf-deploy status --json >"$out/status.json" || true
+# Orphans need no plan, so `--offline` spares a Hugging Face request per manifest; `status`
+# exits 1 for a manifest it cannot plan from the cache, and still lists every orphan.
+gguf-deploy status --offline --json >"$out/status.json" || true
 if ! json_items "$out/status.json" orphans >"$out/orphans" 2>/dev/null; then
   echo "error: 'gguf-deploy status' could not list the live apps; nothing was destroyed" >&2
   exit 1

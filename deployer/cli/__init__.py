@@ -38,24 +38,14 @@ class _Group(click.Group):
     """Loads commands on demand and turns library errors into one line and an exit code."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [name for name in COMMANDS if self._load(name) is not None]
+        return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return self._load(cmd_name)
-
-    @staticmethod
-    def _load(name: str) -> click.Command | None:
-        target = COMMANDS.get(name)
+        target = COMMANDS.get(cmd_name)
         if target is None:
-            return None
+            return None  # click reports the unknown command
         module_name, _, attribute = target.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # the command is not built yet
-                return None
-            raise
-        return getattr(module, attribute, None)
+        return getattr(importlib.import_module(module_name), attribute)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

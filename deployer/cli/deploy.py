@@ -8,9 +8,6 @@ their own ``planner`` and ``modal_client`` through the root context object.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -18,11 +15,12 @@ from typing import Any
 
 import click
 
+from deployer.changes import source_commit
 from deployer.cli import app_prefix
 from deployer.errors import EXIT_FAILURE
-from deployer.loading import LoadedManifest, load_manifest, load_manifests
+from deployer.loading import DEFAULT_MANIFESTS_DIR, LoadedManifest, load_manifest, load_manifests
 
-DEFAULT_PATHS = ("manifests",)
+DEFAULT_PATHS = (DEFAULT_MANIFESTS_DIR,)
 DEFAULT_OUTPUT = "rendered"
 
 _env_option = click.option(
@@ -115,7 +113,7 @@ def deploy(
         dry_run=dry_run,
         force=force,
         problems=problems,
-        source_commit=source_commit(Path(paths[0]) if paths else Path(DEFAULT_PATHS[0])),
+        source_commit=source_commit(paths[0] if paths else DEFAULT_PATHS[0]),
         on_plan=_show_plan if dry_run else None,
     )
     _table(
@@ -201,16 +199,10 @@ def _planner(ctx: click.Context, offline: bool) -> Callable[[LoadedManifest], An
     given = (ctx.find_root().obj or {}).get("planner")
     if given is not None:
         return given
-    from deployer.cache import FactsCache, default_cache_dir
-    from deployer.hub import HfHubClient, Resolver
+    from deployer.hub import Resolver
     from deployer.plan import plan
 
-    resolver = Resolver(
-        None if offline else HfHubClient(),
-        FactsCache(default_cache_dir()),
-        offline=offline,
-        progress=lambda message: click.echo(message, err=True),
-    )
+    resolver = Resolver.default(offline=offline, progress=lambda message: click.echo(message, err=True))
 
     def plan_one(loaded: LoadedManifest) -> Any:
         return plan(loaded, resolver.resolve_manifest(loaded))
@@ -249,22 +241,3 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
     for row in rows:
         table.add_row(*row)
     Console(soft_wrap=False).print(table)
-
-
-def source_commit(path: str | Path) -> str | None:
-    """The git commit of the repository holding ``path`` (``+dirty`` if it has local changes)."""
-    git = shutil.which("git")
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    if git is None:
-        return None
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "GIT_TERMINAL_PROMPT": "0"}
-    try:
-        head = subprocess.run([git, "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, env=env)
-        dirty = subprocess.run(
-            [git, "-C", str(folder), "status", "--porcelain", "--", "."], capture_output=True, text=True, env=env
-        )
-    except OSError:
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import click
 
-from deployer.changes import DEFAULT_MANIFESTS_DIR, ZERO_COMMIT, Changes
+from deployer.changes import ZERO_COMMIT, Changes
 from deployer.cli import app_prefix
 from deployer.errors import EXIT_FAILURE
-from deployer.loading import display_path
+from deployer.loading import DEFAULT_MANIFESTS_DIR, display_path
 from deployer.quants import QUANTS
-
-DEFAULT_QUANT = "Q8_0"  # the project's recommendation (deployer.scaffold holds the same value)
+from deployer.scaffold import DEFAULT_QUANT
 
 
 @click.command()

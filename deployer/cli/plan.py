@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import click
 
@@ -13,9 +13,6 @@ from deployer.cli import app_prefix
 from deployer.errors import EXIT_FAILURE, Problem
 from deployer.loading import load_manifests
 from deployer.plan import POLICIES, Plan, PlanFailure, Policy, plan_all
-
-if TYPE_CHECKING:
-    from deployer.hub import Resolver
 
 DEFAULT_PATHS = ("manifests",)
 
@@ -52,12 +49,14 @@ def plan(ctx: click.Context, paths: tuple[str, ...], as_json: bool, markdown: bo
     """
     from rich.console import Console
 
+    from deployer.hub import Resolver
+
     if as_json and markdown:
         raise click.UsageError("--json and --markdown exclude each other")
     loaded, problems = load_manifests(paths or DEFAULT_PATHS, app_prefix=app_prefix(ctx))
     stderr = Console(stderr=True, highlight=False)
     with stderr.status("planning…") as status:
-        resolver = _resolver(offline, lambda message: status.update(message))
+        resolver = Resolver.default(offline=offline, progress=lambda message: status.update(message))
         results = plan_all(
             loaded,
             resolver.resolve_manifest,
@@ -82,14 +81,6 @@ def plan(ctx: click.Context, paths: tuple[str, ...], as_json: bool, markdown: bo
         click.echo("no manifests found", err=True)
     if failures or not results:
         ctx.exit(EXIT_FAILURE)
-
-
-def _resolver(offline: bool, progress: Callable[[str], None]) -> Resolver:
-    from deployer.cache import FactsCache, default_cache_dir
-    from deployer.hub import HfHubClient, Resolver
-
-    client = None if offline else HfHubClient()
-    return Resolver(client, FactsCache(default_cache_dir()), offline=offline, progress=progress)
 
 
 def _invalid(problems: list[Problem]) -> list[Plan | PlanFailure]:

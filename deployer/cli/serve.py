@@ -13,6 +13,7 @@ from deployer.loading import load_manifest
 
 if TYPE_CHECKING:
     from deployer.runtime import RuntimeConfig
+    from deployer.runtime.engine import Engine
 
 
 @click.command()
@@ -73,10 +74,9 @@ def serve(
         base["url"] = f"http://{netloc}/v1"
         click.echo(f"loading the model; {base['url']} answers once it is ready (GET /health)")
 
-    def ready(engine: object) -> None:
-        seconds = getattr(engine, "load_seconds", None) or 0.0
-        click.echo(f"ready in {seconds:.1f} s: {base['url']}   (Ctrl-C stops)\n")
-        click.echo(examples(base["url"], config, key_from_flag=api_key is not None))
+    def ready(engine: Engine) -> None:
+        click.echo(f"ready in {engine.load_seconds or 0.0:.1f} s: {base['url']}   (Ctrl-C stops)\n")
+        click.echo(examples(base["url"], config, key_from_flag=bool(api_key and api_key.strip())))
 
     run(config, host, port, on_listening=listening, on_ready=ready)
     click.echo("stopped")
@@ -90,7 +90,8 @@ def examples(base_url: str, config: RuntimeConfig, *, key_from_flag: bool) -> st
     body = json.dumps(
         {"model": config.model_name, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 100}
     )
-    curl = [f"curl {base_url}/chat/completions", "-H 'Content-Type: application/json'"]
+    # quoted: zsh (macOS's shell) would glob the brackets of an IPv6 address
+    curl = [f"curl {shlex.quote(base_url + '/chat/completions')}", "-H 'Content-Type: application/json'"]
     if config.api_key is None:
         key_expr = '"unused"'
     elif key_from_flag:

@@ -8,10 +8,10 @@ import click
 
 from deployer.cli import app_prefix
 from deployer.errors import EXIT_FAILURE
-from deployer.loading import load_manifests
+from deployer.loading import DEFAULT_MANIFESTS_DIR, load_manifests
 from deployer.manifest import manifest_schema
 
-DEFAULT_PATHS = ("manifests",)
+DEFAULT_PATHS = (DEFAULT_MANIFESTS_DIR,)
 
 
 @click.command()

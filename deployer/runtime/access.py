@@ -12,16 +12,13 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployer.runtime import logs
-
-if TYPE_CHECKING:
-    from deployer.runtime.engine import Job
+from deployer.runtime.engine import Job, classify
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CLIENT_CLOSED = 499  # nginx's status for "the client went away": only ever logged, never sent
@@ -84,8 +81,6 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:  # a bug: answer 500 in OpenAI's shape if we still can
-            from deployer.runtime.engine import classify
-
             error = classify(exc)
             log.status, log.error = error.status, error.code or error.type
             if not started:

@@ -235,7 +235,7 @@ class _Api:
         kind, value = item
         if kind == "error":
             return _error_response(request, value)
-        if kind == "end":  # cancelled before it ran: the server is stopping
+        if kind == "end" or job.tally.cut:  # cancelled by a shutdown: never a truncated answer as a 200
             return _error_response(request, _stopping())
         return JSONResponse(value)
 
@@ -298,6 +298,10 @@ class _EventStream(StreamingResponse):
                 yield _sse(value.body())
             elif kind == "end":
                 break
+        if self.job.tally.cut:  # a shutdown cut it: say so, rather than end as if complete
+            error = _stopping()
+            self.log.error = error.code
+            yield _sse(error.body())
         if self.call.include_usage:
             kind = "chat.completion.chunk" if self.call.kind == "chat" else "text_completion"
             yield _sse({**head, "object": kind, "choices": [], "usage": usage(self.job.tally)})

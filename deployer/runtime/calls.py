@@ -147,7 +147,8 @@ def _generate(llama: Any, job: Job, call: Call, kwargs: dict[str, Any]) -> None:
     merged: dict[str, Any] | None = None
     head: dict[str, Any] | None = None  # id/created/model of the first choice, shared by all
     for index in range(call.n):
-        if job.cancel_event.is_set():
+        if job.cancel_event.is_set():  # between choices: the next one is never started
+            job.tally.cut = True
             break
         if seed is not None:  # n choices with one seed would all be the same text
             kwargs["seed"] = seed + index

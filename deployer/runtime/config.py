@@ -43,7 +43,6 @@ class RuntimeConfig:
     n_gpu_layers: int = -1  # every layer on the GPU (ignored by a CPU-only build)
     concurrency: int = 4  # requests accepted at once: one generating, the rest queued
     api_key: str | None = None  # None: no auth (local default), unless GGUF_DEPLOY_API_KEY is set
-    # -- added by the serving runtime (issue 4) --
     require_api_key: bool = False  # refuse to start without a key (deployed endpoints: auth on by default)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
     logits_all: bool = False  # keep logits of every position: needed for logprobs, costs n_ctx x n_vocab floats
@@ -72,9 +71,7 @@ class RuntimeConfig:
             raise ValueError(f"not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from exc
         if not isinstance(data, dict):
             raise ValueError("expected a JSON object of runtime settings")
-        missing = [
-            f.name for f in fields(cls) if f.name in ("model_name", "model_path", "n_ctx") and f.name not in data
-        ]
+        missing = [name for name in ("model_name", "model_path", "n_ctx") if name not in data]
         if missing:
             raise ValueError(f"missing required key(s): {', '.join(missing)}")
         return cls.from_dict(data)
@@ -82,12 +79,11 @@ class RuntimeConfig:
     def with_environment(self, environ: Mapping[str, str] | None = None) -> RuntimeConfig:
         """This config with the API key from ``GGUF_DEPLOY_API_KEY`` when it has none of its own.
 
-        The only place the runtime reads the environment. An empty variable counts as unset.
+        The only place the runtime reads the environment. Keys are stripped (an HTTP header cannot
+        carry the spaces around one, so a key with them could never match); an empty key counts as unset.
         """
         env = os.environ if environ is None else environ
-        if self.api_key:
-            return self
-        key = env.get(API_KEY_ENV, "").strip()
+        key = (self.api_key or "").strip() or env.get(API_KEY_ENV, "").strip()
         return replace(self, api_key=key or None)
 
     def __repr__(self) -> str:  # never print the key

@@ -232,7 +232,7 @@ class Engine:
         self._in_flight = 0
         self._mean_job_s = 1.0
         self._running: Job | None = None
-        self._idle = threading.Event()
+        self._closing = False  # set by cancel_all(): no job starts any more
         self._thread = threading.Thread(target=self._main, name="gguf-deploy-model", daemon=True)
         self._on_ready: Callable[[Engine], None] | None = None
         self._on_failure: Callable[[Engine], None] | None = None
@@ -283,19 +283,19 @@ class Engine:
     def _drop_if_queued(self, job: Job) -> None:
         with self._lock:
             if job.state == "queued":
-                job.state = "cancelled"
-                self._in_flight -= 1
-                job._finish()
+                self._drop(job)
+
+    def _drop(self, job: Job) -> None:  # with the lock held
+        job.state = "cancelled"
+        self._in_flight -= 1
+        job._finish()
 
     # -- the model thread
 
     def _main(self) -> None:
         if not self._load():
             return
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                break
+        while (job := self._jobs.get()) is not None:
             self._run(job)
 
     def _load(self) -> bool:
@@ -334,10 +334,12 @@ class Engine:
     def _run(self, job: Job) -> None:
         with self._lock:
             if job.state != "queued":
-                return  # cancelled while it waited; already finished
+                return  # cancelled while it waited
+            if self._closing:  # shutting down: a job still waiting never starts
+                self._drop(job)
+                return
             job.state = "running"
             self._running = job
-            self._idle.clear()
         job.started = time.monotonic()
         self.llama.cancel_event = job.cancel_event
         try:
@@ -354,18 +356,22 @@ class Engine:
                 self._running = None
                 self._in_flight -= 1
                 self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
-                self._idle.set()
             job._finish()
 
     # -- shutdown
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Cancel everything, stop the model thread, free the model (when it is idle)."""
-        self.state = "closed" if self.state == "ready" else self.state
-        with self._lock:
+    def cancel_all(self) -> None:
+        """Cut the running job at its next token; the queued ones end without starting (each ends with "end")."""
+        with self._lock:  # with _run's check under the same lock, no job can start uncancelled after this
+            self._closing = True
             running = self._running
         if running is not None:
             running.cancel_event.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel everything, stop the model thread, free the model (when it is idle)."""
+        self.state = "closed" if self.state == "ready" else self.state
+        self.cancel_all()
         self._jobs.put(None)
         if self._thread.is_alive() and self.llama is not None:
             self._thread.join(timeout)

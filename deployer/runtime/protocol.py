@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 MAX_N = 8  # choices per request: each one is a full generation on the single model
@@ -65,7 +65,7 @@ class Call:
     include_usage: bool = False
     json_schema: dict[str, Any] | None = None  # response_format json_schema (or json_object with a schema)
     json_object: bool = False  # response_format json_object: any JSON
-    prompt_tokens: list[int] | None = field(default=None)  # a token-array prompt (completions)
+    prompt_tokens: list[int] | None = None  # a token-array prompt (completions)
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def _number(params: dict[str, Any], key: str, low: float, high: float) -> None:
         raise bad_request(f"{key} must be between {low:g} and {high:g}, got {value:g}", key)
 
 
-def _common(params: dict[str, Any], *, logprobs_ok: bool, logprobs_key: str) -> tuple[int, bool, bool]:
+def _common(params: dict[str, Any], *, logprobs_ok: bool) -> tuple[int, bool, bool]:
     """Checks shared by chat and completions; returns (n, stream, include_usage)."""
     max_completion = _positive_int(params, "max_completion_tokens")
     params.pop("max_completion_tokens", None)
@@ -170,12 +170,12 @@ def _common(params: dict[str, Any], *, logprobs_ok: bool, logprobs_key: str) -> 
         params["stop"] = kept or None
     elif stop == "":
         params.pop("stop")
-    wants_logprobs = params.get(logprobs_key) not in (None, False, 0) or params.get("top_logprobs") is not None
+    wants_logprobs = params.get("logprobs") not in (None, False, 0) or params.get("top_logprobs") is not None
     if wants_logprobs and not logprobs_ok:
         raise bad_request(
             "logprobs are not available on this endpoint: they need the model's logits at every position, "
             "which the server does not keep (n_ctx x n_vocab floats)",
-            logprobs_key,
+            "logprobs",
             "logprobs_not_supported",
         )
     if params.get("seed") is not None and (isinstance(params["seed"], bool) or not isinstance(params["seed"], int)):
@@ -240,7 +240,7 @@ def normalize_chat(body: Any, *, logprobs_ok: bool = False) -> Call:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {role, content} objects", "messages")
     params["messages"] = [_message(m, i) for i, m in enumerate(messages)]
-    n, stream, include_usage = _common(params, logprobs_ok=logprobs_ok, logprobs_key="logprobs")
+    n, stream, include_usage = _common(params, logprobs_ok=logprobs_ok)
     json_schema, json_object = _response_format(params.pop("response_format", None))
     if (json_schema is not None or json_object) and params.get("grammar") is not None:
         raise bad_request("give either response_format or grammar, not both", "response_format")
@@ -277,19 +277,20 @@ def _response_format(value: Any) -> tuple[dict[str, Any] | None, bool]:
 # ## Completions
 
 
-def _prompt(value: Any) -> str | list[int]:
+def _prompt(value: Any, *, outer: bool = True) -> str | list[int]:
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value:
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-            return _tokens(value)
-        if len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
-            raise bad_request(
-                f"a batch of {len(value)} prompts is not supported: send one prompt per request", "prompt"
-            )
-        return _prompt(value[0])
-    if isinstance(value, list):
-        raise bad_request("prompt must not be an empty list", "prompt")
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return _tokens(value)
+    if isinstance(value, list) and outer:  # a list of prompts: only one is served
+        if not value:
+            raise bad_request("prompt must not be an empty list", "prompt")
+        if all(isinstance(p, (str, list)) for p in value):
+            if len(value) > 1:
+                raise bad_request(
+                    f"a batch of {len(value)} prompts is not supported: send one prompt per request", "prompt"
+                )
+            return _prompt(value[0], outer=False)
     raise bad_request(f"prompt must be a string or a list of token ids, got {_json_type(value)}", "prompt")
 
 
@@ -310,7 +311,7 @@ def normalize_completion(body: Any, *, logprobs_ok: bool = False) -> Call:
     best_of = params.pop("best_of", None)
     if best_of not in (None, 1):
         raise bad_request("best_of is not supported; use n for several completions", "best_of")
-    n, stream, include_usage = _common(params, logprobs_ok=logprobs_ok, logprobs_key="logprobs")
+    n, stream, include_usage = _common(params, logprobs_ok=logprobs_ok)
     if isinstance(prompt, str):
         params["prompt"] = prompt
         return Call("completion", params, n, stream, include_usage)

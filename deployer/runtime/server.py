@@ -3,7 +3,9 @@
 The port is bound first, so "port in use" is a clear error, and ``/health`` answers 503 while
 the model loads on its own thread (the imports of the web stack overlap the load). SIGTERM and
 SIGINT stop accepting connections, let running requests finish for ``shutdown_grace_s``, then
-cancel what is left; :func:`serve` returns normally (exit status 0).
+cancel what is left on the model: a queued request gets 503, a generation is cut at its next
+token (a stream ends with an error event, a plain request gets 503). :func:`serve` returns
+normally (exit status 0).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from deployer.errors import ServeError
 from deployer.runtime import logs
 from deployer.runtime.config import API_KEY_ENV, RuntimeConfig
 from deployer.runtime.engine import Engine
+
+# after the grace period, the requests just cancelled get this long to send their answers before
+# uvicorn kills their handlers (a traceback each); a generation stops at its next token, but a
+# prompt being evaluated only when it is done
+ANSWER_AFTER_CANCEL_S = 5.0
 
 
 def serve(
@@ -90,6 +97,12 @@ def _server(config: RuntimeConfig, engine: Engine, failed: threading.Event) -> A
     from deployer.runtime.app import build_app
 
     class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            import asyncio
+
+            asyncio.get_running_loop().call_later(config.shutdown_grace_s, engine.cancel_all)
+            await super().shutdown(sockets)
+
         async def on_tick(self, counter: int) -> bool:
             if failed.is_set():  # the model did not load: nothing to serve
                 self.should_exit = True
@@ -121,6 +134,6 @@ def _server(config: RuntimeConfig, engine: Engine, failed: threading.Event) -> A
             log_level="warning",
             access_log=False,  # our own log line per request replaces it
             server_header=False,
-            timeout_graceful_shutdown=max(1, round(config.shutdown_grace_s)),
+            timeout_graceful_shutdown=config.shutdown_grace_s + ANSWER_AFTER_CANCEL_S,
         )
     )
