@@ -112,12 +112,16 @@ def _checked_str(pattern: str, explain: str, *checks: tuple[str, str], max_lengt
 _SEGMENT = r"[A-Za-z0-9_+@=,()\[\]-][A-Za-z0-9._+@=,()\[\] -]*"
 
 HfRepo = _checked_str(
-    r"^(?!.*(--|\.\.))[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$",
-    "must be a Hugging Face repo id 'owner/name' (letters, digits, '-', '_', '.')",
+    # Hugging Face's own rule: each part starts and ends with a letter, digit or '_', and no '.git' end
+    r"^(?!.*(--|\.\.))(?!.*\.git$)[A-Za-z0-9_]([A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+    r"/[A-Za-z0-9_]([A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?$",
+    "must be a Hugging Face repo id 'owner/name' (letters, digits, '-', '_', '.'; "
+    "each part starting and ending with a letter, digit or '_')",
     (r"^https?://", "must be a repo id 'owner/name', not a URL"),
     (r"^[^/]*$", "must be 'owner/name' (found no '/')"),
     (r"/.*/", "must be 'owner/name' (found more than one '/')"),
     (r"--|\.\.", "must not contain '--' or '..' (Hugging Face forbids them)"),
+    (r"\.git$", "must not end with '.git' (Hugging Face forbids it)"),
 )
 
 GgufFile = _checked_str(

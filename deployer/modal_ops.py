@@ -27,7 +27,7 @@ from typing import Literal, Protocol
 from deployer.errors import GgufDeployError, ModalAuthError, ModalError, Problem
 from deployer.loading import LoadedManifest
 from deployer.plan import Plan
-from deployer.render import Provenance, app_data, render, write_app
+from deployer.render import MANAGED_BY, Provenance, app_data, render, write_app
 from deployer.runtime.config import API_KEY_ENV
 
 DEPLOYED = "deployed"  # `modal app list` state of a deployed app
@@ -299,7 +299,7 @@ def _one_line(exc: GgufDeployError) -> str:
 # ## Status and destroy
 
 
-State = Literal["deployed", "not deployed", "drifted", "orphan", "unknown"]
+State = Literal["deployed", "not deployed", "drifted", "orphan", "unmanaged", "unknown"]
 
 
 @dataclass(frozen=True)
@@ -337,8 +337,14 @@ def app_status(
     known = {item.app_name for item in manifests}
     for app in apps:
         if app.name.startswith(f"{prefix}-") and app.name not in known:
-            detail = f"tagged manifest '{app.tags['manifest']}'" if "manifest" in app.tags else "no manifest tag"
-            out.append(AppStatus(app.name, "orphan", "", "", app.tags.get("config", ""), app.app_id, detail))
+            # only an app gguf-deploy made is an orphan (and may be destroyed by a full sync); an app
+            # that merely shares the prefix belongs to someone else and is only reported
+            if app.tags.get(MANAGED_BY[0]) == MANAGED_BY[1]:
+                state: State = "orphan"
+                detail = f"tagged manifest '{app.tags['manifest']}'" if "manifest" in app.tags else "no manifest tag"
+            else:
+                state, detail = "unmanaged", "has the prefix but not the managed-by: gguf-deploy tag; left alone"
+            out.append(AppStatus(app.name, state, "", "", app.tags.get("config", ""), app.app_id, detail))
     return out
 
 

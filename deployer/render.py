@@ -161,11 +161,14 @@ def config_hash(data: dict[str, Any]) -> str:
     return digest.hexdigest()[:CONFIG_HASH_LENGTH]
 
 
+MANAGED_BY = ("managed-by", "gguf-deploy")  # on every app: `status` tells ours from look-alikes by it
+
+
 def app_tags(plan: Plan, digest: str) -> dict[str, str]:
     """The app's tags, each within Modal's rules (see :func:`tag_value`)."""
     facts = plan.facts
     return {
-        "managed-by": "gguf-deploy",
+        MANAGED_BY[0]: MANAGED_BY[1],
         "manifest": tag_value(plan.manifest.name),
         "config": digest,
         "repo": tag_value(facts.repo),

@@ -315,7 +315,13 @@ def test_status_joins_manifests_with_live_apps():
         live(same, config_of(same)),
         live(drift, "0123456789abcdef"),
         live(broken, "0123456789abcdef"),
-        LiveApp("gguf-old-model", "ap-old", "deployed", {"manifest": "old-model", "config": "feedfeedfeedfeed"}),
+        LiveApp(
+            "gguf-old-model",
+            "ap-old",
+            "deployed",
+            {"managed-by": "gguf-deploy", "manifest": "old-model", "config": "feedfeedfeedfeed"},
+        ),
+        LiveApp("gguf-someone-elses", "ap-else", "deployed", {"config": "abc"}),
         LiveApp("other-app", "ap-other", "deployed", {}),
     ]
     rows = app_status([same, drift, absent, broken], apps, plan_one=planner(broken={"broken"}), prefix="gguf")
@@ -326,6 +332,7 @@ def test_status_joins_manifests_with_live_apps():
         "gguf-absent": ("not deployed", ""),
         "gguf-broken": ("unknown", "0123456789abcdef"),
         "gguf-old-model": ("orphan", "feedfeedfeedfeed"),
+        "gguf-someone-elses": ("unmanaged", "abc"),
     }
     assert "trained context" in next(r.detail for r in rows if r.state == "unknown")
 
@@ -333,7 +340,9 @@ def test_status_joins_manifests_with_live_apps():
 def test_status_command_json(tmp_path):
     path = tmp_path / "alpha.toml"
     path.write_text('name = "alpha"\nrepo = "org/m"\nfile = "m-Q8_0.gguf"\nquant = "Q8_0"\ncontext = 4096\n')
-    client = FakeModal(apps=[LiveApp("gguf-gone", "ap-gone", "deployed", {"config": "1" * 16})])
+    client = FakeModal(
+        apps=[LiveApp("gguf-gone", "ap-gone", "deployed", {"managed-by": "gguf-deploy", "config": "1" * 16})]
+    )
     result = _invoke(status_cmd, [str(path), "--json", "--env", "dev"], client)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)

@@ -63,6 +63,8 @@ BROKEN = [
     pytest.param(_good(file='"model.bin"'), "file", 5, "must name a .gguf file", id="file-not-gguf"),
     pytest.param(_good(repo='"just-a-name"'), "repo", 5, "must be 'owner/name'", id="repo-malformed"),
     pytest.param(_good(repo='"https://huggingface.co/a/b"'), "repo", 5, "not a URL", id="repo-url"),
+    pytest.param(_good(repo='"org/model.git"'), "repo", 5, "must not end with '.git'", id="repo-dot-git"),
+    pytest.param(_good(repo='"org/model-"'), "repo", 5, "each part starting and ending", id="repo-trailing-dash"),
     pytest.param(_good(name='"bad\\u0007name"'), "name", 6, "control character (U+0007)", id="control-character"),
     pytest.param(_good(name='"My_Model"'), "name", 6, "must be lowercase", id="name-uppercase"),
     pytest.param(_good(name='"' + "a" * 59 + '"'), "name", 6, "at most 58", id="name-too-long"),
