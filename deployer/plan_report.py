@@ -46,6 +46,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "quant": manifest.quant,
         "context": manifest.context,
         "trained_context": header.context_length,
+        "chat": {"chat_format": manifest.server.chat_format, "template_in_gguf": header.has_chat_template},
         "estimate_bytes": {
             "weights": est.weights,
             "kv": est.kv,
@@ -97,6 +98,15 @@ def _size_words(plan: Plan) -> str:
     shards = len(plan.facts.shards)
     size = f"{plan.facts.size_bytes / 1e9:,.2f} GB"
     return size if shards == 1 else f"{size} in {shards} shards"
+
+
+def _chat_words(plan: Plan) -> str:
+    chat_format = plan.manifest.manifest.server.chat_format
+    if chat_format:
+        return f"chat_format '{chat_format}' (the manifest's)"
+    if plan.facts.header.has_chat_template:
+        return "the GGUF's own chat template"
+    return "none: /v1/chat/completions will answer 400 (no template in the GGUF; set [server] chat_format)"
 
 
 def _estimate_words(plan: Plan) -> str:
@@ -155,6 +165,7 @@ def _details(plan: Plan) -> list[tuple[str, str]]:
         ("experts", _experts_words(plan)),
         ("quant", manifest.quant),
         ("context", f"{manifest.context:,} of {header.context_length:,} trained"),
+        ("chat", _chat_words(plan)),
         ("estimate", _estimate_words(plan)),
         ("GPU", f"{_gpu_words(plan.gpu)}: {plan.reason}"),
         ("fallbacks", ", ".join(_gpu_words(f) for f in plan.fallbacks) or "none"),

@@ -174,3 +174,29 @@ def test_offline_plan_imports_neither_the_hub_nor_modal_nor_llama_cpp(fake_hub, 
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert not {"huggingface_hub", "modal", "llama_cpp"} & set(out.split())
+
+
+def test_the_plan_says_how_chat_requests_will_be_formatted(cli, fake_hub, tmp_path):
+    """A model with no chat template and no chat_format would answer chat requests with a 400:
+    the plan says so before anything is deployed."""
+    spec = ggufgen.TINY_LLAMA
+    bare = ggufgen.write_gguf(tmp_path / "bare.gguf", spec, header_only=True)
+    templated = ggufgen.write_gguf(tmp_path / "templated.gguf", spec, header_only=True, chat_template="{{ x }}")
+    fake_hub.add_repo("org/tiny-GGUF", {"bare.gguf": bare, "templated.gguf": templated})
+    common = {"repo": "org/tiny-GGUF", "quant": "F32", "context": 1024}
+    _write(tmp_path, "bare", name="bare", file="bare.gguf", **common)
+    _write(tmp_path, "templated", name="templated", file="templated.gguf", **common)
+    path = _write(tmp_path, "formatted", name="formatted", file="bare.gguf", **common)
+    path.write_text(path.read_text() + '[server]\nchat_format = "chatml"\n')
+    result = cli("plan", "--json", cwd=tmp_path)
+    assert result.code == 0, result.err
+    chats = {plan["name"]: plan["chat"] for plan in json.loads(result.out)}
+    assert chats == {
+        "bare": {"chat_format": None, "template_in_gguf": False},
+        "templated": {"chat_format": None, "template_in_gguf": True},
+        "formatted": {"chat_format": "chatml", "template_in_gguf": False},
+    }
+    tables = cli("plan", "manifests/bare.toml", cwd=tmp_path)
+    assert "none: /v1/chat/completions will answer 400" in " ".join(tables.out.split())
+    assert "chat_format 'chatml' (the manifest's)" in cli("plan", "manifests/formatted.toml", cwd=tmp_path).out
+    assert "the GGUF's own chat template" in cli("plan", "manifests/templated.toml", cwd=tmp_path).out

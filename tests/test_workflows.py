@@ -348,3 +348,57 @@ def test_the_deploy_chain_destroys_only_what_is_due(tmp_path, repo, ops, zero_ba
     assert notes == (["gguf-stray"] if "gguf-stray" in orphans and not zero_base else [])
     if deploy_fails:
         assert "note: a deploy failed, so no app was destroyed" in result.stderr
+
+
+# ## The plan comment, with GitHub's API stood in for
+
+# `gh` records each call and the body file it sends; `api ... comments` (the lookup) answers
+# $GH_EXISTING, the id of an earlier plan comment or nothing.
+GH_SHIM = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >>"$GH_LOG"
+for arg in "$@"; do [[ "$arg" == body=@* ]] && cp "${arg#body=@}" "$GH_BODY"; done
+[[ "$*" == *"/comments --jq"* ]] && printf '%s' "${GH_EXISTING:-}"
+exit 0
+"""
+
+
+def _comment_step() -> str:
+    job = _load(PULL_REQUEST)["jobs"]["comment"]
+    return next(step["run"] for step in job["steps"] if "run" in step)
+
+
+@pytest.mark.parametrize(
+    ("summary", "existing", "method"),
+    [
+        pytest.param("<!-- gguf-deploy-plan -->\n## Plan\nno changes\n", "", "POST", id="first-comment"),
+        pytest.param("<!-- gguf-deploy-plan -->\n" + "é模" * 40_000, "42", "PATCH", id="long-plan-updates-comment"),
+    ],
+)
+def test_the_plan_comment_step(tmp_path, summary, existing, method):
+    (tmp_path / "plan").mkdir()
+    (tmp_path / "plan" / "summary.md").write_text(summary, encoding="utf-8")
+    shim = tmp_path / "bin" / "gh"
+    shim.parent.mkdir()
+    shim.write_text(GH_SHIM, encoding="utf-8")
+    shim.chmod(0o755)
+    log, body = tmp_path / "gh.log", tmp_path / "sent.md"
+    env = {
+        **os.environ,
+        "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}",
+        "GH_LOG": str(log),
+        "GH_BODY": str(body),
+        "GH_EXISTING": existing,
+        "REPO": "acme/models",
+        "PR": "7",
+    }
+    done = subprocess.run(["bash", "-e", "-c", _comment_step()], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text(encoding="utf-8").splitlines()
+    assert calls[-1].startswith(f"api --method {method} repos/acme/models/")
+    assert calls[-1].endswith("comments/42 -F body=@body.md" if existing else "issues/7/comments -F body=@body.md")
+    sent = body.read_text(encoding="utf-8")  # whole characters: a byte cut would fail to decode here
+    assert sent.startswith("<!-- gguf-deploy-plan -->")  # the marker the next run finds it by
+    if len(summary) > 65_536:
+        assert len(sent) <= 65_536 and sent.endswith("the whole plan is in this run's job summary.\n")
+    else:
+        assert sent == summary
