@@ -11,16 +11,15 @@ The folder is ``$GGUF_DEPLOY_CACHE``, else ``$XDG_CACHE_HOME/gguf-deploy``, else
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from deployer.atomic import write_atomic
 from deployer.errors import HubError
 from deployer.facts import GgufHeader, ModelFacts, ShardFacts, TensorInfo
 
@@ -80,17 +79,8 @@ class FactsCache:
 
     def _write(self, kind: str, key: list[str], data: dict[str, Any]) -> None:
         target = self._path(kind, *key)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=target.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump({"format": FORMAT, **data}, handle, separators=(",", ":"))
-                Path(temporary).replace(target)  # atomic: a reader sees the old entry or the new one
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    Path(temporary).unlink()
-                raise
+        try:  # atomic: a reader sees the old entry or the new one
+            write_atomic(target, json.dumps({"format": FORMAT, **data}, separators=(",", ":")))
         except OSError as exc:  # a full disk, a read-only folder, a file where the folder should be
             raise HubError(
                 f"cannot write the cache in {self.folder}: {exc.strerror or exc}; set {CACHE_ENV} to a writable folder"

@@ -316,9 +316,18 @@ class AppStatus:
 
 
 def app_status(
-    manifests: Sequence[LoadedManifest], apps: Sequence[LiveApp], *, plan_one: PlanOne, prefix: str
+    manifests: Sequence[LoadedManifest],
+    apps: Sequence[LiveApp],
+    *,
+    plan_one: PlanOne,
+    prefix: str,
+    orphans: bool = True,
 ) -> list[AppStatus]:
-    """Join manifests with live apps. A live manifest is planned to compare config hashes."""
+    """Join manifests with live apps. A live manifest is planned to compare config hashes.
+
+    ``orphans``: also list the live apps under ``prefix`` that no manifest produces; only
+    meaningful when ``manifests`` are all of them (of a subset, the others' apps would be listed).
+    """
     by_name = {app.name: app for app in apps}
     out = []
     for item in manifests:
@@ -335,7 +344,7 @@ def app_status(
         state: State = "deployed" if config == live_config else "drifted"
         out.append(AppStatus(item.app_name, state, item.path, config, live_config, app.app_id))
     known = {item.app_name for item in manifests}
-    for app in apps:
+    for app in apps if orphans else ():
         if app.name.startswith(f"{prefix}-") and app.name not in known:
             # only an app gguf-deploy made is an orphan (and may be destroyed by a full sync); an app
             # that merely shares the prefix belongs to someone else and is only reported

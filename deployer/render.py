@@ -23,15 +23,14 @@ import ast
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from deployer import __version__
+from deployer.atomic import write_atomic
 from deployer.errors import RenderError
 from deployer.plan import Plan
 from deployer.runtime.config import runtime_config
@@ -223,15 +222,7 @@ def write_app(rendered: RenderedApp, folder: str | Path) -> Path:
     """Write the file into ``folder`` atomically: nothing half-written is ever left there."""
     target = Path(folder) / rendered.filename
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{rendered.filename}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-                handle.write(rendered.text)
-            Path(temporary).replace(target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomic(target, rendered.text)
     except OSError as exc:
         raise RenderError(f"{target}: cannot write the app file: {exc.strerror or exc}") from exc
     return target

@@ -4,7 +4,7 @@
     quants_in(files)              → the quants a repository offers (pure)
     manifest_name(file, prefix)   → a valid default name (pure)
     manifest_text(values)         → the TOML, with the ``#:schema`` line first (pure)
-    write_new(path, text)         → written atomically, never over an existing file
+    write_atomic(..., exclusive)  → written atomically, never over an existing file
     new_manifest(...)             → all of it, with the hub client and resolver passed in
 
 The file list comes from :class:`deployer.hub.HubClient`; the trained context from the GGUF
@@ -13,10 +13,7 @@ header that :class:`deployer.hub.Resolver` reads (and caches, so the plan that f
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +21,7 @@ from typing import Any
 
 import tomli_w
 
+from deployer.atomic import write_atomic
 from deployer.errors import GgufDeployError, GgufError, HubError, ManifestInvalid
 from deployer.facts import ModelFacts
 from deployer.gguf_header import SHARD_NAME
@@ -118,29 +116,6 @@ def default_context(trained: int, cap: int = DEFAULT_CONTEXT_CAP) -> int:
     return max(MIN_CONTEXT, min(trained, cap))
 
 
-def write_new(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically; FileExistsError if ``path`` exists, even if it appears meanwhile."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(temp).chmod(0o644)  # mkstemp makes it 0600; a manifest is an ordinary repository file
-        try:
-            os.link(temp, path)  # atomic, and unlike rename it never replaces an existing file
-        except FileExistsError:
-            raise  # the answer "it exists" must not fall into the fallback below
-        except OSError:  # a file system without hard links: rename, after one more look
-            if path.exists():
-                raise FileExistsError(path) from None
-            Path(temp).rename(path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            Path(temp).unlink()
-
-
 @dataclass(frozen=True)
 class NewManifest:
     """What ``new`` wrote, and what it learnt on the way."""
@@ -199,7 +174,7 @@ def new_manifest(
     loaded = _validate(manifests_dir, values, app_prefix)
     path = manifests_dir / f"{values['name']}.toml"
     try:
-        write_new(path, manifest_text(values))
+        write_atomic(path, manifest_text(values), exclusive=True)
     except FileExistsError as exc:
         raise _exists(path) from exc
     except OSError as exc:

@@ -337,16 +337,29 @@ def test_status_joins_manifests_with_live_apps():
     assert "trained context" in next(r.detail for r in rows if r.state == "unknown")
 
 
-def test_status_command_json(tmp_path):
-    path = tmp_path / "alpha.toml"
-    path.write_text('name = "alpha"\nrepo = "org/m"\nfile = "m-Q8_0.gguf"\nquant = "Q8_0"\ncontext = 4096\n')
-    client = FakeModal(
-        apps=[LiveApp("gguf-gone", "ap-gone", "deployed", {"managed-by": "gguf-deploy", "config": "1" * 16})]
-    )
-    result = _invoke(status_cmd, [str(path), "--json", "--env", "dev"], client)
+@pytest.mark.parametrize(
+    ("args", "listed"),
+    [
+        pytest.param([], [("gguf-alpha", "not deployed"), ("gguf-gone", "orphan")], id="every-manifest"),
+        pytest.param(["manifests"], [("gguf-alpha", "not deployed"), ("gguf-gone", "orphan")], id="the-folder"),
+        # beta's app is live, but beta was not asked about: it must not be called an orphan
+        pytest.param(["manifests/alpha.toml"], [("gguf-alpha", "not deployed")], id="a-subset-lists-no-orphans"),
+    ],
+)
+def test_status_command_json(tmp_path, monkeypatch, args, listed):
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    for name in ("alpha", "beta"):
+        (folder / f"{name}.toml").write_text(
+            f'name = "{name}"\nrepo = "org/m"\nfile = "m-Q8_0.gguf"\nquant = "Q8_0"\ncontext = 4096\n'
+        )
+    monkeypatch.chdir(tmp_path)
+    managed = {"managed-by": "gguf-deploy", "config": "1" * 16}
+    client = FakeModal(apps=[LiveApp("gguf-gone", "ap-gone", "deployed", managed)])
+    result = _invoke(status_cmd, [*args, "--json", "--env", "dev"], client)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert [(r["app_name"], r["state"]) for r in rows] == [("gguf-alpha", "not deployed"), ("gguf-gone", "orphan")]
+    assert [(r["app_name"], r["state"]) for r in rows if r["app_name"] != "gguf-beta"] == listed
     assert client.calls == [("list_apps", "dev", "gguf")]
 
 

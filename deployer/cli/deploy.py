@@ -142,7 +142,10 @@ def status(ctx: click.Context, paths: tuple[str, ...], env: str | None, offline:
     \b
     States: deployed (the live app's config hash is the manifest's), drifted (it differs: the
     manifest, the model's commit or gguf-deploy changed since), not deployed, orphan (a live app
-    with the prefix and no manifest), unknown (the manifest could not be planned).
+    gguf-deploy made that no manifest produces), unmanaged (a live app with the prefix that
+    gguf-deploy did not make), unknown (the manifest could not be planned). Orphans and unmanaged
+    apps are listed only when every manifest is read (no PATH, or the manifests/ folder itself):
+    of a subset, the other manifests' apps would look orphaned.
     \b
     Exit status: 0, or 1 when a manifest could not be read or planned.
     """
@@ -151,7 +154,8 @@ def status(ctx: click.Context, paths: tuple[str, ...], env: str | None, offline:
     loaded, problems = load_manifests(paths or DEFAULT_PATHS, app_prefix=app_prefix(ctx))
     client = _modal_client(ctx)
     apps = client.list_apps(env, app_prefix(ctx))
-    rows = app_status(loaded, apps, plan_one=_planner(ctx, offline), prefix=app_prefix(ctx))
+    every = not paths or {Path(p).resolve() for p in paths} == {Path(p).resolve() for p in DEFAULT_PATHS}
+    rows = app_status(loaded, apps, plan_one=_planner(ctx, offline), prefix=app_prefix(ctx), orphans=every)
     for problem in problems:
         click.echo(str(problem), err=True)
     if as_json:
