@@ -23,10 +23,14 @@ class Result:
 def run_cli(
     *args: str, cwd: Path | str | None = None, env: dict[str, str] | None = None, timeout: float = 120
 ) -> Result:
-    """Run ``python -m deployer ARGS`` and capture everything; a traceback is always a bug."""
+    """Run ``python -m deployer ARGS`` and capture everything; a traceback is always a bug.
+
+    ``python -P`` keeps ``cwd`` off ``sys.path``: a folder with its own ``deployer/`` (the test
+    git repositories have one) must not shadow the installed package.
+    """
     full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-m", "deployer", *args],
+        [sys.executable, "-P", "-m", "deployer", *args],
         cwd=cwd or ROOT,
         env=full_env,
         capture_output=True,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import Result
+from tests.conftest import Result, run_cli
 
 # Deterministic, isolated git: no user or system config, fixed identity and dates.
 GIT_ENV = {
@@ -87,20 +86,5 @@ class Repo:
 
 
 def run_cli_in(repo: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Result:
-    """Run the CLI inside a repository, as CI does; a traceback is always a bug.
-
-    ``python -P`` keeps the current folder off ``sys.path``: a repository's own ``deployer/``
-    folder (the test repositories have one) must not shadow the installed package.
-    """
-    full_env = {**os.environ, **GIT_ENV, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-P", "-m", "deployer", *args],
-        cwd=repo,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return Result(proc.returncode, proc.stdout, proc.stderr)
+    """Run the CLI inside a repository, as CI does, with the isolated git of ``GIT_ENV``."""
+    return run_cli(*args, cwd=repo, env={**GIT_ENV, **(env or {})}, timeout=timeout)
