@@ -276,6 +276,14 @@ class ServerSettings(_Strict):
         bool,
         Field(description="Serve /v1/embeddings. Off by default: the endpoint answers 4xx."),
     ] = False
+    reasoning_format: Annotated[
+        Literal["auto", "none"],
+        Field(
+            description="auto: a model that thinks in <think>...</think> (detected from its chat template) returns "
+            "the thinking in message.reasoning_content; none: the raw text stays in content (llama-server's "
+            "--reasoning-format)."
+        ),
+    ] = "auto"
 
     @model_validator(mode="after")
     def _coherent(self) -> ServerSettings:

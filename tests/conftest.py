@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +53,29 @@ pytest_plugins: list[str] = [
     "tests.fakehub",
     "tests.serving",
 ]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _stock_llama_without_cpu_repack() -> Any:
+    """Stock ``llama_cpp.Llama`` objects in tests load weights without CPU repacking, as the runtime does.
+
+    llama.cpp's AMX kernels crash the first decode on CPUs with AMX in sandboxed containers (this
+    project's CI machine: a segfault); ``Llama`` has no argument for it, so the default model
+    parameters it starts from are changed for the session. Servers under test are processes of
+    their own and use ``RuntimeConfig.cpu_repack``.
+    """
+    try:
+        from llama_cpp import llama_cpp  # the module Llama calls
+    except ImportError:  # the pull-request check runs without the serve extra
+        yield
+        return
+    original = llama_cpp.llama_model_default_params
+
+    def without_repack() -> Any:
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_model_default_params = without_repack
+    yield
+    llama_cpp.llama_model_default_params = original

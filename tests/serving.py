@@ -178,7 +178,16 @@ def gemma_config(model_file: Path, **changes: Any) -> RuntimeConfig:
 
 
 # small enough for 2 CPU cores; n_batch 32 so that prompts of a few dozen tokens already reuse the cache
-GEMMA_TEST_SETTINGS = {"n_ctx": 1024, "n_batch": 32, "n_ubatch": 32, "api_key": API_KEY, "max_body_bytes": 256 * 1024}
+# 4 slots and 8 requests at once (4 waiting), as `gguf-deploy serve` runs the demo manifest
+GEMMA_TEST_SETTINGS = {
+    "n_ctx": 1024,
+    "n_batch": 32,
+    "n_ubatch": 32,
+    "parallel": 4,
+    "concurrency": 8,
+    "api_key": API_KEY,
+    "max_body_bytes": 256 * 1024,
+}
 
 
 # ## Servers

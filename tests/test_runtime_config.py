@@ -91,7 +91,7 @@ def test_api_key_from_environment(own, env, expected):
 
 
 def test_json_round_trip_and_unknown_keys_ignored():
-    config = RuntimeConfig("m", "/x.gguf", 4096, chat_format="gemma", n_threads=3, logits_all=True)
+    config = RuntimeConfig("m", "/x.gguf", 4096, chat_format="gemma", n_threads=3, parallel=2, cpu_repack=True)
     assert RuntimeConfig.from_json(config.to_json()) == config
     newer = {**json.loads(config.to_json()), "a_field_from_a_newer_renderer": 1}
     assert RuntimeConfig.from_dict(newer) == config
@@ -114,7 +114,7 @@ def test_kv_cache_types_are_the_manifests_with_ggml_type_ids():
     from gguf import GGMLQuantizationType
 
     from deployer.quants import KV_CACHE_TYPES
-    from deployer.runtime.engine import KV_TYPES
+    from deployer.runtime.config import KV_TYPES
 
     assert {name: GGMLQuantizationType[name.upper()].value for name in KV_CACHE_TYPES} == KV_TYPES
 

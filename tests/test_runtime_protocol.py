@@ -97,7 +97,6 @@ def test_chat_normalized(body, check):
         pytest.param({"messages": [USER], "stream_options": {"include_usage": True}}, "only allowed when stream is true", "stream_options", id="stream-options-without-stream"),
         pytest.param({"messages": [USER], "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema is required", "response_format", id="json-schema-without-schema"),
         pytest.param({"messages": [USER], "response_format": {"type": "xml"}}, "response_format.type 'xml' is not supported", "response_format", id="unknown-format"),
-        pytest.param({"messages": [USER], "logprobs": True}, "logprobs are not available", "logprobs", id="logprobs-refused"),
         pytest.param({"messages": [USER], "response_format": {"type": "json_object"}, "grammar": "root ::= x"}, "either response_format or grammar", "response_format", id="two-grammars"),
         pytest.param({"messages": [USER], "seed": 1.5}, "seed must be an integer", "seed", id="float-seed"),
     ],
@@ -137,7 +136,6 @@ def test_completion_prompts(prompt, text, tokens):
         pytest.param({"prompt": [[["a"]]]}, "prompt must be a string or a list of token ids, got an array", "prompt", id="nested-too-deep"),
         pytest.param({"prompt": "x", "suffix": "y"}, "suffix (fill-in-the-middle) is not supported", "suffix", id="suffix"),
         pytest.param({"prompt": "x", "best_of": 3}, "best_of is not supported", "best_of", id="best-of"),
-        pytest.param({"prompt": "x", "logprobs": 2}, "logprobs are not available", "logprobs", id="logprobs"),
         pytest.param({"prompt": "x", "max_tokens": -3}, "max_tokens must be at least 1", "max_tokens", id="negative-max-tokens"),
     ],
 )  # fmt: skip
@@ -148,8 +146,8 @@ def test_completion_refused(body, message, param):
     assert info.value.param == param
 
 
-def test_logprobs_accepted_when_the_server_keeps_logits():
-    assert normalize_completion({"prompt": "x", "logprobs": 2}, logprobs_ok=True).params["logprobs"] == 2
+def test_logprobs_are_accepted():
+    assert normalize_completion({"prompt": "x", "logprobs": 2}).params["logprobs"] == 2
 
 
 @pytest.mark.parametrize(

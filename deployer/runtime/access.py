@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployer.runtime import logs
 from deployer.runtime.engine import Job, classify
+from deployer.runtime.metrics import Metrics
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CLIENT_CLOSED = 499  # nginx's status for "the client went away": only ever logged, never sent
@@ -53,11 +54,22 @@ def log_of(request: Request) -> RequestLog:
     return request.scope["gguf_request"]
 
 
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/metrics")
+
+
+def _route_label(path: str) -> str:
+    """A path as a metrics label: one of the routes, never what a client made up (unbounded series)."""
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return path if path in ROUTES else "other"
+
+
 class AccessLog:
     """Outermost middleware: a request id, one JSON log line per request, a 500 for bugs."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,6 +98,8 @@ class AccessLog:
             if not started:
                 await JSONResponse(error.body(), status_code=error.status)(scope, receive, send_with_id)
         finally:
+            if self.metrics is not None and log.route != "/health":
+                self.metrics.requests.labels(route=_route_label(log.route), status=str(log.status)).inc()
             if not (log.route == "/health" and log.status == 200):  # readiness probes would drown the log
                 logs.event(
                     "request",

@@ -36,9 +36,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployer.runtime.access import CLIENT_CLOSED, AccessLog, RequestLog, log_of
-from deployer.runtime.calls import generation_kwargs, run_embedding, run_generation, usage
+from deployer.runtime.calls import Responder, completion_prompt, generation, json_grammar, run_embedding, usage
 from deployer.runtime.config import RuntimeConfig
 from deployer.runtime.engine import Engine, Job
+from deployer.runtime.metrics import CONTENT_TYPE
 from deployer.runtime.protocol import (
     ApiError,
     Call,
@@ -62,6 +63,7 @@ def build_app(config: RuntimeConfig, engine: Engine) -> ASGIApp:
         Route("/v1/chat/completions", api.openai(api.chat), methods=["POST"]),
         Route("/v1/completions", api.openai(api.completions), methods=["POST"]),
         Route("/v1/embeddings", api.openai(api.embeddings), methods=["POST"]),
+        Route("/metrics", api.authenticated(api.metrics), methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
@@ -71,7 +73,7 @@ def build_app(config: RuntimeConfig, engine: Engine) -> ASGIApp:
         ],
         exception_handlers={HTTPException: _http_exception},
     )
-    return AccessLog(app)
+    return AccessLog(app, engine.metrics)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -109,6 +111,20 @@ class _Api:
             except ClientDisconnect:  # gone while sending its body
                 log_of(request).status = CLIENT_CLOSED
                 return Response(status_code=CLIENT_CLOSED)
+
+        return endpoint
+
+    def authenticated(
+        self, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """A route that needs the API key when the endpoint has one (errors in OpenAI's shape)."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                self._authenticate(request)
+            except ApiError as error:
+                return _error_response(request, error)
+            return await handler(request)
 
         return endpoint
 
@@ -150,6 +166,7 @@ class _Api:
             "model": self.config.model_name,
             "in_flight": engine.in_flight,
             "concurrency": self.config.concurrency,
+            "parallel": self.config.parallel,
         }
         if engine.error:
             body["error"] = engine.error
@@ -167,10 +184,14 @@ class _Api:
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "gguf-deploy"}
 
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.engine.metrics.render(), media_type=CONTENT_TYPE)
+
     async def chat(self, request: Request) -> Response:
         self._require_ready()
-        call = normalize_chat(await self._json(request), logprobs_ok=self.config.logits_all)
-        if not self.engine.has_chat_template:
+        call = normalize_chat(await self._json(request))
+        template = self.engine.chat_template
+        if template is None:
             raise bad_request(
                 "this model has no chat template: set [server] chat_format in its manifest, or use /v1/completions",
                 "messages",
@@ -178,14 +199,37 @@ class _Api:
             )
         from llama_cpp.server.types import CreateChatCompletionRequest
 
-        return await self._generate(request, call, _validated(CreateChatCompletionRequest, call.params))
+        # the messages were checked by normalize_chat, in OpenAI's shapes the stock type does not know
+        body = _validated(CreateChatCompletionRequest, {**call.params, "messages": []})
+        params = call.params
+        rendered = template.render(
+            params["messages"],
+            tools=params.get("tools"),
+            tool_choice=params.get("tool_choice"),
+            parallel_tool_calls=params.get("parallel_tool_calls", True),
+        )
+        model = self.engine.model
+        prompt = model.tokenize(rendered.prompt, add_special=rendered.add_bos)
+        grammar = rendered.grammar or json_grammar(call) or body.grammar
+        work = generation(
+            model, call, body, n_ctx=self.config.n_ctx, prompt=prompt, grammar=grammar, extra_stop=rendered.stop
+        )
+        parsers = [rendered.parser() for _ in range(call.n)]
+        return await self._generate(request, call, work, Responder(call, self.config.model_name, parsers=parsers))
 
     async def completions(self, request: Request) -> Response:
         self._require_ready()
-        call = normalize_completion(await self._json(request), logprobs_ok=self.config.logits_all)
+        call = normalize_completion(await self._json(request))
         from llama_cpp.server.types import CreateCompletionRequest
 
-        return await self._generate(request, call, _validated(CreateCompletionRequest, call.params))
+        body = _validated(CreateCompletionRequest, call.params)
+        model = self.engine.model
+        prompt = completion_prompt(model, call)
+        work = generation(
+            model, call, body, n_ctx=self.config.n_ctx, prompt=prompt, grammar=json_grammar(call) or body.grammar
+        )
+        echo = call.params.get("prompt", "") if body.echo else ""
+        return await self._generate(request, call, work, Responder(call, self.config.model_name, echo=echo))
 
     async def embeddings(self, request: Request) -> Response:
         if not self.config.embeddings:
@@ -196,7 +240,7 @@ class _Api:
             )
         self._require_ready()
         call = normalize_embedding(await self._json(request))
-        job = self.engine.submit(partial(run_embedding, call=call, model_name=self.config.model_name))
+        job = self.engine.submit(work=partial(run_embedding, call=call, model_name=self.config.model_name))
         return await self._result(request, job)
 
     # -- request bodies
@@ -215,41 +259,50 @@ class _Api:
 
     # -- running jobs
 
-    async def _generate(self, request: Request, call: Call, body: Any) -> Response:
+    async def _generate(self, request: Request, call: Call, work: Any, responder: Responder) -> Response:
         log_of(request).stream = call.stream
-        name = self.config.model_name
-        job = self.engine.submit(
-            lambda llama, job: run_generation(llama, job, call, generation_kwargs(llama, call, body, name))
-        )
+        job = self.engine.submit(work)
         if call.stream:
-            return await self._stream(request, job, call)
-        return await self._result(request, job)
+            return await self._stream(request, job, responder)
+        return await self._result(request, job, responder)
 
-    async def _result(self, request: Request, job: Job) -> Response:
+    async def _result(self, request: Request, job: Job, responder: Responder | None = None) -> Response:
+        """The whole answer of ``job`` as one JSON response (an error, or a 503 when a shutdown cut it)."""
         log = log_of(request)
-        item = await _unless_disconnected(request, job.next())
-        if item is None:
-            return await self._abandoned(request, job)
+        error: ApiError | None = None
+        result: Any = None
+        while True:
+            item = await _unless_disconnected(request, job.next())
+            if item is None:
+                return await self._abandoned(request, job)
+            kind, value = item
+            if kind == "pieces" and responder is not None:
+                responder.add(value)
+            elif kind == "result":
+                result = value
+            elif kind == "error":
+                error = value
+            elif kind == "end":
+                break
         await job.done
         log.record(job)
-        kind, value = item
-        if kind == "error":
-            return _error_response(request, value)
-        if kind == "end" or job.tally.cut:  # cancelled by a shutdown: never a truncated answer as a 200
+        if error is not None:
+            return _error_response(request, error)
+        if job.tally.cut or job.state == "cancelled":  # cancelled by a shutdown: never a truncated answer as a 200
             return _error_response(request, _stopping())
-        return JSONResponse(value)
+        return JSONResponse(result if responder is None else responder.result(job.tally))
 
-    async def _stream(self, request: Request, job: Job, call: Call) -> Response:
-        # headers wait for the first chunk, so a prompt that is too long is still a plain 400
+    async def _stream(self, request: Request, job: Job, responder: Responder) -> Response:
+        # headers wait for the first piece, so an error before it (a shutdown) is still a plain status
         item = await _unless_disconnected(request, job.next())
         if item is None:
             return await self._abandoned(request, job)
         kind, value = item
-        if kind != "chunks":
+        if kind != "pieces":
             await job.done
             log_of(request).record(job)
             return _error_response(request, value if kind == "error" else _stopping())
-        return _EventStream(job, value, call, log_of(request))
+        return _EventStream(job, responder.chunks(value), responder, log_of(request))
 
     async def _abandoned(self, request: Request, job: Job) -> Response:
         job.cancel()
@@ -281,18 +334,17 @@ async def _disconnect(receive: Receive) -> None:
 class _EventStream(StreamingResponse):
     """Server-sent events of a job; cancels the job when the client goes away."""
 
-    def __init__(self, job: Job, first: list[dict[str, Any]], call: Call, log: RequestLog) -> None:
-        self.job, self.call, self.log = job, call, log
+    def __init__(self, job: Job, first: list[dict[str, Any]], responder: Responder, log: RequestLog) -> None:
+        self.job, self.responder, self.log = job, responder, log
         self._complete = False
         super().__init__(self._events(first), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _events(self, first: list[dict[str, Any]]) -> Any:
-        head = {k: first[0][k] for k in ("id", "created", "model")}
         yield b"".join(map(_sse, first))
         while True:
             kind, value = await self.job.next()
-            if kind == "chunks":
-                yield b"".join(map(_sse, value))
+            if kind == "pieces":
+                yield b"".join(map(_sse, self.responder.chunks(value)))
             elif kind == "error":  # after the headers: an error event, as OpenAI's SDKs expect
                 self.log.error = value.code or value.type
                 yield _sse(value.body())
@@ -302,9 +354,8 @@ class _EventStream(StreamingResponse):
             error = _stopping()
             self.log.error = error.code
             yield _sse(error.body())
-        if self.call.include_usage:
-            kind = "chat.completion.chunk" if self.call.kind == "chat" else "text_completion"
-            yield _sse({**head, "object": kind, "choices": [], "usage": usage(self.job.tally)})
+        if self.responder.call.include_usage:
+            yield _sse({**self.responder.head(), "choices": [], "usage": usage(self.job.tally)})
         yield b"data: [DONE]\n\n"
         self._complete = True
 

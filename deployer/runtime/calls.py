@@ -1,8 +1,10 @@
-"""What runs on the model thread for each route: llama-cpp-python's calls, and the few things it lacks.
+"""Requests into generations, and generated pieces back into OpenAI's response shapes.
 
-Added around the stock calls: ``n`` choices (one generation each), usage with cached tokens,
-grammars checked before use (an unparsable grammar crashes llama.cpp: measured, a segfault),
-token-array prompts checked against the vocabulary, embeddings pooled and normalized.
+Runs on the event loop, beside the model thread: a request is checked, its prompt rendered and
+tokenized, its sampling settings and grammar checked (an unparsable grammar would crash llama.cpp:
+measured, a segfault) before the engine sees it. What comes back, :class:`Piece` by piece, becomes
+``chat.completion`` / ``text_completion`` objects or their stream chunks, with usage and
+``cached_tokens``, logprobs, and (chat) the message fields the model's chat parser finds.
 """
 
 from __future__ import annotations
@@ -10,50 +12,111 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 import struct
+import time
+import uuid
 from typing import Any
 
 from deployer.runtime.engine import Job, Tally
 from deployer.runtime.protocol import ApiError, Call, EmbeddingCall, bad_request
+from deployer.runtime.sampling import Generation, Piece, Sampling, TokenLogprob
 
-# fields of the stock request types that are not arguments of Llama's calls
-_NOT_KWARGS = {"n", "best_of", "user", "logit_bias_type", "min_tokens", "grammar", "model", "stream"}
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit (chat); completions allow 5
 
 
-def generation_kwargs(llama: Any, call: Call, body: Any, model_name: str) -> dict[str, Any]:
-    """The keyword arguments of ``create_chat_completion`` / ``create_completion`` for a request.
+# ## Requests
 
-    ``body`` is the validated stock request (``llama_cpp.server.types``). Raises :class:`ApiError`
-    for what the model cannot take (a bad grammar, token ids outside the vocabulary).
-    """
-    import llama_cpp
 
-    kwargs = body.model_dump(exclude=_NOT_KWARGS)
-    kwargs["model"] = model_name  # never the local file path, which the stock calls would report
-    kwargs["stream"] = call.stream
-    if call.kind == "chat":
-        kwargs.pop("response_format", None)  # turned into a grammar here, so json_schema works too
-    if call.prompt_tokens is not None:
-        n_vocab = llama.n_vocab()
-        bad = next((t for t in call.prompt_tokens if t >= n_vocab), None)
-        if bad is not None:
-            raise bad_request(f"prompt token id {bad} is outside the vocabulary (0..{n_vocab - 1})", "prompt")
-        kwargs["prompt"] = call.prompt_tokens
-    grammar_text = _grammar_text(call, body.grammar)
-    if grammar_text is not None:
-        kwargs["grammar"] = _checked_grammar(llama, grammar_text)
-    _check_tool_grammar(llama, kwargs.get("tools"), kwargs.get("tool_choice"))
-    if body.logit_bias is not None:
-        kwargs["logit_bias"] = _logit_bias(llama, body.logit_bias, body.logit_bias_type)
-    if body.min_tokens > 0:
-        kwargs["logits_processor"] = llama_cpp.LogitsProcessorList(
-            [llama_cpp.MinTokensLogitsProcessor(body.min_tokens, llama.token_eos())]
+def generation(
+    model: Any,
+    call: Call,
+    body: Any,
+    *,
+    n_ctx: int,
+    prompt: list[int],
+    grammar: str | None,
+    extra_stop: tuple[str, ...] = (),
+) -> Generation:
+    """The engine's :class:`Generation` of a validated request (``body``: llama_cpp.server.types)."""
+    if not prompt:
+        raise bad_request("the prompt is empty", "prompt" if call.kind == "completion" else "messages")
+    bad = next((t for t in prompt if t >= model.n_vocab), None)
+    if bad is not None:
+        raise bad_request(f"prompt token id {bad} is outside the vocabulary (0..{model.n_vocab - 1})", "prompt")
+    max_tokens = body.max_tokens if body.max_tokens and body.max_tokens > 0 else None  # clamped to the context
+    if len(prompt) >= n_ctx:  # not even one token would fit after it
+        what = "messages" if call.kind == "chat" else "prompt"
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {n_ctx} tokens, and the {what} came to {len(prompt)}: "
+            f"shorten the {what}.",
+            param=what,
+            code="context_length_exceeded",
         )
-    return kwargs
+    if grammar is not None:
+        from deployer.runtime.llama import check_grammar
+
+        if not check_grammar(model, grammar):
+            raise bad_request("grammar could not be parsed by llama.cpp (GBNF with a 'root' rule expected)", "grammar")
+    stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
+    sampling = Sampling(
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        min_p=body.min_p,
+        repeat_penalty=body.repeat_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        mirostat_mode=body.mirostat_mode,
+        mirostat_tau=body.mirostat_tau,
+        mirostat_eta=body.mirostat_eta,
+        seed=body.seed,
+        logit_bias=_logit_bias(model, body.logit_bias, body.logit_bias_type) if body.logit_bias else (),
+        grammar=grammar,
+    )
+    return Generation(
+        prompt=prompt,
+        sampling=sampling,
+        n=call.n,
+        max_tokens=max_tokens,
+        min_tokens=body.min_tokens,
+        stop=(*stop, *extra_stop),
+        logprobs=_logprobs(call, body),
+    )
 
 
-def _grammar_text(call: Call, grammar: str | None) -> str | None:
+def _logprobs(call: Call, body: Any) -> int | None:
+    if call.kind == "chat":
+        top = body.top_logprobs
+        if top is not None and not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise bad_request(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top}", "top_logprobs")
+        return (top or 0) if body.logprobs else None
+    if body.logprobs is None:
+        return None
+    if not 0 <= body.logprobs <= 5:
+        raise bad_request(f"logprobs must be between 0 and 5, got {body.logprobs}", "logprobs")
+    if body.echo:
+        raise bad_request(
+            "echo with logprobs (the prompt's logprobs) is not supported: the server does not keep the logits "
+            "of prompt positions",
+            "echo",
+            "echo_logprobs_not_supported",
+        )
+    return body.logprobs
+
+
+def completion_prompt(model: Any, call: Call) -> list[int]:
+    """The tokens of a ``/v1/completions`` prompt (text with BOS as the model wants it, or token ids)."""
+    if call.prompt_tokens is not None:
+        return list(call.prompt_tokens)
+    text = call.params.get("prompt") or ""
+    return model.tokenize(text, add_special=True) if text else [model.bos]
+
+
+def json_grammar(call: Call) -> str | None:
+    """The grammar of ``response_format`` (json_schema, or json_object: any JSON)."""
     from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
     if call.json_schema is not None:
@@ -63,127 +126,196 @@ def _grammar_text(call: Call, grammar: str | None) -> str | None:
             raise bad_request(
                 f"response_format json_schema cannot be turned into a grammar: {exc}", "response_format"
             ) from exc
-    if call.json_object:
-        return JSON_GBNF
-    return grammar
+    return JSON_GBNF if call.json_object else None
 
 
-def _check_tool_grammar(llama: Any, tools: list[dict[str, Any]] | None, choice: Any) -> None:
-    """A named ``tool_choice`` makes the stock handler build a grammar from the tool's parameters:
-    check it here, where a bad one is a 400 rather than a crash."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    if not tools or not isinstance(choice, dict):
-        return
-    name = (choice.get("function") or {}).get("name")
-    tool = next((t for t in tools if t["function"]["name"] == name), None)
-    if tool is None:
-        return  # the stock handler says which name is missing (a 400, see run_generation)
-    try:
-        text = json_schema_to_gbnf(json.dumps(tool["function"]["parameters"]))
-    except Exception:  # the stock handler then falls back to any JSON, which is a valid grammar
-        return
-    try:
-        _checked_grammar(llama, text)
-    except ApiError as exc:
-        raise bad_request(f"the parameters schema of tool '{name}' cannot be turned into a grammar", "tools") from exc
-
-
-def _checked_grammar(llama: Any, text: str) -> Any:
-    """A ``LlamaGrammar`` that llama.cpp has parsed once (the stock path would segfault on a bad one)."""
-    import llama_cpp
-    from llama_cpp.llama_grammar import LlamaGrammar
-
-    sampler = llama_cpp.llama_sampler_init_grammar(llama._model.vocab, text.encode("utf-8"), b"root")
-    if not sampler:
-        raise bad_request("grammar could not be parsed by llama.cpp (GBNF with a 'root' rule expected)", "grammar")
-    llama_cpp.llama_sampler_free(sampler)
-    return LlamaGrammar.from_string(text, verbose=False)
-
-
-def _logit_bias(llama: Any, bias: dict[str, float], kind: str | None) -> dict[int, float]:
-    n_vocab = llama.n_vocab()
+def _logit_bias(model: Any, bias: dict[str, float], kind: str | None) -> tuple[tuple[int, float], ...]:
     out: dict[int, float] = {}
     for key, value in bias.items():
         if kind == "tokens":  # llama-cpp-python's extension: keys are text
-            for token in llama.tokenize(key.encode("utf-8"), add_bos=False, special=True):
+            for token in model.tokenize(key, add_special=False):
                 out[token] = value
             continue
-        if not key.isdigit() or int(key) >= n_vocab:
+        if not key.isdigit() or int(key) >= model.n_vocab:
             raise bad_request(
-                f"logit_bias key '{key}' is not a token id of this model (0..{n_vocab - 1})", "logit_bias"
+                f"logit_bias key '{key}' is not a token id of this model (0..{model.n_vocab - 1})", "logit_bias"
             )
         out[int(key)] = value
-    return out
+    return tuple(out.items())
 
 
-# ## Chat and completions
+# ## Responses
 
 
-def run_generation(llama: Any, job: Job, call: Call, kwargs: dict[str, Any]) -> None:
-    """Run ``call.n`` generations, emitting one merged result or the chunks of every choice."""
-    try:
-        _generate(llama, job, call, kwargs)
-    except ValueError as exc:
-        found = re.search(r"Requested tokens \((\d+)\) exceed context window of (\d+)", str(exc))
-        if found:
-            what = "messages" if call.kind == "chat" else "prompt"
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {found[2]} tokens, and the {what} came to {found[1]}: "
-                f"shorten the {what}.",
-                param=what,
-                code="context_length_exceeded",
-            ) from exc
-        found = re.search(r"Tool choice '(.*)' not found in tools", str(exc))
-        if found:
-            raise bad_request(f"tool_choice names '{found[1]}', which is not in tools", "tool_choice") from exc
-        raise
+class Responder:
+    """Turns the pieces of one request into OpenAI's objects: stream chunks, or one result at the end.
 
+    ``parsers`` (chat) make message fields of the text, one per choice (see ``deployer.runtime.chat``);
+    without them the text is the content.
+    """
 
-def _generate(llama: Any, job: Job, call: Call, kwargs: dict[str, Any]) -> None:
-    method = llama.create_chat_completion if call.kind == "chat" else llama.create_completion
-    seed = kwargs.get("seed")
-    merged: dict[str, Any] | None = None
-    head: dict[str, Any] | None = None  # id/created/model of the first choice, shared by all
-    for index in range(call.n):
-        if job.cancel_event.is_set():  # between choices: the next one is never started
-            job.tally.cut = True
-            break
-        if seed is not None:  # n choices with one seed would all be the same text
-            kwargs["seed"] = seed + index
-        outcome = method(**kwargs)
-        if call.stream:
-            held: list[dict[str, Any]] = []
-            for chunk in outcome:
-                head = head or {k: chunk[k] for k in ("id", "created", "model")}
-                chunk.update(head)
-                for choice in chunk.get("choices", []):
-                    choice["index"] = index
-                chunk.pop("usage", None)  # usage comes once, at the end, when asked for
-                held.append(chunk)
-                # the role-only first chunk travels with the first token's: a separate hand-over to the
-                # event loop would wait for this thread's next slice of the GIL (measured: ~4 ms of TTFT)
-                if not _role_only(chunk):
-                    job.emit("chunks", held)
-                    held = []
-            if held:
-                job.emit("chunks", held)
-        else:
-            outcome["choices"][0]["index"] = index
-            if merged is None:
-                merged = outcome
+    def __init__(self, call: Call, model_name: str, *, parsers: list[Any] | None = None, echo: str = "") -> None:
+        self.call = call
+        self.chat = call.kind == "chat"
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model_name
+        self.parsers = parsers
+        self.echo = echo
+        self._texts = [echo] * call.n
+        self._logprobs: list[list[TokenLogprob]] = [[] for _ in range(call.n)]
+        self._finish: list[str | None] = [None] * call.n
+        self._started = [False] * call.n
+        self._deltas: list[list[dict[str, Any]]] = [[] for _ in range(call.n)]
+
+    @property
+    def object(self) -> str:
+        if self.chat:
+            return "chat.completion.chunk" if self.call.stream else "chat.completion"
+        return "text_completion"
+
+    def head(self) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
+
+    # -- streaming
+
+    def chunks(self, pieces: list[Piece]) -> list[dict[str, Any]]:
+        """The stream chunks of one step's pieces."""
+        out: list[dict[str, Any]] = []
+        for piece in pieces:
+            self._record(piece)
+            if self.chat:
+                out.extend(self._chat_chunks(piece))
             else:
-                merged["choices"].append(outcome["choices"][0])
-        job.tally.add(llama.tally, first=index == 0)
-    if merged is not None:
-        merged["usage"] = usage(job.tally)
-        job.emit("result", merged)
+                text = piece.text
+                if self.echo and not self._started[piece.index]:
+                    text, self._started[piece.index] = self.echo + text, True
+                choice = {
+                    "text": text,
+                    "index": piece.index,
+                    "logprobs": self._completion_logprobs(
+                        piece.logprobs, len(self._texts[piece.index]) - len(piece.text)
+                    )
+                    if self._wants_logprobs
+                    else None,
+                    "finish_reason": piece.finish_reason,
+                }
+                out.append({**self.head(), "choices": [choice]})
+        return out
 
+    def _chat_chunks(self, piece: Piece) -> list[dict[str, Any]]:
+        index = piece.index
+        deltas: list[dict[str, Any]] = []
+        if not self._started[index]:
+            self._started[index] = True
+            deltas.append({"role": "assistant", "content": ""})
+        finish = piece.finish_reason
+        if self.parsers is None:
+            if piece.text:
+                deltas.append({"content": piece.text})
+        else:
+            parser = self.parsers[index]
+            if piece.text:
+                deltas.extend(parser.feed(piece.text))
+            if finish is not None:
+                held, _message, override = parser.finish()
+                deltas.extend(held)
+                finish = override or finish
+        logprobs = self._chat_logprobs(piece.logprobs) if self._wants_logprobs else None
+        chunks = [self._chat_chunk(index, delta, None, None) for delta in deltas]
+        if logprobs is not None:
+            if chunks:
+                chunks[-1]["choices"][0]["logprobs"] = logprobs
+            else:
+                chunks.append(self._chat_chunk(index, {}, None, logprobs))
+        if finish is not None:
+            chunks.append(self._chat_chunk(index, {}, finish, None))
+        return chunks
 
-def _role_only(chunk: dict[str, Any]) -> bool:
-    choices = chunk.get("choices") or [{}]
-    return set(choices[0].get("delta") or {}) == {"role"} and choices[0].get("finish_reason") is None
+    def _chat_chunk(self, index: int, delta: dict[str, Any], finish: str | None, logprobs: Any) -> dict[str, Any]:
+        return {
+            **self.head(),
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        }
+
+    # -- the whole result
+
+    def add(self, pieces: list[Piece]) -> None:
+        for piece in pieces:
+            self._record(piece)
+
+    def _record(self, piece: Piece) -> None:
+        self._texts[piece.index] += piece.text
+        self._logprobs[piece.index].extend(piece.logprobs)
+        if piece.finish_reason is not None:
+            self._finish[piece.index] = piece.finish_reason
+
+    def result(self, tally: Tally) -> dict[str, Any]:
+        choices = []
+        for index in range(self.call.n):
+            finish = self._finish[index] or "length"
+            if self.chat:
+                message: dict[str, Any] = {"role": "assistant", "content": self._texts[index], "refusal": None}
+                if self.parsers is not None:
+                    parser = self.parsers[index]
+                    parser.feed(self._texts[index])
+                    _held, message, override = parser.finish()
+                    finish = override or finish
+                choices.append(
+                    {
+                        "index": index,
+                        "message": message,
+                        "logprobs": self._chat_logprobs(self._logprobs[index]) if self._wants_logprobs else None,
+                        "finish_reason": finish,
+                    }
+                )
+            else:
+                choices.append(
+                    {
+                        "text": self._texts[index],
+                        "index": index,
+                        "logprobs": self._completion_logprobs(self._logprobs[index], len(self.echo))
+                        if self._wants_logprobs
+                        else None,
+                        "finish_reason": finish,
+                    }
+                )
+        return {**self.head(), "choices": choices, "usage": usage(tally)}
+
+    # -- logprobs
+
+    @property
+    def _wants_logprobs(self) -> bool:
+        params = self.call.params
+        return bool(params.get("logprobs")) if self.chat else params.get("logprobs") is not None
+
+    @staticmethod
+    def _chat_logprobs(tokens: Any) -> dict[str, Any]:
+        return {
+            "content": [
+                {
+                    "token": t.token,
+                    "logprob": t.logprob,
+                    "bytes": list(t.bytes),
+                    "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(b)} for s, b, lp in t.top],
+                }
+                for t in tokens
+            ],
+            "refusal": None,
+        }
+
+    @staticmethod
+    def _completion_logprobs(tokens: Any, offset: int) -> dict[str, Any]:
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.token)
+        return {
+            "tokens": [t.token for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{s: lp for s, _b, lp in t.top} for t in tokens],
+            "text_offset": offsets,
+        }
 
 
 def usage(tally: Tally) -> dict[str, Any]:
@@ -199,42 +331,31 @@ def usage(tally: Tally) -> dict[str, Any]:
 # ## Embeddings
 
 
-def run_embedding(llama: Any, job: Job, call: EmbeddingCall, model_name: str) -> None:
-    """Embed every input: one unit-length vector each (mean of the token vectors for causal LMs)."""
-    llama.forget_cache()  # embed() clears the KV cache
-    if call.dimensions is not None and call.dimensions != llama.n_embd():
+def run_embedding(model: Any, job: Job, call: EmbeddingCall, model_name: str) -> None:
+    """Embed every input: one unit-length vector each (the model's pooling, else the mean of its token vectors)."""
+    if call.dimensions is not None and call.dimensions != model.n_embd:
         raise bad_request(
-            f"dimensions: this model returns {llama.n_embd()}-dimensional embeddings and cannot shorten them",
+            f"dimensions: this model returns {model.n_embd}-dimensional embeddings and cannot shorten them",
             "dimensions",
         )
-    try:
-        vectors, count = llama.embed(call.inputs, truncate=False, return_count=True)
-    except ValueError as exc:
-        if "exceed batch size" in str(exc):
-            raise bad_request(
-                f"an input is longer than {llama.n_batch} tokens, the most this server embeds at once", "input"
-            ) from exc
-        raise
     data = []
-    for index, vector in enumerate(vectors):
-        pooled = _unit(_mean(vector) if vector and isinstance(vector[0], list) else vector)
+    count = 0
+    for index, text in enumerate(call.inputs):
+        tokens = model.tokenize(text, add_special=True)
+        if len(tokens) > model.n_batch:
+            raise bad_request(
+                f"input[{index}] is {len(tokens)} tokens, longer than {model.n_batch}, the most this server embeds at once",
+                "input",
+            )
+        count += len(tokens)
+        pooled = _unit(model.embed(tokens))
         encoded: Any = base64.b64encode(struct.pack(f"<{len(pooled)}f", *pooled)).decode() if call.base64 else pooled
         data.append({"object": "embedding", "index": index, "embedding": encoded})
     job.tally.prompt_tokens = count
     job.emit(
         "result",
-        {
-            "object": "list",
-            "data": data,
-            "model": model_name,
-            "usage": {"prompt_tokens": count, "total_tokens": count},
-        },
+        {"object": "list", "data": data, "model": model_name, "usage": {"prompt_tokens": count, "total_tokens": count}},
     )
-
-
-def _mean(rows: list[list[float]]) -> list[float]:
-    # a model without pooling (a causal LM) gives one vector per token
-    return [sum(column) / len(rows) for column in zip(*rows, strict=True)]
 
 
 def _unit(vector: list[float]) -> list[float]:

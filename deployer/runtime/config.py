@@ -20,6 +20,8 @@ if TYPE_CHECKING:  # only for the annotations: the runtime never imports plannin
     from deployer.manifest import Manifest
 
 API_KEY_ENV = "GGUF_DEPLOY_API_KEY"  # what the Modal secret (or a local user) sets
+# ggml type ids of the KV cache types a manifest may name (ggml.h; llama_cpp lacks a BF16 constant)
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # a full 131k-token prompt is ~0.5 MB of text; 16x headroom for JSON
 
 
@@ -41,14 +43,19 @@ class RuntimeConfig:
     chat_format: str | None = None  # None: the GGUF's own chat template
     embeddings: bool = False
     n_gpu_layers: int = -1  # every layer on the GPU (ignored by a CPU-only build)
-    concurrency: int = 4  # requests accepted at once: one generating, the rest queued
+    parallel: int = 4  # slots: sequences decoded together in one batch (llama-server's -np)
+    concurrency: int = 8  # requests accepted at once (in slots or waiting for one); beyond it, 429
     api_key: str | None = None  # None: no auth (local default), unless GGUF_DEPLOY_API_KEY is set
     require_api_key: bool = False  # refuse to start without a key (deployed endpoints: auth on by default)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
-    logits_all: bool = False  # keep logits of every position: needed for logprobs, costs n_ctx x n_vocab floats
-    n_threads: int | None = None  # CPU threads; None: llama.cpp's default (half the cores)
+    n_threads: int | None = None  # CPU threads; None: one per physical core, as llama.cpp's own tools choose
+    # llama.cpp repacks CPU-resident weights for AMX/AVX/ARM kernels. Off: the AMX kernels crash the
+    # first decode in sandboxed containers (measured: a segfault on this project's CI machine, whose
+    # CPU has AMX), and on a GPU every layer is offloaded, so nothing is repacked anyway.
+    cpu_repack: bool = False
     shutdown_grace_s: float = 10.0  # on SIGTERM, running requests get this long before they are cancelled
     verbose: bool = False  # llama.cpp's own log lines on stderr
+    reasoning_format: str = "auto"  # "auto": <think> text goes to reasoning_content; "none": kept in content
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +122,7 @@ def runtime_config(
         kv_cache_type=server.kv_cache_type,
         chat_format=server.chat_format,
         embeddings=server.embeddings,
+        reasoning_format=server.reasoning_format,
         concurrency=scaling.concurrency,
         api_key=api_key,
         require_api_key=spec.auth.enabled if require_api_key is None else require_api_key,

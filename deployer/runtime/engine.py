@@ -1,20 +1,16 @@
-"""The model and the one thread that runs it.
+"""The model thread: continuous batching of every accepted request over one llama.cpp context.
 
-One ``Llama`` per process, driven by one worker thread; in front of it a bounded queue of
-``concurrency`` jobs (one running, the rest waiting). A job that does not fit is refused at once
-(429 + Retry-After): nothing hangs, and no running stream is ever cut off for a newer request.
+One model, one context of ``parallel`` sequences (slots), one thread that runs the loop
+llama-server runs: take new requests, give free slots to waiting sequences (longest cached prefix
+first), decode one batch of prompt chunks and one token per generating sequence, sample each at
+its own row with its own sampler chain, hand the new text to the event loop. The decisions are in
+:mod:`deployer.runtime.scheduler`; llama.cpp is behind :mod:`deployer.runtime.llama`.
 
-Two changes to ``llama_cpp.Llama`` (a subclass, :func:`serving_llama_class`):
+In front of it, a bound of ``concurrency`` requests in flight (in slots or waiting for one): a
+request beyond it is refused at once (429 + Retry-After), so nothing hangs and no running stream
+is ever cut off for a newer one. A request whose client goes away frees its slot at the next step.
 
-* **Results do not depend on the cache.** The stock prefix reuse keeps any matching prefix of
-  the KV cache, including tokens that were decoded one at a time, then evaluates the rest in
-  batches that start at a different position. The arithmetic differs, so temperature 0 gives
-  different text for the same request (measured: 4 of 6 prompts on Gemma 3 270M). Here only
-  whole ``n_batch`` chunks of the previous *prompt* are reused, which are exactly the chunks a
-  fresh evaluation would compute, so the rest of the prompt is evaluated in the same batches.
-* **Generation can be cancelled between tokens** (client gone, shutdown).
-
-llama_cpp is imported on the worker thread only (lean imports: see ``deployer.runtime``).
+llama_cpp is imported on the model thread only (lean imports: see ``deployer.runtime``).
 """
 
 from __future__ import annotations
@@ -23,23 +19,30 @@ import contextlib
 import math
 import os
 import queue
+import random
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from deployer.runtime import logs
-from deployer.runtime.config import RuntimeConfig
+from deployer.runtime.config import KV_TYPES, RuntimeConfig
+from deployer.runtime.metrics import Metrics
 from deployer.runtime.protocol import ApiError
+from deployer.runtime.sampling import Generation, Piece, TextStream, TokenLogprob
+from deployer.runtime.scheduler import Entry, Scheduler, Sequence, State
 
 if TYPE_CHECKING:  # asyncio is imported by the web stack, after the model thread has started
     import asyncio
 
-# ggml type ids of the KV cache types a manifest may name (ggml.h; llama_cpp lacks a BF16 constant)
-KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+    import numpy as np
+
+    from deployer.runtime.llama import Model, Sampler
+
+__all__ = ["KV_TYPES", "Engine", "Job", "Tally", "classify"]
+
 RETRY_AFTER_MAX_S = 60
 
 # llama.cpp's CPU backend runs its threads with OpenMP (libgomp), whose idle threads spin for
@@ -51,94 +54,14 @@ RETRY_AFTER_MAX_S = 60
 OPENMP_ENV = {"GOMP_SPINCOUNT": "30000"}
 
 
-def llama_kwargs(config: RuntimeConfig) -> dict[str, Any]:
-    """The ``llama_cpp.Llama(**kwargs)`` of a config (the benchmark's baseline uses the same)."""
-    kv = KV_TYPES[config.kv_cache_type]
-    return {
-        "model_path": config.model_path,
-        "n_ctx": config.n_ctx,
-        "n_batch": config.n_batch,
-        "n_ubatch": config.n_ubatch,
-        "n_gpu_layers": config.n_gpu_layers,
-        "flash_attn": config.flash_attn,
-        "type_k": kv,
-        "type_v": kv,
-        "chat_format": config.chat_format,
-        "embedding": config.embeddings,
-        "logits_all": config.logits_all,  # the stock server's default is True: n_ctx x n_vocab floats
-        "n_threads": config.n_threads,
-        "verbose": config.verbose,
-    }
-
-
 @dataclass
 class Tally:
-    """Token counts of one generation (or of all the generations of a job)."""
+    """Token counts of one request (all its choices)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused
-    cut: bool = False  # stopped early because the job was cancelled
-
-    def add(self, other: Tally, *, first: bool) -> None:
-        if first:  # OpenAI counts the prompt once, however many choices
-            self.prompt_tokens, self.cached_tokens = other.prompt_tokens, other.cached_tokens
-        self.completion_tokens += other.completion_tokens
-        self.cut = self.cut or other.cut
-
-
-@cache
-def serving_llama_class() -> type:
-    """``llama_cpp.Llama`` with cache-independent results and cancellation (see module docstring)."""
-    import llama_cpp
-
-    class ServingLlama(llama_cpp.Llama):  # type: ignore[misc,valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.cancel_event: threading.Event | None = None
-            self.tally = Tally()
-            self._trusted: list[int] = []  # the last prompt whose KV was computed in aligned chunks
-
-        def forget_cache(self) -> None:
-            """Called when something else (embeddings) has used the KV cache."""
-            self._trusted = []
-
-        def _reusable(self, tokens: list[int]) -> int:
-            common = 0
-            for old, new in zip(self._trusted, tokens, strict=False):
-                if old != new:
-                    break
-                common += 1
-            # at least one token is always evaluated; only whole chunks from position 0 are kept
-            keep = min(common, len(tokens) - 1, self.n_tokens) // self.n_batch * self.n_batch
-            if keep > 0:
-                memory = llama_cpp.llama_get_memory(self.ctx)
-                # a sliding-window cache that already dropped early positions cannot be rewound
-                if memory is None or llama_cpp.llama_memory_seq_pos_min(memory, 0) > 0:
-                    keep = 0
-            return keep
-
-        def generate(self, tokens: Sequence[int], *args: Any, reset: bool = True, **kwargs: Any) -> Iterator[int]:
-            tokens = list(tokens)
-            keep = self._reusable(tokens) if reset else 0
-            if reset:
-                self.n_tokens = keep  # the stock prefix matcher then finds exactly `keep` tokens
-                self._requires_eval = True
-            self.tally = Tally(prompt_tokens=len(tokens), cached_tokens=keep)
-            self._trusted = []  # until the prompt is fully evaluated
-            vocab = self._model.vocab
-            first = True
-            for token in super().generate(tokens, *args, reset=reset, **kwargs):
-                if first:
-                    self._trusted, first = tokens, False
-                if self.cancel_event is not None and self.cancel_event.is_set():
-                    self.tally.cut = True
-                    return
-                if not llama_cpp.llama_vocab_is_eog(vocab, token):
-                    self.tally.completion_tokens += 1
-                yield token
-
-    return ServingLlama
+    cut: bool = False  # stopped early because the request was cancelled
 
 
 _LEVELS = {1: "debug", 2: "info", 3: "warn", 4: "error", 5: "cont"}  # enum ggml_log_level
@@ -165,23 +88,37 @@ def route_llama_logs(verbose: bool) -> None:
 # ## Jobs
 
 
-Item = tuple[str, Any]  # ("chunks", [dict]) | ("result", dict) | ("error", ApiError) | ("end", Tally)
+Item = tuple[str, Any]  # ("pieces", [Piece]) | ("result", dict) | ("error", ApiError) | ("end", Tally)
 
 
 class Job:
-    """One request's work on the model thread, and the channel its results come back on."""
+    """One request's work on the model thread, and the channel its results come back on.
 
-    def __init__(self, engine: Engine, work: Callable[[Any, Job], None], loop: asyncio.AbstractEventLoop) -> None:
+    A generation (``generation``) is scheduled with the others; any other work (``work``, e.g.
+    embeddings) runs whole between two decode steps.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        generation: Generation | None = None,
+        work: Callable[[Model, Job], None] | None = None,
+    ) -> None:
+        import asyncio
+
+        self.generation = generation
         self.work = work
         self.cancel_event = threading.Event()
         self.state = "queued"  # -> running -> done, or queued -> cancelled
-        self.tally = Tally()
+        self.tally = Tally(prompt_tokens=len(generation.prompt) if generation else 0)
         self.created = time.monotonic()
         self.started: float | None = None
+        self.first_token: float | None = None
+        self.open_choices = generation.n if generation else 1
         self._engine = engine
         self._loop = loop
-        import asyncio
-
         self._items: asyncio.Queue[Item] = asyncio.Queue()
         self.done: asyncio.Future[Tally] = loop.create_future()
 
@@ -205,37 +142,52 @@ class Job:
         return await self._items.get()
 
     def cancel(self) -> None:
-        """Stop this job: skipped if still queued (its slot freed now), else cut at the next token."""
+        """Stop this job: its sequences leave their slots (or the queue) at the next step."""
         self.cancel_event.set()
-        self._engine._drop_if_queued(self)
+        self._engine._wake()
 
     @property
     def queue_ms(self) -> int | None:
         return None if self.started is None else int((self.started - self.created) * 1000)
 
 
+@dataclass(eq=False)
+class _Choice:
+    """What the engine keeps per running sequence besides the scheduler's bookkeeping."""
+
+    sampler: Sampler
+    text: TextStream
+
+
 # ## The engine
 
 
 class Engine:
-    """Loads the model on its own thread, then runs jobs there one at a time."""
+    """Loads the model on its own thread, then runs the batching loop there."""
 
-    def __init__(self, config: RuntimeConfig) -> None:
+    def __init__(self, config: RuntimeConfig, metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.state = "loading"  # -> ready | failed; -> closed
         self.error: str | None = None
         self.load_seconds: float | None = None
-        self.llama: Any = None
+        self.model: Model | None = None
         self.has_chat_template = True
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.chat_template: Any = None  # deployer.runtime.chat.ChatTemplate, once loaded
+        self.scheduler = Scheduler(config.parallel, config.n_ctx, config.n_batch)
+        self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight = 0
         self._mean_job_s = 1.0
-        self._running: Job | None = None
-        self._closing = False  # set by cancel_all(): no job starts any more
+        self._jobs: set[Job] = set()  # accepted and not finished (model thread only)
+        self._others: list[Job] = []  # non-generation work, waiting its turn (model thread only)
+        self._choices: dict[Sequence, _Choice] = {}
+        self._closing = False  # set by cancel_all(): nothing new starts
+        self._stop = False
         self._thread = threading.Thread(target=self._main, name="gguf-deploy-model", daemon=True)
         self._on_ready: Callable[[Engine], None] | None = None
         self._on_failure: Callable[[Engine], None] | None = None
+        self.metrics.watch(self._gauges)
 
     @property
     def ready(self) -> bool:
@@ -243,7 +195,7 @@ class Engine:
 
     @property
     def in_flight(self) -> int:
-        """Jobs accepted and not finished: the running one and those queued behind it."""
+        """Requests accepted and not finished: those in slots and those waiting for one."""
         return self._in_flight
 
     def start(
@@ -253,10 +205,10 @@ class Engine:
         self._on_ready, self._on_failure = on_ready, on_failure
         self._thread.start()
 
-    # -- admission
+    # -- admission (the event loop)
 
-    def submit(self, work: Callable[[Any, Job], None]) -> Job:
-        """Queue ``work(llama, job)``; :class:`ApiError` 429 at once when ``concurrency`` jobs are in."""
+    def submit(self, generation: Generation | None = None, *, work: Callable[[Model, Job], None] | None = None) -> Job:
+        """Accept a generation (or other work); :class:`ApiError` 429 at once when ``concurrency`` are in."""
         import asyncio
 
         loop = asyncio.get_running_loop()
@@ -272,31 +224,61 @@ class Engine:
                     headers={"Retry-After": str(wait)},
                 )
             self._in_flight += 1
-            job = Job(self, work, loop)
-        self._jobs.put(job)
+            job = Job(self, loop, generation=generation, work=work)
+        self._inbox.put(job)
         return job
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: about one job's time (one runs at a time)."""
-        return max(1, min(RETRY_AFTER_MAX_S, math.ceil(self._mean_job_s)))
+        """Seconds until a slot is likely free: a request's mean time, shared by the slots."""
+        return max(1, min(RETRY_AFTER_MAX_S, math.ceil(self._mean_job_s * self._in_flight / self.config.parallel)))
 
-    def _drop_if_queued(self, job: Job) -> None:
-        with self._lock:
-            if job.state == "queued":
-                self._drop(job)
+    def _wake(self) -> None:
+        self._inbox.put(None)  # the model thread re-checks cancellations
 
-    def _drop(self, job: Job) -> None:  # with the lock held
-        job.state = "cancelled"
-        self._in_flight -= 1
-        job._finish()
+    def _gauges(self) -> dict[str, float]:
+        scheduler = self.scheduler
+        running = list(scheduler.running)
+        used = sum(seq.n_past for seq in running)
+        return {
+            "slots": len(scheduler.slots),
+            "slots_busy": len(running),
+            "waiting": len({id(seq.owner) for seq in scheduler.waiting}),
+            "running": len({id(seq.owner) for seq in running}),
+            "kv_usage": used / (self.config.n_ctx * len(scheduler.slots)),
+        }
 
     # -- the model thread
 
     def _main(self) -> None:
         if not self._load():
             return
-        while (job := self._jobs.get()) is not None:
-            self._run(job)
+        assert self.model is not None
+        self.scheduler = Scheduler(self.config.parallel, self.model.n_ctx, self.config.n_batch, self.model.can_rewind)
+        while not self._stop:
+            try:
+                self._iterate()
+            except Exception as exc:  # a bug: the requests in flight get a 500, the server goes on
+                self._fail_all(classify(exc))
+        self._fail_all(_stopping_error())
+
+    def _iterate(self) -> None:
+        """One turn of the loop: take new requests, drop cancelled ones, fill free slots, decode one step."""
+        self._take(block=self.scheduler.idle and not self._others)
+        if self._stop:
+            return
+        self._reap()
+        if self._others:
+            self._run_other(self._others.pop(0))
+            return
+        self._admit()
+        out: dict[Job, list[Piece]] = {}
+        for batch in self.scheduler.step():
+            if not self._decode(batch, out):
+                return
+        for job, pieces in out.items():
+            job.emit("pieces", pieces)
+            if job.open_choices == 0:
+                self._end_job(job)
 
     def _load(self) -> bool:
         for key, value in OPENMP_ENV.items():  # before the first `import llama_cpp` of the process
@@ -305,78 +287,238 @@ class Engine:
         logs.event("loading", model=self.config.model_name, path=self.config.model_path)
         try:
             route_llama_logs(self.config.verbose)
-            self.llama = serving_llama_class()(**llama_kwargs(self.config))
-        except Exception as exc:  # llama.cpp reports a bad file as ValueError/RuntimeError
+            from deployer.runtime.llama import Model
+
+            self.model = Model(self.config)
+        except Exception as exc:  # llama.cpp reports a bad file through LlamaError/ValueError/OSError
             self.error = f"{self.config.model_path}: llama.cpp could not load the model ({exc})"
             self.state = "failed"
             logs.event("load_failed", model=self.config.model_name, error=self.error)
             if self._on_failure:
                 self._on_failure(self)
             return False
-        self.has_chat_template = self.config.chat_format is not None or bool(
-            self.llama.metadata.get("tokenizer.chat_template")
+        from deployer.runtime.chat import ChatTemplate
+
+        model = self.model
+        self.chat_template = ChatTemplate.load(
+            template=model.metadata.get("tokenizer.chat_template"),
+            chat_format=self.config.chat_format,
+            bos_token=model.token_text(model.bos),
+            eos_token=model.token_text(model.eos),
+            reasoning_format=self.config.reasoning_format,
         )
+        self.has_chat_template = self.chat_template is not None
         self.load_seconds = time.monotonic() - started
         self.state = "ready"
         logs.event(
             "ready",
             model=self.config.model_name,
             load_s=round(self.load_seconds, 3),
-            n_ctx=self.llama.n_ctx(),
+            n_ctx=self.model.n_ctx,
+            parallel=self.config.parallel,
+            threads=self.model.n_threads,
             chat_template=self.has_chat_template,
         )
         if self._on_ready:
             self._on_ready(self)
-        import llama_cpp.server.types  # noqa: F401 -- the request types, before the first request needs them
-
         return True
 
-    def _run(self, job: Job) -> None:
-        with self._lock:
-            if job.state != "queued":
-                return  # cancelled while it waited
-            if self._closing:  # shutting down: a job still waiting never starts
-                self._drop(job)
-                return
-            job.state = "running"
-            self._running = job
-        job.started = time.monotonic()
-        self.llama.cancel_event = job.cancel_event
+    def _take(self, *, block: bool) -> None:
+        """Move new jobs from the inbox into the scheduler; wait for one when there is nothing to do."""
         try:
-            job.work(self.llama, job)
+            job = self._inbox.get() if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if job is not None:
+                self._accept(job)
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _accept(self, job: Job) -> None:
+        self._jobs.add(job)
+        if job.generation is None:
+            self._others.append(job)
+            return
+        generation = job.generation
+        room = self.model.n_ctx - len(generation.prompt) if self.model else 0
+        limit = room if generation.max_tokens is None else min(generation.max_tokens, room)
+        self.scheduler.add(Sequence(job, i, generation.prompt, limit) for i in range(generation.n))
+
+    def _reap(self) -> None:
+        """End the jobs that were cancelled (client gone, shutdown): their slots are free for this step."""
+        for job in [job for job in self._jobs if job.cancel_event.is_set() or self._closing]:
+            if job.state == "queued" or job.started is None:
+                job.state = "cancelled"
+            else:
+                job.tally.cut = True
+            self._end_job(job)
+
+    def _admit(self) -> None:
+        assert self.model is not None
+        for admission in self.scheduler.admit():
+            seq, job = admission.seq, admission.seq.owner
+            if job.started is None:
+                job.started, job.state = time.monotonic(), "running"
+            if seq.index == 0:  # the prompt is counted once, as the first choice found it
+                job.tally.cached_tokens = admission.keep
+            self.model.forget(admission.slot.id, admission.keep)
+            generation = job.generation
+            seed = random.getrandbits(32) if generation.sampling.seed is None else generation.sampling.seed + seq.index
+            from deployer.runtime.llama import Sampler
+
+            self._choices[seq] = _Choice(Sampler(self.model, generation.sampling, seed), TextStream(generation.stop))
+
+    def _decode(self, entries: list[Entry], out: dict[Job, list[Piece]]) -> bool:
+        """Decode one batch and sample what it computed; False when llama.cpp failed (the requests got a 500)."""
+        from deployer.runtime.llama import LlamaError
+
+        assert self.model is not None
+        try:
+            rows = self.model.decode([(e.seq.slot.id, e.tokens, e.pos, e.logits) for e in entries])
+        except LlamaError as exc:  # nothing a request did: fail the running ones, start again clean
+            self._fail_all(classify(exc))
+            return False
+        self.scheduler.fed(entries)
+        now = time.monotonic()
+        for entry, row in zip((e for e in entries if e.logits), rows, strict=True):
+            seq = entry.seq
+            if seq.state is State.PROMPT:  # the others of its request share this prompt: copy it, sample the same row
+                for follower in [f for f in seq.followers if f.state is State.FOLLOWING]:
+                    assert seq.slot is not None and follower.slot is not None
+                    self.model.copy(seq.slot.id, follower.slot.id)
+                    self._advance(follower, row, out, now)
+            self._advance(seq, row, out, now)
+        return True
+
+    def _advance(self, seq: Sequence, row: int, out: dict[Job, list[Piece]], now: float) -> None:
+        """Sample ``seq``'s next token at ``row``; its text (and maybe its end) goes into ``out``."""
+        model, job, choice = self.model, seq.owner, self._choices[seq]
+        assert model is not None
+        generation: Generation = job.generation
+        logprobs = ()
+        if generation.logprobs is not None:
+            logits = model.logits(row)
+        banned = model.eog_tokens if seq.generated < generation.min_tokens else ()
+        token = choice.sampler.sample(row, banned)
+        if generation.logprobs is not None:
+            logprobs = (_logprob(model, logits, token, generation.logprobs),)
+        self.scheduler.sampled(seq, token)
+        if job.first_token is None:
+            job.first_token = now
+        finish = None
+        if model.is_eog(token):
+            text, finish = choice.text.flush(), "stop"
+        else:
+            job.tally.completion_tokens += 1
+            text, stopped = choice.text.feed(model.piece(token))
+            if stopped:
+                finish = "stop"
+            elif self.scheduler.must_stop(seq):
+                text, finish = text + choice.text.flush(), "length"
+        out.setdefault(job, []).append(Piece(seq.index, text, logprobs, finish))
+        if finish is not None:
+            self._end_seq(seq)
+
+    def _end_seq(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        choice = self._choices.pop(seq, None)
+        if choice is not None:
+            choice.sampler.close()
+        seq.owner.open_choices -= 1
+
+    def _end_job(self, job: Job) -> None:
+        """The job is over (done, failed or cancelled): free what it holds, tell the event loop."""
+        for seq in [s for s in [*self.scheduler.running, *self.scheduler.waiting] if s.owner is job]:
+            self._end_seq(seq)
+        if job not in self._jobs:
+            return
+        self._jobs.discard(job)
+        if job.state != "cancelled":
+            job.state = "done"
+        now = time.monotonic()
+        elapsed = now - (job.started or now)
+        with self._lock:
+            self._in_flight -= 1
+            if job.started is not None:
+                self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
+        if job.generation is not None and job.started is not None:
+            self.metrics.finished(
+                prompt=job.tally.prompt_tokens,
+                cached=job.tally.cached_tokens,
+                generated=job.tally.completion_tokens,
+                ttft=None if job.first_token is None else job.first_token - job.created,
+                latency=now - job.created,
+            )
+        job._finish()
+
+    def _fail_all(self, error: ApiError) -> None:
+        for job in list(self._jobs):
+            job.emit("error", error)
+            self._end_job(job)
+        if self.model is not None:
+            for slot in self.scheduler.slots:
+                self.model.forget(slot.id)
+                slot.cache = []
+
+    def _run_other(self, job: Job) -> None:
+        if job.cancel_event.is_set() or self._closing:
+            job.state = "cancelled"
+            self._end_job(job)
+            return
+        job.started, job.state = time.monotonic(), "running"
+        try:
+            assert job.work is not None and self.model is not None
+            job.work(self.model, job)
         except ApiError as exc:
             job.emit("error", exc)
         except Exception as exc:
             job.emit("error", classify(exc))
-        finally:
-            self.llama.cancel_event = None
-            elapsed = time.monotonic() - job.started
-            with self._lock:
-                job.state = "done"
-                self._running = None
-                self._in_flight -= 1
-                self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
-            job._finish()
+        self._end_job(job)
 
     # -- shutdown
 
     def cancel_all(self) -> None:
-        """Cut the running job at its next token; the queued ones end without starting (each ends with "end")."""
-        with self._lock:  # with _run's check under the same lock, no job can start uncancelled after this
-            self._closing = True
-            running = self._running
-        if running is not None:
-            running.cancel_event.set()
+        """Cut every running generation at its next step; the waiting ones end without starting."""
+        self._closing = True
+        self._wake()
 
     def close(self, timeout: float = 5.0) -> None:
         """Cancel everything, stop the model thread, free the model (when it is idle)."""
         self.state = "closed" if self.state == "ready" else self.state
-        self.cancel_all()
-        self._jobs.put(None)
-        if self._thread.is_alive() and self.llama is not None:
+        self._closing = True
+        self._stop = True
+        self._wake()
+        if self._thread.is_alive():
             self._thread.join(timeout)
-        if self.llama is not None and not self._thread.is_alive():
-            self.llama.close()  # never while the thread may still be inside llama.cpp
+        if self.model is not None and not self._thread.is_alive():
+            self.model.close()  # never while the thread may still be inside llama.cpp
+            self.model = None
+
+
+def _logprob(model: Model, logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """The chosen token's log-probability under the model (before any sampling setting), and the top ``top``."""
+    import numpy as np
+
+    peak = float(logits.max())
+    total = peak + math.log(float(np.exp(logits - peak).sum()))
+    best: tuple[tuple[str, bytes, float], ...] = ()
+    if top > 0:
+        ids = np.argpartition(logits, -top)[-top:]
+        ids = ids[np.argsort(-logits[ids], kind="stable")]
+        best = tuple(_token(model, int(i), float(logits[i]) - total) for i in ids)
+    return TokenLogprob(*_token(model, token, float(logits[token]) - total), top=best)
+
+
+def _token(model: Model, token: int, logprob: float) -> tuple[str, bytes, float]:
+    data = model.piece(token)
+    return data.decode("utf-8", errors="replace"), data, logprob
+
+
+def _stopping_error() -> ApiError:
+    return ApiError(503, "the server is shutting down; retry", type="server_error", code="shutting_down")
 
 
 def classify(exc: BaseException) -> ApiError:

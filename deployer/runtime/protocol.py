@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-MAX_N = 8  # choices per request: each one is a full generation on the single model
+MAX_N = 8  # choices per request: each one takes a slot of its own
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
@@ -140,7 +140,7 @@ def _number(params: dict[str, Any], key: str, low: float, high: float) -> None:
         raise bad_request(f"{key} must be between {low:g} and {high:g}, got {value:g}", key)
 
 
-def _common(params: dict[str, Any], *, logprobs_ok: bool) -> tuple[int, bool, bool]:
+def _common(params: dict[str, Any]) -> tuple[int, bool, bool]:
     """Checks shared by chat and completions; returns (n, stream, include_usage)."""
     max_completion = _positive_int(params, "max_completion_tokens")
     params.pop("max_completion_tokens", None)
@@ -170,14 +170,6 @@ def _common(params: dict[str, Any], *, logprobs_ok: bool) -> tuple[int, bool, bo
         params["stop"] = kept or None
     elif stop == "":
         params.pop("stop")
-    wants_logprobs = params.get("logprobs") not in (None, False, 0) or params.get("top_logprobs") is not None
-    if wants_logprobs and not logprobs_ok:
-        raise bad_request(
-            "logprobs are not available on this endpoint: they need the model's logits at every position, "
-            "which the server does not keep (n_ctx x n_vocab floats)",
-            "logprobs",
-            "logprobs_not_supported",
-        )
     if params.get("seed") is not None and (isinstance(params["seed"], bool) or not isinstance(params["seed"], int)):
         raise bad_request(f"seed must be an integer, got {_json_type(params['seed'])}", "seed")
     return n, stream, include_usage
@@ -201,11 +193,20 @@ def _text_of(content: Any, where: str) -> str | None:
                 where,
                 "unsupported_content_type",
             )
-        text = part.get("text", part.get("refusal"))
+        field = "refusal" if part["type"] == "refusal" else "text"
+        text = part.get(field)
         if not isinstance(text, str):
-            raise bad_request(f"{where}[{j}].text must be a string", where)
+            raise bad_request(f"{where}[{j}].{field} must be a string", where)
         texts.append(text)
     return "\n".join(texts)  # several text parts read as paragraphs, as other OpenAI-compatible servers do
+
+
+def _string_field(message: dict[str, Any], key: str, where: str, *, required: bool = False) -> None:
+    value = message.get(key)
+    if value is None and required:
+        raise bad_request(f"{where}.{key} is required for role '{message['role']}'", "messages")
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"{where}.{key} must be a string, got {_json_type(value)}", "messages")
 
 
 def _message(message: Any, i: int) -> dict[str, Any]:
@@ -218,12 +219,28 @@ def _message(message: Any, i: int) -> dict[str, Any]:
         raise bad_request(f"{where}.role: unknown role {shown} (one of: {', '.join(ROLES)})", "messages")
     out = {key: value for key, value in message.items() if value is not None}
     out["role"] = "system" if role == "developer" else role  # developer is the newer name for system
+    _string_field(message, "name", where)
     text = _text_of(message.get("content"), f"{where}.content")
+    if role == "assistant":
+        _string_field(message, "refusal", where)
+        calls = message.get("tool_calls")
+        if calls is not None:
+            out["tool_calls"] = [_tool_call(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(_list(calls))]
+            if not out["tool_calls"]:
+                out.pop("tool_calls")
+        if message.get("function_call") is not None:  # the deprecated single call: one tool call
+            out["tool_calls"] = [*out.get("tool_calls", []), _legacy_call(message["function_call"], where)]
+            out.pop("function_call")
+        if text is None:
+            out.pop("content", None)  # a turn with only tool calls, or a refusal: the chat template sees null
+        else:
+            out["content"] = text
+        return out
+    if role == "tool":
+        _string_field(message, "tool_call_id", where, required=True)
     if text is None:
-        if role == "assistant":
-            out.pop("content", None)  # an assistant turn with only tool calls
-        elif role in ("tool", "function"):
-            out["content"] = None
+        if role in ("tool", "function"):
+            out["content"] = ""
         else:
             raise bad_request(f"{where}.content is required for role '{role}'", "messages")
     else:
@@ -231,8 +248,142 @@ def _message(message: Any, i: int) -> dict[str, Any]:
     return out
 
 
-def normalize_chat(body: Any, *, logprobs_ok: bool = False) -> Call:
-    """A ``/v1/chat/completions`` body made plain, or :class:`ApiError`."""
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise bad_request(f"tool_calls must be a list, got {_json_type(value)}", "messages")
+    return value
+
+
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    """An assistant turn's tool call: ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise bad_request(
+            f'{where} must be an object like {{"id": ..., "type": "function", "function": {{"name", "arguments"}}}}',
+            "messages",
+        )
+    if call.get("type", "function") != "function":
+        raise bad_request(f"{where}.type '{call.get('type')}' is not supported (only 'function')", "messages")
+    function = call["function"]
+    if not isinstance(function.get("name"), str):
+        raise bad_request(f"{where}.function.name must be a string", "messages")
+    arguments = function.get("arguments", "{}")
+    if not isinstance(arguments, str):
+        raise bad_request(
+            f"{where}.function.arguments must be a string of JSON, got {_json_type(arguments)}", "messages"
+        )
+    if call.get("id") is not None and not isinstance(call["id"], str):
+        raise bad_request(f"{where}.id must be a string", "messages")
+    out = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    return {"id": call["id"], **out} if call.get("id") is not None else out
+
+
+def _legacy_call(call: Any, where: str) -> dict[str, Any]:
+    return _tool_call({"type": "function", "function": call}, f"{where}.function_call")
+
+
+# ## Tools
+
+TOOL_NAME_MAX = 64  # OpenAI's rule: a-z, A-Z, 0-9, underscores and dashes, at most 64
+
+
+def _tool(tool: Any, j: int) -> dict[str, Any]:
+    where = f"tools[{j}]"
+    if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+        raise bad_request(
+            f'{where} must be an object like {{"type": "function", "function": {{"name": ...}}}}', "tools"
+        )
+    if tool["type"] != "function":
+        raise bad_request(f"{where}.type '{tool['type']}' is not supported (only 'function')", "tools")
+    function = tool.get("function")
+    if not isinstance(function, dict):
+        raise bad_request(f'{where}.function must be an object like {{"name": ..., "parameters": {{...}}}}', "tools")
+    name = function.get("name")
+    if not isinstance(name, str) or not _tool_name_ok(name):
+        raise bad_request(
+            f"{where}.function.name must be 1 to {TOOL_NAME_MAX} letters, digits, underscores or dashes, got {name!r}",
+            "tools",
+        )
+    out: dict[str, Any] = {"name": name}
+    for key, kind, label in (("description", str, "a string"), ("parameters", dict, "a JSON schema object")):
+        value = function.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise bad_request(f"{where}.function.{key} must be {label}, got {_json_type(value)}", "tools")
+        if value is not None:
+            out[key] = value
+    strict = function.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise bad_request(f"{where}.function.strict must be true or false", "tools")
+    return {"type": "function", "function": out}
+
+
+def _tool_name_ok(name: str) -> bool:
+    return 0 < len(name) <= TOOL_NAME_MAX and all(c.isascii() and (c.isalnum() or c in "_-") for c in name)
+
+
+def _tool_choice(choice: Any, names: list[str]) -> str | dict[str, Any]:
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise bad_request(
+                f"tool_choice must be 'none', 'auto', 'required' or a named function, got '{choice}'", "tool_choice"
+            )
+        if choice == "required" and not names:
+            raise bad_request("tool_choice 'required' needs tools", "tool_choice")
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if not isinstance(name, str):
+            raise bad_request("tool_choice.function.name must be a string", "tool_choice")
+        if name not in names:
+            raise bad_request(f"tool_choice names '{name}', which is not in tools", "tool_choice")
+        return {"type": "function", "function": {"name": name}}
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if isinstance(kind, str):
+        raise bad_request(f"tool_choice of type '{kind}' is not supported (only 'function')", "tool_choice")
+    raise bad_request(
+        'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+        "tool_choice",
+    )
+
+
+def _tools(params: dict[str, Any]) -> None:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked in place (the deprecated
+    ``functions`` / ``function_call`` become tools); a request without tools keeps none of them."""
+    functions = params.pop("functions", None)
+    function_call = params.pop("function_call", None)
+    if functions is not None and params.get("tools") is None:
+        if not isinstance(functions, list):
+            raise bad_request("functions must be a list", "functions")
+        params["tools"] = [{"type": "function", "function": f} for f in functions]
+        if function_call is not None and params.get("tool_choice") is None:
+            named = isinstance(function_call, dict)
+            params["tool_choice"] = {"type": "function", "function": function_call} if named else function_call
+    tools = params.pop("tools", None)
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request(f"tools must be a list of tool objects, got {_json_type(tools)}", "tools")
+    tools = [_tool(tool, j) for j, tool in enumerate(tools or [])]
+    names = [tool["function"]["name"] for tool in tools]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate is not None:
+        raise bad_request(f"tools: the name '{duplicate}' is given to more than one tool", "tools")
+    choice = params.pop("tool_choice", None)
+    choice = None if choice is None else _tool_choice(choice, names)
+    parallel = params.pop("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise bad_request(
+            f"parallel_tool_calls must be true or false, got {_json_type(parallel)}", "parallel_tool_calls"
+        )
+    if tools:
+        params["tools"] = tools
+        params["tool_choice"] = choice if choice is not None else "auto"
+        params["parallel_tool_calls"] = parallel
+
+
+def normalize_chat(body: Any) -> Call:
+    """A ``/v1/chat/completions`` body made plain, or :class:`ApiError`.
+
+    Tools end up in ``params``: ``tools`` (validated), ``tool_choice`` ("none", "auto", "required" or
+    a named function; "auto" by default) and ``parallel_tool_calls``, all absent when there are no tools.
+    """
     params = _object(body)
     messages = params.get("messages")
     if messages is None:
@@ -240,10 +391,15 @@ def normalize_chat(body: Any, *, logprobs_ok: bool = False) -> Call:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {role, content} objects", "messages")
     params["messages"] = [_message(m, i) for i, m in enumerate(messages)]
-    n, stream, include_usage = _common(params, logprobs_ok=logprobs_ok)
+    _tools(params)
+    n, stream, include_usage = _common(params)
     json_schema, json_object = _response_format(params.pop("response_format", None))
     if (json_schema is not None or json_object) and params.get("grammar") is not None:
         raise bad_request("give either response_format or grammar, not both", "response_format")
+    forced = params.get("tool_choice") == "required" or isinstance(params.get("tool_choice"), dict)
+    if forced and (json_schema is not None or json_object or params.get("grammar") is not None):
+        what = "grammar" if params.get("grammar") is not None else "response_format"
+        raise bad_request(f"give either {what} or a tool_choice that forces a call, not both", what)
     return Call("chat", params, n, stream, include_usage, json_schema, json_object)
 
 
@@ -300,7 +456,7 @@ def _tokens(value: list[int]) -> list[int]:
     return list(value)
 
 
-def normalize_completion(body: Any, *, logprobs_ok: bool = False) -> Call:
+def normalize_completion(body: Any) -> Call:
     """A ``/v1/completions`` body made plain, or :class:`ApiError`."""
     params = _object(body)
     if "prompt" not in params:
@@ -311,7 +467,7 @@ def normalize_completion(body: Any, *, logprobs_ok: bool = False) -> Call:
     best_of = params.pop("best_of", None)
     if best_of not in (None, 1):
         raise bad_request("best_of is not supported; use n for several completions", "best_of")
-    n, stream, include_usage = _common(params, logprobs_ok=logprobs_ok)
+    n, stream, include_usage = _common(params)
     if isinstance(prompt, str):
         params["prompt"] = prompt
         return Call("completion", params, n, stream, include_usage)

@@ -1,0 +1,540 @@
+"""Chat requests in the model's own format: the prompt (tools included), the grammar, and the answer parsed back.
+
+    ChatTemplate.load(template=, chat_format=, bos_token=, eos_token=, reasoning_format=)   once, at model load
+    ChatTemplate.render(messages, tools=, tool_choice=, parallel_tool_calls=) -> RenderedChat
+    RenderedChat.parser() -> ChatParser        one per choice: feed(text) -> deltas; finish() -> message
+
+A GGUF's Jinja template is rendered the way Hugging Face ``transformers.apply_chat_template`` renders
+it (sandboxed; ``messages``, ``tools``, ``add_generation_prompt``, ``bos_token``, ``eos_token``). Its
+family (:mod:`deployer.runtime.chat_families`) says how the model writes tool calls, which the parser
+reads back into OpenAI's ``tool_calls``, and which grammar forces them for ``tool_choice`` "required"
+or a named function. ``<think>...</think>`` goes to ``reasoning_content``. A llama-cpp-python
+``chat_format`` builds the prompt with its formatter and has no tools.
+
+Pure: llama_cpp is imported only to look a ``chat_format`` up and to convert JSON schemas to GBNF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import string
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from deployer.runtime.chat_families import (
+    GENERIC,
+    SCANNERS,
+    CallScan,
+    Family,
+    Memo,
+    Unit,
+    _held,
+    call_rule,
+    calls_rule,
+    detect_family,
+    gbnf_literal,
+)
+from deployer.runtime.protocol import bad_request
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+PROBE_TOOL = "gguf_deploy_probe_tool"  # rendered once at load: does the template show tools at all?
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+class TemplateRaised(Exception):
+    """``raise_exception(message)`` called by a chat template: the request breaks the template's rules."""
+
+
+# ## The template
+
+
+def _environment() -> Any:
+    """Jinja as ``transformers`` sets it up for chat templates (sandboxed, immutable)."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateRaised(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:  # fmt: skip
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+@dataclass(frozen=True)
+class ParseSpec:
+    """What a parser needs to know about one rendered request."""
+
+    family: Family | None  # None: no tool calls are parsed
+    tools: tuple[dict[str, Any], ...] = ()
+    parallel: bool = True
+    constrained: bool = False  # a grammar forces the calls: arguments stream as they are written
+    thinking: bool = False  # split <think>...</think> off into reasoning_content
+    think_open: bool = False  # the prompt already opened <think>
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """One request's prompt in the model's format, and how to read the answer back."""
+
+    prompt: str  # tokenize with special tokens parsed
+    add_bos: bool  # prepend BOS (the template did not write it, and the model's tokenizer adds one)
+    stop: tuple[str, ...]  # extra stop strings of the format
+    grammar: str | None  # GBNF forcing tool calls (tool_choice "required" or a named function)
+    spec: ParseSpec = field(default_factory=lambda: ParseSpec(None))
+
+    def parser(self) -> ChatParser:
+        """A fresh parser, for one choice."""
+        return ChatParser(self.spec)
+
+
+class ChatTemplate:
+    """How one model formats chat: its Jinja template (with a family), or a llama-cpp-python chat_format."""
+
+    def __init__(
+        self,
+        *,
+        source: str | None,
+        formatter: Any,
+        name: str,
+        bos_token: str,
+        eos_token: str,
+        reasoning_format: str,
+        add_bos_token: bool,
+    ) -> None:
+        self.source = source
+        self.family_info: Family | None = None
+        self._formatter = formatter
+        self._bos, self._eos = bos_token, eos_token
+        self._add_bos_token = add_bos_token
+        self._compiled: Any = None
+        self.thinks = False
+        self.supports_tools = False
+        self.family = name
+        if source is not None:
+            try:
+                self._compiled = _environment().from_string(source)
+            except Exception as exc:  # jinja2.TemplateSyntaxError, or a sandbox refusal
+                raise ValueError(f"the model's chat template is not valid Jinja: {exc}") from exc
+            self.thinks = reasoning_format == "auto" and THINK_OPEN in source and THINK_CLOSE in source
+            self.supports_tools = self._renders_tools()
+            self.family_info = detect_family(source) if self.supports_tools else None
+            self.family = self.family_info.name if self.family_info else "no-tools"
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        template: str | None,
+        chat_format: str | None,
+        bos_token: str,
+        eos_token: str,
+        reasoning_format: str = "auto",
+        add_bos_token: bool = True,
+    ) -> ChatTemplate | None:
+        """The model's chat formatting; None when it has none. A ``chat_format`` wins over the template.
+
+        ``add_bos_token`` is the model's ``tokenizer.ggml.add_bos_token`` (llama.cpp's default: true).
+        ValueError for an unknown chat_format or a template that does not compile.
+        """
+        common = {"bos_token": bos_token, "eos_token": eos_token, "reasoning_format": reasoning_format}
+        if chat_format is not None:
+            formatter = _formatter(chat_format)
+            return cls(source=None, formatter=formatter, name=chat_format, add_bos_token=add_bos_token, **common)
+        if not template:
+            return None
+        return cls(source=template, formatter=None, name="", add_bos_token=add_bos_token, **common)
+
+    def _renders_tools(self) -> bool:
+        schema = {"type": "object", "properties": {}}
+        probe = {"type": "function", "function": {"name": PROBE_TOOL, "description": "", "parameters": schema}}
+        try:
+            text = self._render_jinja([{"role": "user", "content": "hi"}], [probe])
+        except Exception:  # a template that cannot take tools (or any probe message) has no tool support
+            return False
+        return PROBE_TOOL in text
+
+    def _render_jinja(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+        return str(
+            self._compiled.render(
+                messages=messages,
+                tools=tools,
+                add_generation_prompt=True,
+                bos_token=self._bos,
+                eos_token=self._eos,
+            )
+        )
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
+    ) -> RenderedChat:
+        """The prompt of a request (messages as ``protocol.normalize_chat`` leaves them); ApiError 400."""
+        choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
+        use_tools = bool(tools) and choice != "none"
+        if use_tools and self._formatter is not None:
+            raise bad_request(
+                f"this model formats chat with chat_format '{self.family}', which has no tool support: "
+                "tools cannot be used (set tool_choice to 'none', or serve the model with its own chat template)",
+                "tools",
+                "tools_not_supported",
+            )
+        if use_tools and not self.supports_tools:
+            raise bad_request(
+                "this model's chat template has no place for tools (it would drop them): tools cannot be used "
+                "with this model (set tool_choice to 'none')",
+                "tools",
+                "tools_not_supported",
+            )
+        named = _named(choice, tools or []) if use_tools else None
+        plain = [_template_message(m) for m in messages]
+        if self._formatter is not None:
+            return self._render_format(plain)
+        shown = (tools or None) if use_tools else None  # a named choice still shows the model every tool
+        offered = [t for t in tools or [] if t["function"]["name"] == named] if named else (shown or [])
+        try:
+            prompt = self._render_jinja(plain, shown)
+        except TemplateRaised as exc:
+            raise bad_request(f"the model's chat template refused these messages: {exc}", "messages") from exc
+        except Exception as exc:  # a real template's error is about the request, never a server fault
+            raise bad_request(
+                f"the model's chat template could not render these messages ({type(exc).__name__}: {exc})",
+                "messages",
+                "chat_template_error",
+            ) from exc
+        think_open = self.thinks and prompt.rstrip().endswith(THINK_OPEN)
+        family = self.family_info or GENERIC
+        grammar = None
+        if use_tools and (choice == "required" or named):
+            grammar = tool_grammar(family, offered, parallel_tool_calls and not named, self.thinks, think_open)
+        stop = tuple(s for s in (self._eos, *family.stop) if s)
+        spec = ParseSpec(
+            family if use_tools else None,
+            tuple(offered),
+            parallel_tool_calls and not named,
+            grammar is not None,
+            self.thinks,
+            think_open,
+        )
+        add_bos = self._add_bos_token and bool(self._bos) and not prompt.startswith(self._bos)
+        return RenderedChat(prompt, add_bos, stop, grammar, spec)
+
+    def _render_format(self, messages: list[dict[str, Any]]) -> RenderedChat:
+        for message in messages:  # the stock formatters read content as text
+            if not isinstance(message.get("content"), str):
+                message["content"] = ""
+        try:
+            result = self._formatter(messages=messages)
+        except Exception as exc:
+            raise bad_request(
+                f"chat_format '{self.family}' could not format these messages ({type(exc).__name__}: {exc})",
+                "messages",
+            ) from exc
+        stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        return RenderedChat(result.prompt, self._add_bos_token and not result.added_special, tuple(stop), None)
+
+
+def _formatter(name: str) -> Any:
+    """The prompt formatter llama-cpp-python registered as ``name`` (``format_gemma`` for "gemma", ...)."""
+    import inspect
+
+    from llama_cpp import llama_chat_format
+
+    try:
+        handler = llama_chat_format.LlamaChatCompletionHandlerRegistry().get_chat_completion_handler_by_name(name)
+    except Exception as exc:
+        raise ValueError(f"chat_format '{name}' is not one llama-cpp-python knows") from exc
+    formatter = inspect.getclosurevars(handler).nonlocals.get("chat_formatter")
+    if formatter is None:
+        raise ValueError(f"chat_format '{name}' has its own handler, not a prompt format this server can use")
+    return formatter
+
+
+def _named(choice: str | dict[str, Any], tools: list[dict[str, Any]]) -> str | None:
+    if not isinstance(choice, dict):
+        return None
+    name = choice["function"]["name"]
+    if all(t["function"]["name"] != name for t in tools):
+        raise bad_request(f"tool_choice names '{name}', which is not in tools", "tool_choice")
+    return str(name)
+
+
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as chat templates read it: arguments as objects, content present."""
+    out = dict(message)
+    if out.get("content") is None:
+        refusal = out.get("refusal")
+        out["content"] = refusal if isinstance(refusal, str) else (None if out.get("tool_calls") else "")
+    calls = out.get("tool_calls")
+    if calls:
+        out["tool_calls"] = [_template_call(c) for c in calls]
+    return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):  # templates write the arguments with tojson: an object, as transformers expects
+        with contextlib.suppress(json.JSONDecodeError):
+            function["arguments"] = json.loads(arguments)
+    return {**call, "function": function}
+
+
+# ## Grammars
+
+
+def tool_grammar(family: Family, tools: list[dict[str, Any]], parallel: bool, thinks: bool, think_open: bool) -> str:
+    """GBNF: one (or, when ``parallel``, one or more) calls of ``tools`` in the family's syntax."""
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    alternatives = []
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        schema = function.get("parameters") or {"type": "object", "properties": {}}
+        try:
+            resolved = converter.resolve_refs(schema, f"tool-{i}")
+            args_rule = converter.visit(resolved, f"tc-args-{i}")
+        except Exception as exc:  # the converter raises plain exceptions on schemas it cannot express
+            raise bad_request(
+                f"the parameters schema of tool '{function['name']}' cannot be turned into a grammar: {exc}", "tools"
+            ) from exc
+        alternatives.append(call_rule(family, function["name"], args_rule))
+    rules = [converter.format_grammar(), f"tc-call ::= {' | '.join(alternatives)}"]
+    rules.append(f"tc-calls ::= {calls_rule(family, 'tc-call', parallel)}")
+    if think_open:  # the template opened <think>: the model thinks first, then calls
+        rules.append(f"root ::= [^<]* {gbnf_literal(THINK_CLOSE)} [ \\t\\n]* tc-calls")
+    elif thinks:
+        rules.append(f"root ::= ( {gbnf_literal(THINK_OPEN)} [^<]* {gbnf_literal(THINK_CLOSE)} [ \\t\\n]* )? tc-calls")
+    else:
+        rules.append("root ::= tc-calls")
+    return "\n".join(rules) + "\n"
+
+
+# ## Reading the answer back
+
+
+class _ThinkSplitter:
+    """Splits ``<think>...</think>`` (at the start of the answer, or opened by the prompt) off the text."""
+
+    def __init__(self, opened: bool) -> None:
+        self.state = "think" if opened else "start"
+        self.pending = ""
+
+    def feed(self, text: str, final: bool) -> tuple[str, str]:
+        """(reasoning, content) settled by ``text``."""
+        self.pending += text
+        if self.state == "start":
+            head = self.pending.lstrip()
+            if head.startswith(THINK_OPEN):
+                self.state, self.pending = "think", head[len(THINK_OPEN) :]
+            elif THINK_OPEN.startswith(head) and not final:
+                return "", ""
+            else:
+                self.state, out, self.pending = "content", self.pending, ""
+                return "", out
+        if self.state == "think":
+            k = self.pending.find(THINK_CLOSE)
+            if k >= 0:
+                reasoning, rest = self.pending[:k], self.pending[k + len(THINK_CLOSE) :]
+                self.state, self.pending = "content", ""
+                return reasoning, rest
+            keep = 0 if final else _held(self.pending, (THINK_CLOSE,))
+            reasoning, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+            return reasoning, ""
+        out, self.pending = self.pending, ""
+        return "", out
+
+
+@dataclass
+class _Call:
+    id: str
+    name: str
+    arguments: str
+    done: bool = True
+
+
+class ChatParser:
+    """Reads one choice's generated text into OpenAI's message and stream deltas.
+
+    ``feed`` returns the deltas the text settles; ``finish`` the rest, the full message and the
+    finish_reason it implies. Concatenating every delta gives the message exactly.
+    """
+
+    def __init__(self, spec: ParseSpec) -> None:
+        self._spec = spec
+        self._think = _ThinkSplitter(spec.think_open) if spec.thinking else None
+        self._reasoning = ""  # raw reasoning text so far
+        self._buf = ""  # raw answer text (after the reasoning)
+        self._pos, self._fresh = 0, True  # where the settled part of _buf ends
+        self._memo: Memo = {}  # JSON objects scanned so far, by where they start
+        self._content = ""  # settled content text
+        self._calls: list[_Call] = []  # settled calls
+        self._preview: list[_Call] = []  # calls being written (constrained output only)
+        self._tools = {t["function"]["name"]: t["function"] for t in spec.tools}
+        self._sent_content = self._sent_reasoning = ""
+        self._sent_calls: list[int] = []  # characters of arguments sent, per call index
+        self._ids: list[str] = []
+
+    @property
+    def _passthrough(self) -> bool:
+        return self._think is None and self._spec.family is None
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        """Deltas (``{"content"}``, ``{"reasoning_content"}``, ``{"tool_calls"}``) settled by ``text``."""
+        if self._passthrough:
+            self._content += text
+            self._sent_content = self._content
+            return [{"content": text}] if text else []
+        self._advance(text, final=False)
+        return self._deltas(final=False)
+
+    def finish(self) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
+        """(deltas still held back, the message, "tool_calls" when the answer is complete calls, else None)."""
+        deltas: list[dict[str, Any]] = []
+        if not self._passthrough:
+            self._advance("", final=True)
+            deltas = self._deltas(final=True)
+        calls = self._calls + self._preview
+        content = self._shown_content(final=True)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": content if content or not calls else None,
+            "refusal": None,
+        }
+        if self._think is not None and self._shown_reasoning():
+            message["reasoning_content"] = self._shown_reasoning()
+        if calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+            ]
+        finish = "tool_calls" if calls and all(c.done for c in calls) else None
+        return deltas, message, finish
+
+    # -- settling text
+
+    def _advance(self, text: str, final: bool) -> None:
+        if self._think is not None:
+            reasoning, text = self._think.feed(text, final)
+            self._reasoning += reasoning
+        self._buf += text
+        family = self._spec.family
+        if family is None:
+            self._content += self._buf[self._pos :]
+            self._pos = len(self._buf)
+            return
+        pieces, open_unit, self._pos, self._fresh = SCANNERS[family.syntax](
+            family, self._buf, self._pos, self._fresh, final, self._memo
+        )
+        for piece in pieces:
+            if isinstance(piece, str):
+                self._content += piece
+            else:
+                self._settle(piece)
+        self._preview = []
+        if open_unit is not None and self._spec.constrained:
+            self._preview = self._as_calls(open_unit.calls, len(self._calls), done=False)
+
+    def _settle(self, unit: Unit) -> None:
+        calls = self._as_calls(unit.calls, len(self._calls), done=unit.done)
+        if self._spec.constrained and calls:  # the grammar wrote them, and they may have been streamed already
+            self._calls += calls
+            return
+        valid = unit.done and all(self._valid(c) for c in unit.calls)
+        if valid and (self._spec.parallel or not self._calls) and (self._spec.parallel or len(calls) == 1):
+            self._calls += calls
+        else:
+            self._content += unit.raw  # not a call this request can take: the model's text, as written
+
+    def _as_calls(self, scans: list[CallScan], first: int, done: bool) -> list[_Call]:
+        out = []
+        for index, scan in enumerate(scans, first):
+            if scan.name is None:
+                break
+            args = scan.args or ""
+            if done and scan.args_done:
+                args = _arguments_text(args)
+            out.append(_Call(self._id(index), scan.name, args, done and scan.args_done))
+        return out
+
+    def _id(self, index: int) -> str:
+        while len(self._ids) <= index:
+            family = self._spec.family or GENERIC
+            tail = "".join(secrets.choice(_ID_ALPHABET) for _ in range(family.call_id_length))
+            self._ids.append(family.call_id_prefix + tail)
+        return self._ids[index]
+
+    def _valid(self, scan: CallScan) -> bool:
+        """A complete call of an offered tool whose arguments are JSON valid for its schema."""
+        if not scan.valid_shape or scan.name not in self._tools or scan.args is None or not scan.args_done:
+            return False
+        try:
+            arguments = json.loads(_arguments_text(scan.args))
+        except json.JSONDecodeError:
+            return False
+        return isinstance(arguments, dict) and _matches(arguments, self._tools[scan.name].get("parameters"))
+
+    # -- what has been shown
+
+    def _shown_content(self, final: bool) -> str:
+        text = self._content.lstrip() if self._think is not None or self._spec.family else self._content
+        return text.rstrip() if self._spec.family is not None else text
+
+    def _shown_reasoning(self) -> str:
+        return self._reasoning.strip()
+
+    def _deltas(self, final: bool) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        reasoning = self._shown_reasoning()
+        if len(reasoning) > len(self._sent_reasoning):
+            out.append({"reasoning_content": reasoning[len(self._sent_reasoning) :]})
+            self._sent_reasoning = reasoning
+        content = self._shown_content(final)
+        if len(content) > len(self._sent_content):
+            out.append({"content": content[len(self._sent_content) :]})
+            self._sent_content = content
+        for index, call in enumerate(self._calls + self._preview):
+            if index == len(self._sent_calls):
+                head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name}}
+                head["function"]["arguments"] = ""
+                out.append({"tool_calls": [head]})
+                self._sent_calls.append(0)
+            sent = self._sent_calls[index]
+            if len(call.arguments) > sent:
+                out.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments[sent:]}}]})
+                self._sent_calls[index] = len(call.arguments)
+        return out
+
+
+def _arguments_text(raw: str) -> str:
+    """The arguments JSON text (a JSON string holding the object is unwrapped, as llama.cpp does)."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    return value if isinstance(value, str) else raw
+
+
+def _matches(arguments: dict[str, Any], schema: Any) -> bool:
+    if not isinstance(schema, dict) or not schema:
+        return True
+    import jsonschema
+
+    try:
+        validator = jsonschema.validators.validator_for(schema)(schema)
+        return bool(validator.is_valid(arguments))
+    except (jsonschema.SchemaError, jsonschema.exceptions.RefResolutionError, ValueError, TypeError):
+        return True  # a schema the validator cannot read: the tool's own code checks the arguments

@@ -1,0 +1,383 @@
+"""The llama.cpp edge: one model, one context of ``parallel`` sequences, a batch, samplers.
+
+Everything here calls llama-cpp-python's low-level API (``llama_cpp.llama_cpp``): no
+``llama_cpp.Llama``, whose context holds one sequence. Nothing above this module touches a
+ctypes object; it passes token lists and gets token ids, text bytes and numpy logits back.
+
+The context holds ``parallel`` sequences, each with a KV stream of ``n_ctx`` cells of its own
+(``kv_unified = false``, as llama-server's ``-np N``): the scheduler lets no sequence grow past
+``n_ctx`` tokens, so no stream can fill up, and attention reads only a sequence's own cells.
+
+Imported on the model thread only (lean imports: see ``deployer.runtime``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from deployer.runtime.config import KV_TYPES, RuntimeConfig
+from deployer.runtime.sampling import Sampling
+
+PENALTY_LAST_N = 64  # llama-cpp-python's (and llama.cpp's) default window for repeat/presence/frequency penalties
+
+
+class LlamaError(Exception):
+    """llama.cpp refused something (a model it cannot load, a failed decode)."""
+
+
+def physical_cores() -> int:
+    """The CPU threads llama.cpp's own tools default to: one per physical core (not per hyperthread)."""
+    usable = len(os.sched_getaffinity(0))
+    try:
+        cores = {
+            path.read_text(encoding="ascii").strip()
+            for path in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology/thread_siblings_list")
+        }
+    except OSError:
+        cores = set()
+    return max(1, min(len(cores), usable)) if cores else max(1, usable)
+
+
+class Sampler:
+    """A llama.cpp sampler chain for one sequence (penalties, bias, grammar, top-k/p, min-p, temperature)."""
+
+    def __init__(self, model: Model, sampling: Sampling, seed: int) -> None:
+        chain_params = llama_cpp.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        self.chain = llama_cpp.llama_sampler_chain_init(chain_params)
+        add = lambda sampler: llama_cpp.llama_sampler_chain_add(self.chain, sampler)  # noqa: E731
+        if sampling.logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))()
+            for i, (token, bias) in enumerate(sampling.logit_bias):
+                biases[i].token, biases[i].bias = token, bias
+            add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(sampling.logit_bias), biases))
+        if sampling.repeat_penalty != 1.0 or sampling.presence_penalty or sampling.frequency_penalty:
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    model.n_vocab,
+                    PENALTY_LAST_N,
+                    sampling.repeat_penalty,
+                    sampling.frequency_penalty,
+                    sampling.presence_penalty,
+                )
+            )
+        self.grammar = None
+        if sampling.grammar is not None:
+            # applied apart from the chain, and only when the chain's choice breaks it (as llama.cpp's
+            # common_sampler does): checking every token of a 256k vocabulary per step costs milliseconds
+            self.grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, sampling.grammar.encode(), b"root")
+            if not self.grammar:
+                llama_cpp.llama_sampler_free(self.chain)
+                raise LlamaError("the grammar could not be parsed")
+        if sampling.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        elif sampling.mirostat_mode:
+            add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+            if sampling.mirostat_mode == 1:
+                add(
+                    llama_cpp.llama_sampler_init_mirostat(
+                        model.n_vocab, seed, sampling.mirostat_tau, sampling.mirostat_eta, 100
+                    )
+                )
+            else:
+                add(llama_cpp.llama_sampler_init_mirostat_v2(seed, sampling.mirostat_tau, sampling.mirostat_eta))
+        else:
+            add(llama_cpp.llama_sampler_init_top_k(sampling.top_k if sampling.top_k > 0 else model.n_vocab))
+            add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+            add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+            add(llama_cpp.llama_sampler_init_dist(seed))
+        self._model = model
+        self._one = (llama_cpp.llama_token_data * 1)()
+        self._one_array = llama_cpp.llama_token_data_array(self._one, 1, -1, False)
+        self._full: Any = None
+
+    def sample(self, row: int, banned: Sequence[int] = ()) -> int:
+        """The next token from one batch row of the last decode; the chain then accepts it."""
+        if self.grammar is None and not banned:  # the common case, all in C
+            return int(llama_cpp.llama_sampler_sample(self.chain, self._model.ctx, row))
+        logits = self._model.logits(row)
+        if banned:
+            logits = logits.copy()
+            logits[list(banned)] = -np.inf
+        token = self._apply_chain(logits)
+        if self.grammar is not None and not self._grammar_allows(token, float(logits[token])):
+            # resample with the grammar first: every token it forbids gets -inf, then the chain chooses
+            self._fill(logits)
+            llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(self._full_array))
+            llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(self._full_array))
+            token = self._selected()
+        if self.grammar is not None:
+            llama_cpp.llama_sampler_accept(self.grammar, token)
+        llama_cpp.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _apply_chain(self, logits: np.ndarray) -> int:
+        self._fill(logits)
+        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(self._full_array))
+        return self._selected()
+
+    def _fill(self, logits: np.ndarray) -> None:
+        n = logits.shape[0]
+        if self._full is None:
+            self._full = (llama_cpp.llama_token_data * n)()
+            self._full_np = np.ctypeslib.as_array(
+                ctypes.cast(self._full, ctypes.POINTER(ctypes.c_byte)),
+                shape=(n * ctypes.sizeof(llama_cpp.llama_token_data),),
+            ).view(np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
+            self._full_array = llama_cpp.llama_token_data_array(self._full, n, -1, False)
+        self._full_np["id"] = np.arange(n, dtype=np.int32)
+        self._full_np["logit"] = logits
+        self._full_np["p"] = 0.0
+        self._full_array.data, self._full_array.size = self._full, n
+        self._full_array.selected, self._full_array.sorted = -1, False
+
+    def _selected(self) -> int:
+        array = self._full_array
+        return int(array.data[array.selected].id)
+
+    def _grammar_allows(self, token: int, logit: float) -> bool:
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, logit, 0.0
+        self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(self._one_array))
+        return self._one[0].logit != float("-inf")
+
+    def close(self) -> None:
+        if self.chain:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
+        if self.grammar:
+            llama_cpp.llama_sampler_free(self.grammar)
+            self.grammar = None
+
+
+def check_grammar(model: Model, text: str) -> bool:
+    """Whether llama.cpp parses ``text`` as a GBNF grammar with a ``root`` rule (a bad one must never reach sampling)."""
+    sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, text.encode("utf-8"), b"root")
+    if not sampler:
+        return False
+    llama_cpp.llama_sampler_free(sampler)
+    return True
+
+
+class Model:
+    """The loaded model, its context of ``parallel`` sequences, and one reusable batch."""
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = config.n_gpu_layers
+        model_params.use_extra_bufts = config.cpu_repack
+        self.model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), model_params)
+        if not self.model:
+            raise LlamaError("llama.cpp could not load the file (see its log above)")
+        self.ctx: Any = None
+        self.embed_ctx: Any = None
+        self.batch: Any = None
+        try:
+            self._init(config)
+        except Exception:
+            self.close()
+            raise
+
+    def _init(self, config: RuntimeConfig) -> None:
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.parallel = config.parallel
+        self.n_threads = config.n_threads or physical_cores()
+        self.n_batch = config.n_batch
+        params = self._context_params(config)
+        params.n_ctx = config.n_ctx * config.parallel
+        params.n_seq_max = config.parallel
+        params.kv_unified = False
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise LlamaError(f"llama.cpp could not create a context of {config.parallel} x {config.n_ctx} tokens")
+        self.n_ctx = config.n_ctx  # per sequence: the scheduler keeps every sequence inside it
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        # a prompt chunk, or one decode token per slot
+        self.batch_capacity = max(config.n_batch, config.parallel)
+        self.batch = llama_cpp.llama_batch_init(self.batch_capacity, 0, 1)
+        cap = self.batch_capacity
+        self._tokens = np.ctypeslib.as_array(self.batch.token, shape=(cap,))
+        self._pos = np.ctypeslib.as_array(self.batch.pos, shape=(cap,))
+        self._n_seq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(cap,))
+        self._logits = np.ctypeslib.as_array(self.batch.logits, shape=(cap,))
+        self._n_seq[:] = 1
+        self._seq_ids = [self.batch.seq_id[i] for i in range(cap)]
+        self.metadata = self._metadata()
+        if config.embeddings:
+            eparams = self._context_params(config)
+            eparams.n_ctx = config.n_batch
+            eparams.embeddings = True
+            self.embed_ctx = llama_cpp.llama_init_from_model(self.model, eparams)
+            if not self.embed_ctx:
+                raise LlamaError("llama.cpp could not create the embeddings context")
+
+    def _context_params(self, config: RuntimeConfig) -> Any:
+        params = llama_cpp.llama_context_default_params()
+        params.n_batch = max(config.n_batch, config.parallel)
+        params.n_ubatch = config.n_ubatch
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        params.type_k = params.type_v = KV_TYPES[config.kv_cache_type]
+        params.no_perf = True
+        return params
+
+    # -- text
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        room = len(data) + 8
+        buffer = (llama_cpp.llama_token * room)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, room, add_special, parse_special)
+        if n < 0:
+            buffer = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, -n, add_special, parse_special)
+        return list(buffer[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens as their text, like the stock server)."""
+        buffer = self._piece_buffer
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, True)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, -n, 0, True)
+        return buffer.raw[:n]
+
+    _piece_buffer = ctypes.create_string_buffer(256)
+
+    def token_text(self, token: int) -> str:
+        """A token's text in the vocabulary, for BOS/EOS strings handed to chat templates."""
+        return self.piece(token).decode("utf-8", errors="replace") if token >= 0 else ""
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends a generation (EOS, EOT, end-of-turn...)."""
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    @functools.cached_property
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token (min_tokens bans them); found once, when first needed."""
+        return tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+
+    @property
+    def bos(self) -> int:
+        return llama_cpp.llama_vocab_bos(self.vocab)
+
+    @property
+    def eos(self) -> int:
+        return llama_cpp.llama_vocab_eos(self.vocab)
+
+    def _metadata(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        buffer = ctypes.create_string_buffer(1024)
+        for i in range(llama_cpp.llama_model_meta_count(self.model)):
+            n = llama_cpp.llama_model_meta_key_by_index(self.model, i, buffer, len(buffer))
+            key = buffer.value.decode("utf-8", errors="replace") if n >= 0 else ""
+            n = llama_cpp.llama_model_meta_val_str_by_index(self.model, i, buffer, len(buffer))
+            if n >= len(buffer):
+                big = ctypes.create_string_buffer(n + 1)
+                llama_cpp.llama_model_meta_val_str_by_index(self.model, i, big, n + 1)
+                out[key] = big.value.decode("utf-8", errors="replace")
+            elif n >= 0:
+                out[key] = buffer.value.decode("utf-8", errors="replace")
+        return out
+
+    # -- decoding
+
+    def decode(self, entries: Sequence[tuple[int, Sequence[int], int, bool]]) -> list[int]:
+        """Decode one batch: (sequence, tokens, first position, logits for the last token) per entry.
+
+        Returns, per entry that asked for logits, its row index for :meth:`logits`.
+        """
+        n = 0
+        rows: list[int] = []
+        for seq, tokens, pos, want in entries:
+            k = len(tokens)
+            self._tokens[n : n + k] = tokens
+            self._pos[n : n + k] = np.arange(pos, pos + k, dtype=np.int32)
+            self._logits[n : n + k] = 0
+            for i in range(n, n + k):
+                self._seq_ids[i][0] = seq
+            if want:
+                self._logits[n + k - 1] = 1
+                rows.append(n + k - 1)
+            n += k
+        self.batch.n_tokens = n
+        status = llama_cpp.llama_decode(self.ctx, self.batch)
+        if status != 0:
+            raise LlamaError(f"llama_decode failed (status {status})")
+        return rows
+
+    def logits(self, row: int) -> np.ndarray:
+        """The logits of one batch row of the last decode (a view: valid until the next decode)."""
+        pointer = llama_cpp.llama_get_logits_ith(self.ctx, row)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    # -- the KV cache of one sequence
+
+    def forget(self, seq: int, start: int = 0) -> None:
+        """Drop the cache of ``seq`` from position ``start`` on."""
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, start, -1)
+
+    def copy(self, source: int, target: int) -> None:
+        """Make ``target``'s cache a copy of ``source``'s (the whole stream: done before the next decode)."""
+        llama_cpp.llama_memory_seq_rm(self.memory, target, 0, -1)
+        llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+
+    def can_rewind(self, seq: int) -> bool:
+        """Whether ``seq``'s cache still holds position 0 (a sliding-window cache may have dropped it)."""
+        return llama_cpp.llama_memory_seq_pos_min(self.memory, seq) <= 0
+
+    # -- embeddings
+
+    def embed(self, tokens: list[int]) -> list[float]:
+        """One input's embedding: the model's pooling, else the mean of its token vectors."""
+        ctx = self.embed_ctx
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+        try:
+            for i, token in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
+                batch.seq_id[i][0] = 0
+            batch.n_tokens = len(tokens)
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise LlamaError("llama_decode failed while embedding")
+            n_embd = llama_cpp.llama_model_n_embd(self.model)
+            if llama_cpp.llama_pooling_type(ctx) != llama_cpp.LLAMA_POOLING_TYPE_NONE:
+                pointer = llama_cpp.llama_get_embeddings_seq(ctx, 0)
+                return np.ctypeslib.as_array(pointer, shape=(n_embd,)).astype(float).tolist()
+            rows = [
+                np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(ctx, i), shape=(n_embd,))
+                for i in range(len(tokens))
+            ]
+            return np.mean(rows, axis=0).astype(float).tolist()
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
+    @property
+    def n_embd(self) -> int:
+        return llama_cpp.llama_model_n_embd(self.model)
+
+    def close(self) -> None:
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        for name in ("embed_ctx", "ctx"):
+            ctx = getattr(self, name)
+            if ctx:
+                llama_cpp.llama_free(ctx)
+                setattr(self, name, None)
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None

@@ -1,0 +1,231 @@
+"""Continuous batching, decided: which sequences hold which slots, and what the next decode computes.
+
+Pure bookkeeping (no llama.cpp, no threads), so it is tested without a model. The engine asks
+:meth:`Scheduler.admit` and :meth:`Scheduler.step` what to do, runs the decode, and reports back
+with :meth:`Scheduler.fed` and :meth:`Scheduler.finish`; this module never sees logits or text.
+
+* **Slots.** ``parallel`` slots, one sequence each, as llama-server's. A waiting sequence goes to
+  the free slot whose cached tokens share the longest reusable prefix with its prompt.
+* **One step: each prompt chunk, then every decode token.** Chunks share a budget of ``n_batch``
+  prompt tokens per step, so a long prompt is evaluated over several steps while the running
+  streams keep producing a token each step; the decode tokens of all generating sequences go in
+  one batch.
+* **Results do not depend on the cache**: a prompt is cut into chunks at multiples of ``n_batch``
+  from position 0, each chunk is decoded in a batch of its own, and only whole chunks are
+  remembered for reuse. Those are exactly the batches a fresh evaluation computes, so a reused
+  prefix leaves the rest of the prompt evaluated in the same batches, whatever else is running.
+* **No request fails for want of cache.** Each slot has a KV stream of ``n_ctx`` cells of its own
+  and no sequence is ever longer than ``n_ctx``.
+* **``n`` choices share their prompt**: a request's other choices wait beside its first (the
+  leader) in slots of their own and copy its cache when the prompt is done.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class State(Enum):
+    WAITING = "waiting"  # queued for a slot
+    FOLLOWING = "following"  # in a slot, waiting for its leader's prompt
+    PROMPT = "prompt"  # its prompt is being evaluated
+    DECODING = "decoding"  # generating, one token per step
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice of one request: its prompt, its progress, its slot."""
+
+    owner: Any  # the engine's request
+    index: int  # which choice of the request
+    prompt: list[int]
+    max_new: int  # tokens it may generate (max_tokens, capped by the context)
+    leader: Sequence | None = None  # another choice of the same request that evaluates the prompt
+    state: State = State.WAITING
+    slot: Slot | None = None
+    n_past: int = 0  # positions whose KV is in the slot's cache
+    cached: int = 0  # prompt tokens reused from the slot's cache
+    trusted: int = 0  # prompt tokens computed in whole aligned chunks: reusable later
+    next_token: int | None = None  # sampled, to be fed in the next step
+    generated: int = 0
+    followers: list[Sequence] = field(default_factory=list)
+    arrival: int = 0  # set when queued: earlier requests' prompts go first
+
+
+@dataclass(eq=False)
+class Slot:
+    id: int  # the sequence id in llama.cpp's cache
+    seq: Sequence | None = None
+    cache: list[int] = field(default_factory=list)  # tokens whose KV this slot holds and may reuse
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Tokens of one sequence in the next decode."""
+
+    seq: Sequence
+    tokens: list[int]
+    pos: int
+    logits: bool  # sample after this decode (the last prompt token, or a decode token)
+
+
+@dataclass(frozen=True)
+class Admission:
+    seq: Sequence
+    slot: Slot
+    keep: int  # cached positions kept; the engine drops the slot's cache from here on
+
+
+class Scheduler:
+    def __init__(
+        self, parallel: int, n_ctx: int, n_batch: int, can_rewind: Callable[[int], bool] | None = None
+    ) -> None:
+        self.slots = [Slot(i) for i in range(parallel)]
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.waiting: deque[Sequence] = deque()
+        self._arrivals = 0
+        self._can_rewind = can_rewind or (lambda _slot: True)
+
+    # -- queries
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [slot.seq for slot in self.slots if slot.seq is not None]
+
+    @property
+    def busy(self) -> int:
+        return sum(slot.seq is not None for slot in self.slots)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and self.busy == 0
+
+    # -- admission
+
+    def add(self, seqs: Iterable[Sequence]) -> None:
+        """Queue the sequences of one request; the first is the leader of the others."""
+        seqs = list(seqs)
+        for seq in seqs:
+            self._arrivals += 1
+            seq.arrival = self._arrivals
+        for follower in seqs[1:]:
+            follower.leader = seqs[0]
+            seqs[0].followers.append(follower)
+        self.waiting.extend(seqs)
+
+    def admit(self) -> list[Admission]:
+        """Give free slots to waiting sequences, first come first served."""
+        admitted: list[Admission] = []
+        while self.waiting and any(slot.seq is None for slot in self.slots):
+            seq = self.waiting.popleft()
+            leader = seq.leader
+            if leader is not None and leader.state in (State.WAITING, State.FOLLOWING, State.PROMPT):
+                slot = self._emptiest()
+                seq.state, seq.n_past = State.FOLLOWING, 0
+                keep = 0
+            else:
+                if leader is not None:  # too late to share the prompt: evaluated on its own
+                    leader.followers.remove(seq)
+                    seq.leader = None
+                slot, keep = self._best_slot(seq.prompt)
+                seq.state, seq.n_past, seq.cached, seq.trusted = State.PROMPT, keep, keep, keep
+            slot.seq, seq.slot = seq, slot
+            slot.cache = slot.cache[:keep]
+            admitted.append(Admission(seq, slot, keep))
+        return admitted
+
+    def reusable(self, slot: Slot, prompt: list[int]) -> int:
+        """Cached positions of ``slot`` that ``prompt`` may keep: whole chunks, never the last token."""
+        common = 0
+        for old, new in zip(slot.cache, prompt, strict=False):
+            if old != new:
+                break
+            common += 1
+        keep = min(common, len(prompt) - 1) // self.n_batch * self.n_batch
+        return keep if keep > 0 and self._can_rewind(slot.id) else 0
+
+    def _best_slot(self, prompt: list[int]) -> tuple[Slot, int]:
+        free = [slot for slot in self.slots if slot.seq is None]
+        # the longest reusable prefix; among equals, the slot whose cache is worth least
+        best = max(free, key=lambda slot: (self.reusable(slot, prompt), -len(slot.cache)))
+        return best, self.reusable(best, prompt)
+
+    def _emptiest(self) -> Slot:
+        return min((slot for slot in self.slots if slot.seq is None), key=lambda slot: len(slot.cache))
+
+    # -- one step
+
+    def step(self) -> list[list[Entry]]:
+        """The decodes of the next step: one per prompt chunk (first come first, within the budget), then
+        one of every generating sequence's next token."""
+        batches: list[list[Entry]] = []
+        budget = self.n_batch
+        for seq in self._by_arrival(State.PROMPT):
+            if budget == 0:
+                break
+            boundary = (seq.n_past // self.n_batch + 1) * self.n_batch  # chunks never cross a multiple of n_batch
+            end = min(len(seq.prompt), boundary, seq.n_past + budget)
+            batches.append([Entry(seq, seq.prompt[seq.n_past : end], seq.n_past, end == len(seq.prompt))])
+            budget -= end - seq.n_past
+        decodes = []
+        for seq in self._by_arrival(State.DECODING):
+            assert seq.next_token is not None
+            decodes.append(Entry(seq, [seq.next_token], seq.n_past, True))
+        if decodes:
+            batches.append(decodes)
+        return batches
+
+    def _by_arrival(self, state: State) -> list[Sequence]:
+        running = [slot.seq for slot in self.slots if slot.seq is not None and slot.seq.state is state]
+        return sorted(running, key=lambda seq: seq.arrival)
+
+    def fed(self, entries: list[Entry]) -> None:
+        """The decode of ``entries`` (one batch of :meth:`step`) succeeded: their tokens are in the cache."""
+        for entry in entries:
+            seq = entry.seq
+            if seq.state is State.PROMPT:
+                if len(entry.tokens) == self.n_batch and entry.pos == seq.trusted:  # a whole chunk
+                    seq.trusted += self.n_batch
+                assert seq.slot is not None
+                seq.slot.cache = seq.prompt[: seq.trusted]
+            seq.n_past += len(entry.tokens)
+            if seq.state is State.DECODING:
+                seq.next_token = None
+
+    def sampled(self, seq: Sequence, token: int) -> None:
+        """``seq`` (or a follower of it) sampled ``token`` after its prompt or its last token."""
+        if seq.state is State.FOLLOWING:  # its leader's prompt is now in its own cache
+            assert seq.leader is not None
+            seq.n_past = len(seq.prompt)
+            seq.trusted = seq.leader.trusted
+            assert seq.slot is not None
+            seq.slot.cache = seq.prompt[: seq.trusted]
+        seq.state = State.DECODING
+        seq.next_token = token
+        seq.generated += 1
+
+    def must_stop(self, seq: Sequence) -> bool:
+        """Whether ``seq`` has generated all it may (``max_new`` is capped by the room left in its context)."""
+        return seq.generated >= seq.max_new
+
+    def finish(self, seq: Sequence) -> None:
+        """``seq`` is done (finished, failed or cancelled): its slot is free at once."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.slot is not None:
+            seq.slot.seq = None
+            seq.slot = None
+        if seq.leader is not None and seq in seq.leader.followers:
+            seq.leader.followers.remove(seq)
+        for follower in seq.followers:  # its prompt will not be evaluated for them
+            follower.leader = None
+            if follower.state is State.FOLLOWING:
+                follower.state, follower.n_past = State.PROMPT, 0
+        seq.followers = []
+        seq.state = State.FINISHED
