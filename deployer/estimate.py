@@ -8,14 +8,18 @@ checks the arithmetic against llama.cpp's own ``... buffer size`` lines.
               (llama.cpp never offloads the input layer); a model with tied embeddings gets a
               copy as its output matrix on the GPU. Split over GPUs by layer, as llama.cpp does.
     kv        per layer: K and V rows (head_count_kv × head size, ggml block sizes for quantized
-              cache types) × cells. Cells are the context padded to 256; sliding-window layers
-              hold min(context, window + n_ubatch) cells padded to 256 unless ``swa_full``.
+              cache types) × cells × slots. Cells are the context padded to 256; sliding-window
+              layers hold min(context, window + n_ubatch) cells padded to 256 unless ``swa_full``.
+              ``parallel`` slots are llama.cpp sequences with a KV stream each (n_seq_max =
+              parallel, kv_unified = false, n_ctx = context × parallel): every slot a full context.
     compute   the graph allocator's peak for the worst-case batch (n_ubatch tokens, all of them
-              outputs): the largest of the logits phase (vocabulary × n_ubatch × 4), the
-              attention phase (KQ mask; without flash attention also the n_ubatch × cells × heads
-              KQ matrix) and the feed-forward phase (MoE: the selected experts' activations).
+              outputs; split evenly over the slots, so rounded up to a multiple of them): the
+              largest of the logits phase (vocabulary × n_ubatch × 4), the attention phase (KQ
+              mask; without flash attention also the n_ubatch × cells × heads KQ matrix) and the
+              feed-forward phase (MoE: the selected experts' activations). It does not grow with
+              the slots: each slot's tokens attend to its own stream's cells.
     output    llama.cpp's output buffer (host): logits (and embeddings) for the rows a decode
-              call returns.
+              call returns, at least one per slot.
     overhead  per GPU: CUDA context, cuBLAS workspace, and the CUDA pool's temporaries.
     host      the container: the runtime, llama-cpp-python's float32 scores array, the output
               buffer, the host-side weights and compute buffer.
@@ -80,6 +84,7 @@ class EstimateSettings:
     embeddings: bool = False
     logits_all: bool = False
     swa_full: bool = True  # llama.cpp's default: sliding-window layers cache the whole context
+    parallel: int = 1  # slots: sequences with a KV stream of `context` cells each (kv_unified = false)
     backend: Backend = "cuda"  # "cpu": what llama.cpp's CPU backend allocates (benchmarks, tests)
 
 
@@ -171,8 +176,10 @@ def _check(settings: EstimateSettings) -> None:
         raise PlanError(f"kv_cache_type: unknown cache type {settings.kv_cache_type!r}")
     if not settings.flash_attn and is_quantized_cache(settings.kv_cache_type):
         raise PlanError(f"kv_cache_type: a {settings.kv_cache_type} V cache needs flash_attn = true")
-    if settings.context < 1 or settings.n_batch < 1 or settings.n_ubatch < 1 or settings.n_gpus < 1:
-        raise PlanError("context, n_batch, n_ubatch and n_gpus must be positive")
+    if min(settings.context, settings.n_batch, settings.n_ubatch, settings.n_gpus, settings.parallel) < 1:
+        raise PlanError("context, n_batch, n_ubatch, n_gpus and parallel must be positive")
+    if settings.parallel > MAX_SEQ:
+        raise PlanError(f"parallel: llama.cpp allows at most {MAX_SEQ} sequences, not {settings.parallel}")
 
 
 def _pad(n: int, multiple: int) -> int:
@@ -184,22 +191,29 @@ class _Shape:
     """Sizes llama.cpp derives from the settings (its clamps and paddings)."""
 
     batch: int  # n_batch after clamping to the context
-    ubatch: int  # tokens in the worst-case graph
-    n_seq: int  # sequences (llama-cpp-python uses many only for embeddings)
-    cells: int  # KV cells of a full-attention layer
-    swa_cells: int  # KV cells of a sliding-window layer
+    ubatch: int  # tokens in the worst-case graph (split evenly over the sequences)
+    outputs: int  # rows of logits in the worst-case graph: n_ubatch, not rounded to the sequences
+    n_seq: int  # sequences: the slots (llama-cpp-python's embeddings mode uses up to 256)
+    streams: int  # KV streams: one per slot (kv_unified = false); 1 for a unified cache
+    cells: int  # KV cells of a full-attention layer, per stream
+    swa_cells: int  # KV cells of a sliding-window layer, per stream
 
     @classmethod
     def of(cls, header: GgufHeader, settings: EstimateSettings) -> _Shape:
-        batch = min(settings.context, settings.n_batch)  # causal attention: a batch fits the context
+        slots = settings.parallel
+        # causal attention: a batch fits the context, which holds every slot's cells
+        batch = min(settings.context * slots, settings.n_batch)
         ubatch = min(batch, settings.n_ubatch)
-        n_seq = min(batch, MAX_SEQ) if settings.embeddings else 1
+        n_seq = max(slots, min(batch, MAX_SEQ) if settings.embeddings else 1)
+        # the worst-case graph splits its tokens evenly over the sequences, rounding up
+        graph_tokens = _pad(ubatch, n_seq)
         cells = _pad(settings.context, CELL_PAD)
         swa_cells = cells
         if header.sliding_window and not settings.swa_full:
-            # embeddings mode uses a unified cache: every sequence's window shares it
-            swa_cells = _pad(min(cells, header.sliding_window * n_seq + ubatch), CELL_PAD)
-        return cls(batch=batch, ubatch=ubatch, n_seq=n_seq, cells=cells, swa_cells=swa_cells)
+            # embeddings mode uses a unified cache: every sequence's window shares it; slots have their own
+            unified_seqs = n_seq if settings.embeddings and slots == 1 else 1
+            swa_cells = _pad(min(cells, header.sliding_window * unified_seqs + ubatch), CELL_PAD)
+        return cls(batch, graph_tokens, ubatch, n_seq=n_seq, streams=slots, cells=cells, swa_cells=swa_cells)
 
     def layer_cells(self, header: GgufHeader, layer: int) -> int:
         swa = bool(header.swa_layers) and header.swa_layers[layer]
@@ -244,8 +258,8 @@ def _kv_by_layer(header: GgufHeader, settings: EstimateSettings, shape: _Shape) 
         cells = shape.layer_cells(header, layer)
         k_width = kv_heads[layer] * header.key_length
         v_width = kv_heads[layer] * header.value_length if settings.flash_attn else v_width_max
-        k = kv_row_bytes(settings.kv_cache_type, k_width) * cells
-        v = kv_row_bytes(settings.kv_cache_type, v_width) * cells
+        k = kv_row_bytes(settings.kv_cache_type, k_width) * cells * shape.streams
+        v = kv_row_bytes(settings.kv_cache_type, v_width) * cells * shape.streams
         out.append(_pad(k, align) + _pad(v, align))
     return out
 
@@ -296,7 +310,7 @@ def _compute(header: GgufHeader, settings: EstimateSettings, shape: _Shape) -> t
     fixed = GRAPH_INPUT_BYTES_PER_TOKEN * t + _masks(header, settings, shape)
     slack = unit + 2 * q + 2 * w + 2 * o + qk_norm + post_norm
 
-    logits = 4 * header.vocab_size * t + LOGITS_MARGIN * unit
+    logits = 4 * header.vocab_size * shape.outputs + LOGITS_MARGIN * unit
     attention = fixed + slack
     if not settings.flash_attn:  # KQ: cells × n_ubatch × n_head (the softmax runs in place)
         layers = range(header.block_count)
@@ -347,8 +361,8 @@ def _cuda_pool(header: GgufHeader, settings: EstimateSettings, shape: _Shape) ->
     candidates = [4 * header.embedding_length * t, 2 * max(dense, expert * header.expert_used_count) * t]
     if not settings.flash_attn:
         candidates.append(2 * t * shape.cells * max(header.head_count, default=0))
-    elif is_quantized_cache(settings.kv_cache_type):
-        candidates.append(2 * 2 * shape.cells * kv_width)
+    elif is_quantized_cache(settings.kv_cache_type):  # every stream's cells of the layer
+        candidates.append(2 * 2 * shape.cells * shape.streams * kv_width)
     if expert and header.expert_used_count:
         candidates.append(4 * header.expert_used_count * t * (header.embedding_length + expert))
     return max(candidates)

@@ -81,6 +81,7 @@ def parse_manifest(data: bytes, path: str, *, app_prefix: str = DEFAULT_APP_PREF
         raise ManifestInvalid(_problems(exc, raw, text, path)) from exc
     loaded = LoadedManifest(path, manifest, app_prefix)
     _check_app_name(loaded, text)
+    _check_slots(loaded, text)
     return loaded
 
 
@@ -125,6 +126,19 @@ def _check_app_name(loaded: LoadedManifest, text: str) -> None:
             f"{how}the app name '{loaded.app_name}' would be {len(loaded.app_name)} characters; "
             f"Modal allows {APP_NAME_MAX}, so a name may have at most {longest}",
             line,
+        )
+
+
+def _check_slots(loaded: LoadedManifest, text: str) -> None:
+    """A container must hold at least one request per slot: ``[scaling] concurrency >= [server] parallel``."""
+    parallel, concurrency = loaded.manifest.server.parallel, loaded.manifest.scaling.concurrency
+    if parallel is not None and concurrency is not None and concurrency < parallel:
+        raise ManifestInvalid.single(
+            loaded.path,
+            "scaling.concurrency",
+            f"{concurrency} is less than [server] parallel = {parallel}: a container must accept "
+            "at least one request per slot",
+            locate(text, ("scaling", "concurrency")),
         )
 
 

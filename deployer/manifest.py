@@ -70,6 +70,10 @@ CHAT_FORMATS: tuple[str, ...] = (
     "chatml-function-calling",
 )
 
+MAX_PARALLEL = 64  # slots per container; llama.cpp allows 256 sequences, the planner chooses at most 8
+MAX_THREADS = 1024
+MAX_CONCURRENCY = 256
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -276,6 +280,25 @@ class ServerSettings(_Strict):
         bool,
         Field(description="Serve /v1/embeddings. Off by default: the endpoint answers 4xx."),
     ] = False
+    parallel: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=MAX_PARALLEL,
+            description="Slots: requests decoded together in one batch, each with a full `context` of KV cache. "
+            "Omitted: the planner fits as many as the GPU holds beside the weights, at most 8 "
+            "(`gguf-deploy serve`: 4, llama-server's default).",
+        ),
+    ] = None
+    threads: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=MAX_THREADS,
+            description="CPU threads llama.cpp computes with. Omitted: the number of physical cores, as llama.cpp's "
+            "own tools choose (on Modal, the container's CPU cores).",
+        ),
+    ] = None
     reasoning_format: Annotated[
         Literal["auto", "none"],
         Field(
@@ -305,13 +328,15 @@ class ScalingSettings(_Strict):
         int, Field(ge=2, le=3600, description="Seconds an idle container stays up before it is stopped.")
     ] = 300
     concurrency: Annotated[
-        int,
+        int | None,
         Field(
             ge=1,
-            le=256,
-            description="Requests one container accepts at once: one generating, the rest queued; beyond it, 429.",
+            le=MAX_CONCURRENCY,
+            description="Requests one container holds at once: one per slot decoding ([server] parallel), the rest "
+            "queued; beyond it, 429. At least parallel. Omitted: twice the slots. Modal adds a container when "
+            "every slot is busy.",
         ),
-    ] = 4
+    ] = None
     timeout: Annotated[
         int, Field(ge=10, le=86400, description="Seconds one request may take before it is cancelled.")
     ] = 600

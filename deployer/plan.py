@@ -11,13 +11,19 @@ being data in ``gpus.toml``:
    estimate must fit its usable memory × count. If it does not, escalate up the ladder
    (L4 → A10 → L40S → A100-80GB → H100 → H200 → B200), then to 2, 4, 8 GPUs of the cheapest
    type that holds it; ``policy="cheapest"`` takes the cheapest GPU set that fits instead;
-4. Modal fallbacks, up to three that also hold it: the table row's own first, then other types
-   of the same or more memory, cheapest first (an override's list is its own).
+4. slots (:class:`Slots`): a manifest's ``[server] parallel`` is sized from the start (the GPU
+   must hold that many full-context KV streams); without one the GPU is chosen for one slot, then
+   given as many slots as fit its usable memory beside weights, compute and overhead, at most
+   :data:`MAX_AUTO_SLOTS` (and at most ``[scaling] concurrency``); an override's every GPU set must
+   hold them. A container holds ``[scaling] concurrency`` requests, by default twice the slots;
+5. Modal fallbacks, up to three that also hold the plan's estimate (its slots included): the table
+   row's own first, then other types of the same or more memory, cheapest first (an override's list
+   is its own).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +34,7 @@ from deployer.facts import GgufHeader, ModelFacts
 from deployer.loading import LoadedManifest
 from deployer.manifest import Manifest
 from deployer.quants import is_quantized
+from deployer.runtime.config import default_concurrency
 
 Policy = Literal["table", "cheapest"]
 POLICIES: tuple[Policy, ...] = ("table", "cheapest")
@@ -35,6 +42,9 @@ MAX_FALLBACKS = 3  # enough to ride out one scarce type without drifting into fa
 # nvidia-smi totals of GPUs sold as the same size differ by a few MiB (L4 23034, A10 23028):
 # a fallback "of the same memory" may have this much less
 SAME_MEMORY = 0.99
+# Slots the planner gives a manifest without [server] parallel, at most: batching 8 sequences
+# multiplies throughput several times on a GPU, while each slot costs a full context of KV cache
+MAX_AUTO_SLOTS = 8
 
 Estimator = Callable[[GgufHeader, EstimateSettings], MemoryEstimate]  # estimate(), or a test's own
 
@@ -55,6 +65,20 @@ class GpuChoice:
 
 
 @dataclass(frozen=True)
+class Slots:
+    """How many requests one container serves at once."""
+
+    parallel: int  # decoded together in one batch, each with a full context of KV cache (Modal's target_inputs)
+    concurrency: int  # held at once: `parallel` decoding, the rest queued; beyond it 429 (Modal's max_inputs)
+    reason: str  # why that many slots
+
+    @property
+    def queued(self) -> int:
+        """Requests that may wait for a slot in one container."""
+        return self.concurrency - self.parallel
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything deploying a manifest needs, decided."""
 
@@ -65,6 +89,7 @@ class Plan:
     fallbacks: tuple[GpuChoice, ...]  # Modal tries these, in order, when the choice is scarce
     reason: str  # why: the table row, the escalation, or the override
     cheapest: GpuChoice  # the cheapest GPU set that fits (may equal the choice)
+    slots: Slots  # requests decoded together and held per container; the estimate counts their KV cache
     policy: Policy = "table"
 
     @property
@@ -105,8 +130,9 @@ def check_facts(loaded: LoadedManifest, facts: ModelFacts) -> None:
         )
 
 
-def estimate_settings(manifest: Manifest, n_gpus: int = 1) -> EstimateSettings:
-    """What the estimator needs from a manifest's ``[server]`` table, for ``n_gpus`` GPUs."""
+def estimate_settings(manifest: Manifest, n_gpus: int = 1, parallel: int | None = None) -> EstimateSettings:
+    """What the estimator needs from a manifest's ``[server]`` table, for ``n_gpus`` GPUs and
+    ``parallel`` slots (default: the manifest's ``parallel``, else one)."""
     server = manifest.server
     return EstimateSettings(
         context=manifest.context,
@@ -116,6 +142,7 @@ def estimate_settings(manifest: Manifest, n_gpus: int = 1) -> EstimateSettings:
         kv_cache_type=server.kv_cache_type,
         n_gpus=n_gpus,
         embeddings=server.embeddings,
+        parallel=parallel or server.parallel or 1,
     )
 
 
@@ -138,21 +165,28 @@ def breakdown(est: MemoryEstimate) -> str:
 
 
 class _Sizer:
-    """The estimate for each GPU count (weights split over GPUs), each computed once."""
+    """The estimate for each GPU count (weights split over GPUs) and slot count, each computed once.
 
-    def __init__(self, loaded: LoadedManifest, facts: ModelFacts, catalogue: Catalogue, estimator: Estimator) -> None:
+    ``parallel`` is the slot count the GPU is chosen for: the manifest's, else one.
+    """
+
+    def __init__(
+        self, loaded: LoadedManifest, facts: ModelFacts, catalogue: Catalogue, estimator: Estimator, parallel: int
+    ) -> None:
         self.loaded, self.facts, self.catalogue, self.estimator = loaded, facts, catalogue, estimator
-        self._by_count: dict[int, MemoryEstimate] = {}
+        self.parallel = parallel
+        self._cache: dict[tuple[int, int], MemoryEstimate] = {}
 
-    def estimate(self, count: int) -> MemoryEstimate:
-        if count not in self._by_count:
-            settings = estimate_settings(self.loaded.manifest, count)
-            self._by_count[count] = self.estimator(self.facts.header, settings)
-        return self._by_count[count]
+    def estimate(self, count: int, parallel: int | None = None) -> MemoryEstimate:
+        key = (count, parallel or self.parallel)
+        if key not in self._cache:
+            settings = estimate_settings(self.loaded.manifest, *key)
+            self._cache[key] = self.estimator(self.facts.header, settings)
+        return self._cache[key]
 
-    def fits(self, gpu_type: str, count: int) -> bool:
+    def fits(self, gpu_type: str, count: int, parallel: int | None = None) -> bool:
         gpu = self.catalogue.gpus[gpu_type]
-        return count <= gpu.max_count and self.estimate(count).per_gpu <= gpu.usable_bytes
+        return count <= gpu.max_count and self.estimate(count, parallel).per_gpu <= gpu.usable_bytes
 
     def choice(self, gpu_type: str, count: int) -> GpuChoice:
         gpu = self.catalogue.gpus[gpu_type]
@@ -162,9 +196,10 @@ class _Sizer:
         """``L4 holds 15.7 GiB (70 % of 22.5 GiB); the model needs 21.4 GiB per GPU (…)``."""
         gpu, est = self.catalogue.gpus[gpu_type], self.estimate(count)
         spelled = gpu_type if count == 1 else f"{count}× {gpu_type}"
+        slots = f" with {self.parallel} slots" if self.parallel > 1 else ""
         return (
             f"{spelled} offers {gib(gpu.usable_bytes)} usable per GPU ({gpu.usable_fraction:.0%} of "
-            f"{gib(gpu.memory_bytes)}) but the model needs {gib(est.per_gpu)} per GPU ({breakdown(est)})"
+            f"{gib(gpu.memory_bytes)}) but the model needs {gib(est.per_gpu)} per GPU{slots} ({breakdown(est)})"
         )
 
     def fits_nowhere(self, gpu_types: Iterable[str]) -> PlanError:
@@ -186,7 +221,7 @@ def plan(
     """Choose the GPU for one manifest; raises :class:`PlanError` with the numbers when nothing fits."""
     catalogue = catalogue or load_catalogue()
     check_facts(loaded, facts)
-    sizer = _Sizer(loaded, facts, catalogue, estimator)
+    sizer = _Sizer(loaded, facts, catalogue, estimator, parallel=loaded.manifest.server.parallel or 1)
     cheapest = _cheapest(sizer)
     row_fallbacks: tuple[str, ...] = ()
     fallbacks: tuple[GpuChoice, ...] | None = None
@@ -198,16 +233,19 @@ def plan(
         chosen, reason = cheapest, "policy 'cheapest': the cheapest GPU set that holds the estimate"
     else:
         chosen, reason, row_fallbacks = _from_table(sizer)
+    # every GPU set Modal may start must hold the slots: an override's whole list, else the choice
+    slots = _slots(sizer, (chosen, *fallbacks) if fallbacks is not None else (chosen,))
     if fallbacks is None:  # an override's list is used as given
-        fallbacks = _fallbacks(sizer, chosen, row_fallbacks)
+        fallbacks = _fallbacks(sizer, chosen, row_fallbacks, slots.parallel)
     return Plan(
         manifest=loaded,
         facts=facts,
-        estimate=sizer.estimate(chosen.count),
+        estimate=sizer.estimate(chosen.count, slots.parallel),
         gpu=chosen,
         fallbacks=fallbacks,
         reason=reason,
         cheapest=cheapest or chosen,
+        slots=slots,
         policy=policy,
     )
 
@@ -259,8 +297,42 @@ def _cheapest(sizer: _Sizer) -> GpuChoice | None:
     return min(fitting, key=lambda c: (c.usd_per_hour, c.count, -c.usable_bytes), default=None)
 
 
-def _fallbacks(sizer: _Sizer, chosen: GpuChoice, preferred: tuple[str, ...]) -> tuple[GpuChoice, ...]:
-    """Types that also hold the estimate: the row's own first, then others of the same or more memory by price."""
+def _slots(sizer: _Sizer, sets: Sequence[GpuChoice]) -> Slots:
+    """The slots: the manifest's ``parallel``, else as many full-context slots as every one of
+    ``sets`` holds, at most :data:`MAX_AUTO_SLOTS` and ``[scaling] concurrency``; at least one."""
+    manifest = sizer.loaded.manifest
+    wanted, concurrency = manifest.server.parallel, manifest.scaling.concurrency
+    if wanted is not None:  # the GPU was chosen (or the override checked) for this many
+        reason = f"[server] parallel = {wanted} in the manifest (the estimate holds their KV cache)"
+        return Slots(wanted, concurrency or default_concurrency(wanted), reason)
+    cap = min(MAX_AUTO_SLOTS, concurrency or MAX_AUTO_SLOTS)
+    parallel = 1  # the GPU was chosen so that one slot fits
+    while parallel < cap and all(sizer.fits(s.type, s.count, parallel + 1) for s in sets):
+        parallel += 1
+    # the tightest GPU set: the one a slot more would overflow first
+    tight = min(sets, key=lambda s: s.usable_bytes - sizer.estimate(s.count, parallel + 1).per_gpu)
+    need = sizer.estimate(tight.count, parallel).per_gpu
+    tightest = " (the tightest listed)" if len(sets) > 1 else ""
+    spelled = tight.type if tight.count == 1 else f"{tight.count}× {tight.type}"
+    where = f"{spelled}'s {gib(tight.usable_bytes)} usable per GPU{tightest}"
+    held = f"with {_count(parallel, 'slot')} of {manifest.context:,} tokens the model needs {gib(need)} of {where}"
+    if parallel == cap == MAX_AUTO_SLOTS:
+        reason = f"the most the planner gives: {held}"
+    elif parallel == cap:
+        reason = f"capped by [scaling] concurrency = {concurrency}: {held}"
+    else:
+        more = sizer.estimate(tight.count, parallel + 1).per_gpu
+        reason = f"as many as fit beside weights, compute and overhead: {held}; {parallel + 1} would need {gib(more)}"
+    return Slots(parallel, concurrency or default_concurrency(parallel), reason)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _fallbacks(sizer: _Sizer, chosen: GpuChoice, preferred: tuple[str, ...], parallel: int) -> tuple[GpuChoice, ...]:
+    """Types that also hold the estimate with ``parallel`` slots: the row's own first, then others
+    of the same or more memory by price."""
     gpus: dict[str, GpuType] = sizer.catalogue.gpus
     floor = gpus[chosen.type].memory_mib * SAME_MEMORY
     by_price = sorted(gpus, key=lambda t: (gpus[t].usd_per_hour, t))
@@ -268,7 +340,7 @@ def _fallbacks(sizer: _Sizer, chosen: GpuChoice, preferred: tuple[str, ...]) -> 
     for gpu_type in dict.fromkeys((*preferred, *by_price)):
         # the row's own fallbacks are the table's word ("B200 (fallback H200)"): no memory floor
         big_enough = gpu_type in preferred or gpus[gpu_type].memory_mib >= floor
-        if gpu_type != chosen.type and big_enough and sizer.fits(gpu_type, chosen.count):
+        if gpu_type != chosen.type and big_enough and sizer.fits(gpu_type, chosen.count, parallel):
             found.append(sizer.choice(gpu_type, chosen.count))
     return tuple(found[:MAX_FALLBACKS])
 

@@ -47,6 +47,11 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "context": manifest.context,
         "trained_context": header.context_length,
         "chat": {"chat_format": manifest.server.chat_format, "template_in_gguf": header.has_chat_template},
+        "slots": {
+            "parallel": plan.slots.parallel,
+            "concurrency": plan.slots.concurrency,
+            "reason": plan.slots.reason,
+        },
         "estimate_bytes": {
             "weights": est.weights,
             "kv": est.kv,
@@ -109,6 +114,19 @@ def _chat_words(plan: Plan) -> str:
     return "none: /v1/chat/completions will answer 400 (no template in the GGUF; set [server] chat_format)"
 
 
+def _slots_words(plan: Plan) -> str:
+    slots = plan.slots
+    return f"{slots.parallel} × {plan.manifest.manifest.context:,} tokens: {slots.reason}"
+
+
+def _concurrency_words(plan: Plan) -> str:
+    slots = plan.slots
+    return (
+        f"{slots.concurrency} requests per container ({slots.parallel} decoding, {slots.queued} queued; "
+        f"beyond it 429); Modal adds a container when all {slots.parallel} slots are busy"
+    )
+
+
 def _estimate_words(plan: Plan) -> str:
     est = plan.estimate
     per_gpu = f", {gib(est.per_gpu)} per GPU" if est.n_gpus > 1 else ""
@@ -134,13 +152,14 @@ def plan_markdown(results: Sequence[Result]) -> str:
     lines = ["### gguf-deploy plan", ""]
     if plans:
         lines += [
-            "| model | GPU | fallbacks | memory (estimate) | headroom | $/h warm | cheapest fitting |",
-            "|---|---|---|---|---|---|---|",
+            "| model | GPU | fallbacks | slots | memory (estimate) | headroom | $/h warm | cheapest fitting |",
+            "|---|---|---|--:|---|---|---|---|",
         ]
         for p in plans:
             fallbacks = ", ".join(_gpu_words(f) for f in p.fallbacks) or "none"
             lines.append(
-                f"| {_md(p.manifest.name)} | {_md(_gpu_words(p.gpu))} | {_md(fallbacks)} | {gib(p.estimate.total)} "
+                f"| {_md(p.manifest.name)} | {_md(_gpu_words(p.gpu))} | {_md(fallbacks)} | {p.slots.parallel} "
+                f"| {gib(p.estimate.total)} "
                 f"| {gib(p.headroom_bytes)} | ${p.gpu.usd_per_hour:.2f} | {_md(_cheapest_words(p))} |"
             )
         lines.append("")
@@ -166,6 +185,8 @@ def _details(plan: Plan) -> list[tuple[str, str]]:
         ("quant", manifest.quant),
         ("context", f"{manifest.context:,} of {header.context_length:,} trained"),
         ("chat", _chat_words(plan)),
+        ("slots", _slots_words(plan)),
+        ("concurrency", _concurrency_words(plan)),
         ("estimate", _estimate_words(plan)),
         ("GPU", f"{_gpu_words(plan.gpu)}: {plan.reason}"),
         ("fallbacks", ", ".join(_gpu_words(f) for f in plan.fallbacks) or "none"),

@@ -61,6 +61,11 @@ DOWNLOAD_BYTES_PER_S = 25 * 1000**2
 DOWNLOAD_MIN_S, DOWNLOAD_MAX_S = 1800, 86400
 MEMORY_MIN_MIB = 2048  # the Python server and llama.cpp's host buffers, for the smallest model
 MEMORY_STEP_MIB = 256
+# Physical cores reserved per container (Modal's `cpu=` counts physical cores): tokenizing,
+# sampling and HTTP run on the CPU, and a starved CPU slows every token. llama.cpp computes with
+# as many threads (its tools' default: the physical cores) unless [server] threads says otherwise;
+# more threads than that reserve as many cores.
+CPU_CORES = 4
 
 
 @dataclass(frozen=True)
@@ -91,8 +96,11 @@ def app_data(plan: Plan) -> dict[str, Any]:
     loaded, facts = plan.manifest, plan.facts
     manifest = loaded.manifest
     model_dir = f"{MODELS_DIR}/{facts.repo}/{facts.commit}"
+    threads = manifest.server.threads or CPU_CORES
     # the API key is never in a file: the runtime reads GGUF_DEPLOY_API_KEY from the Modal secret
-    runtime = runtime_config(loaded, f"{model_dir}/{facts.file}").to_dict()
+    runtime = runtime_config(
+        loaded, f"{model_dir}/{facts.file}", parallel=plan.slots.parallel, n_threads=threads
+    ).to_dict()
     runtime.pop("api_key", None)
     data: dict[str, Any] = {
         "app": {"name": loaded.app_name, "tags": {}},
@@ -110,11 +118,13 @@ def app_data(plan: Plan) -> dict[str, Any]:
             "min_containers": manifest.scaling.min_containers,
             "max_containers": manifest.scaling.max_containers,
             "scaledown_window": manifest.scaling.scaledown_window,
-            "concurrency": manifest.scaling.concurrency,
+            "slots": plan.slots.parallel,
+            "concurrency": plan.slots.concurrency,
             "request_timeout": manifest.scaling.timeout,
             "memory_snapshot": manifest.scaling.memory_snapshot,
         },
         "resources": {
+            "cpu": float(max(CPU_CORES, threads)),
             "memory_mib": memory_mib(plan.estimate.host),
             "startup_timeout": startup_timeout(facts.size_bytes),
             "download_timeout": download_timeout(facts.size_bytes),

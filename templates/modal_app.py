@@ -71,23 +71,27 @@ PLAN = {
         "chat_format": "gemma",
         "embeddings": False,
         "n_gpu_layers": -1,
-        "concurrency": 4,
+        "parallel": 4,
+        "concurrency": 8,
         "require_api_key": True,
         "max_body_bytes": 8388608,
-        "logits_all": False,
-        "n_threads": None,
+        "n_threads": 4,
+        "cpu_repack": False,
         "shutdown_grace_s": 10.0,
         "verbose": False,
+        "reasoning_format": "auto",
     },
     "scaling": {
         "min_containers": 0,
         "max_containers": 2,
         "scaledown_window": 300,
-        "concurrency": 4,
+        "slots": 4,
+        "concurrency": 8,
         "request_timeout": 600,
         "memory_snapshot": False,
     },
     "resources": {
+        "cpu": 4.0,
         "memory_mib": 2048,
         "startup_timeout": 303,
         "download_timeout": 1800,
@@ -123,6 +127,7 @@ PYTHON_VERSION = "3.11"  # the version the test suite runs with
 LLAMA_CPP_PYTHON = "llama-cpp-python[server]==0.3.36"  # the version the test suite ran with
 HUGGINGFACE_HUB = "huggingface_hub==2.4.0"  # downloads the weights; fetch_shard verifies them
 PYDANTIC = "pydantic==2.14.4"  # the deployer package imports it
+PROMETHEUS_CLIENT = "prometheus-client==0.26.0"  # the runtime's GET /metrics
 
 # One real kernel per GPU generation Modal offers: T4 (7.5), A100 (8.0), A10 (8.6), L4 and L40S
 # (8.9), H100 and H200 (9.0), B200 (10.0). No PTX is left to JIT-compile at every cold start.
@@ -145,7 +150,7 @@ image = (
     modal.Image.from_registry(CUDA_IMAGE, add_python=PYTHON_VERSION)
     .apt_install("build-essential")
     .pip_install(LLAMA_CPP_PYTHON, env={"CMAKE_ARGS": LLAMA_CMAKE_ARGS, "FORCE_CMAKE": "1"})
-    .pip_install(HUGGINGFACE_HUB, PYDANTIC)
+    .pip_install(HUGGINGFACE_HUB, PYDANTIC, PROMETHEUS_CLIENT)
     .env({"HF_XET_HIGH_PERFORMANCE": "1"})  # saturate the network when downloading weights
     .add_local_python_source("deployer", ignore=DEPLOYER_SOURCE)
 )
@@ -254,11 +259,16 @@ MIN_CONTAINERS = PLAN["scaling"]["min_containers"]  # 0 scales to zero: no traff
 MAX_CONTAINERS = PLAN["scaling"]["max_containers"]  # bounds the spend
 SCALEDOWN_WINDOW = PLAN["scaling"]["scaledown_window"]  # seconds an idle container stays up
 REQUEST_TIMEOUT = PLAN["scaling"]["request_timeout"]  # seconds one request may take
-# Requests one container accepts at once, as the runtime does: one generating, the rest queued.
+# The runtime decodes SLOTS requests together in one batch, each with a full context of KV cache,
+# and holds CONCURRENCY at once (the rest wait for a slot; beyond it, 429). Modal's autoscaler
+# targets SLOTS per container, so it adds a container when every slot is busy instead of
+# queueing behind them, and never routes more than CONCURRENCY to one container.
+SLOTS = PLAN["scaling"]["slots"]
 CONCURRENCY = PLAN["scaling"]["concurrency"]
 MEMORY_MIB = PLAN["resources"]["memory_mib"]  # the estimate's host memory (llama.cpp's host buffers, the server)
 STARTUP_TIMEOUT = PLAN["resources"]["startup_timeout"]  # boot + loading every weight, derived from the model's size
-CPU_CORES = 4.0  # tokenizing, sampling and HTTP run on the CPU; a starved CPU slows every token
+# physical cores: tokenizing, sampling and HTTP run on the CPU; llama.cpp uses as many threads
+CPU_CORES = PLAN["resources"]["cpu"]
 
 # The API key: the runtime requires `Authorization: Bearer <key>` with the key from this secret
 # (GGUF_DEPLOY_API_KEY). Modal refuses to deploy when the secret is missing.
@@ -298,7 +308,7 @@ SNAPSHOT_OPTIONS = {"enable_gpu_snapshot": True} if MEMORY_SNAPSHOT else {}
     enable_memory_snapshot=MEMORY_SNAPSHOT,
     experimental_options=SNAPSHOT_OPTIONS,
 )
-@modal.concurrent(max_inputs=CONCURRENCY)
+@modal.concurrent(target_inputs=SLOTS, max_inputs=CONCURRENCY)
 class Server:
     @modal.enter(snap=MEMORY_SNAPSHOT)
     def start(self) -> None:

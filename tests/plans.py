@@ -22,7 +22,8 @@ from deployer.catalogue import load_catalogue
 from deployer.estimate import MemoryEstimate
 from deployer.facts import GgufHeader, ModelFacts, ShardFacts
 from deployer.loading import LoadedManifest, parse_manifest
-from deployer.plan import GpuChoice, Plan
+from deployer.plan import GpuChoice, Plan, Slots
+from deployer.runtime.config import default_concurrency
 
 GIB = 1024**3
 COMMIT = "c0ffee" + "0" * 34
@@ -50,9 +51,11 @@ def make_plan(
     commit: str = COMMIT,
     shard_sizes: tuple[int, ...] = (20 * GIB,),
     host: int = 3 * GIB,
+    slots: int | None = None,
     **keys: Any,
 ) -> Plan:
-    """A plan for ``loaded`` (or a manifest made of BASE + ``keys``) with hand-made facts."""
+    """A plan for ``loaded`` (or a manifest made of BASE + ``keys``) with hand-made facts; ``slots``
+    as the planner would choose them (default: the manifest's ``parallel``, else 4)."""
     loaded = loaded or loaded_manifest(**keys)
     m = loaded.manifest
     if len(shard_sizes) == 1:
@@ -81,7 +84,9 @@ def make_plan(
         weights=sum(shard_sizes), kv=GIB, compute=GIB // 4, output=GIB // 8, overhead=GIB // 2, host=host
     )
     chosen, *fallbacks = (choice(g) for g in gpus)
-    return Plan(loaded, facts, estimate, chosen, tuple(fallbacks), "test plan", chosen)
+    parallel = slots or m.server.parallel or 4
+    planned = Slots(parallel, m.scaling.concurrency or default_concurrency(parallel), "test slots")
+    return Plan(loaded, facts, estimate, chosen, tuple(fallbacks), "test plan", chosen, planned)
 
 
 _counter = itertools.count()
@@ -140,6 +145,7 @@ def recorded(module: ModuleType) -> dict[str, Any]:
             "max_containers": autoscaler.max_containers if autoscaler.HasField("max_containers") else None,
             "scaledown_window": autoscaler.scaledown_window if autoscaler.HasField("scaledown_window") else None,
             "max_concurrent_inputs": closure["max_concurrent_inputs"],
+            "target_concurrent_inputs": closure["target_concurrent_inputs_int"] or None,  # 0: not set
             "memory_snapshot": closure["enable_memory_snapshot"],
             "experimental_options": dict(closure["experimental_options"] or {}),
             "web_servers": web,

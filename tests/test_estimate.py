@@ -132,6 +132,16 @@ def est(header: GgufHeader, context: int, **kw: object) -> MemoryEstimate:
             id="swa-cap-pads-window-plus-ubatch",
         ),
         pytest.param(GEMMA_270M, 512, {"swa_full": False}, 18 * 512 * 1024, id="swa-cap-never-above-context"),
+        # slots: a KV stream of the whole context each (kv_unified = false)
+        pytest.param(LLAMA_8B, 32768, {"parallel": 8}, 32 * GIB, id="8-slots-of-32k-are-8-times-4-gib"),
+        pytest.param(LLAMA_8B, 1000, {"parallel": 3}, 3 * 128 * MIB, id="each-slot-padded-to-256-cells"),
+        pytest.param(
+            GEMMA_270M,
+            32768,
+            {"swa_full": False, "parallel": 4},
+            4 * (15 * 1024 + 3 * 32768) * 1024,
+            id="each-slot-has-its-own-capped-window",
+        ),
     ],
 )
 def test_kv_cache_bytes(header, context, kw, expected):
@@ -245,6 +255,27 @@ def test_logits_all_grows_host_memory_by_context_times_vocabulary():
     assert every.total == plain.total  # nothing on the GPU
 
 
+@pytest.mark.parametrize("parallel", [2, 4, 8])
+def test_slots_grow_the_kv_cache_and_output_rows_not_the_compute_buffer(parallel):
+    one, many = est(LLAMA_8B, 8192), est(LLAMA_8B, 8192, parallel=parallel)
+    assert many.kv == parallel * one.kv
+    assert many.output == parallel * one.output == parallel * 128256 * 4  # a row of logits per slot
+    # the worst-case graph holds n_ubatch tokens whatever the slots (measured: BENCHMARKS.md)
+    assert (many.compute, many.overhead) == (one.compute, one.overhead)
+    assert many.total - one.total == (parallel - 1) * one.kv
+
+
+def test_a_graph_of_tokens_split_over_3_slots_rounds_up():
+    # llama.cpp splits the worst-case batch evenly over the sequences: 512 tokens become 513
+    assert est(TINY, 8192, parallel=3).compute > est(TINY, 8192).compute
+
+
+def test_a_short_context_with_slots_batches_over_all_of_them():
+    # the context holds context x parallel cells, so a batch may be larger than one slot's context
+    one, four = est(TINY, 256, n_batch=2048, n_ubatch=1024), est(TINY, 256, n_batch=2048, n_ubatch=1024, parallel=4)
+    assert four.compute > one.compute
+
+
 def test_embeddings_output_buffer_holds_logits_and_embeddings():
     e = est(GEMMA_270M, 4096, embeddings=True)
     assert e.output == 512 * (262144 + 640) * 4
@@ -274,6 +305,28 @@ def test_more_context_never_needs_less_memory(context, more, flash_attn, swa_ful
 
 @settings(max_examples=40, deadline=None)
 @given(
+    context=st.integers(min_value=256, max_value=65536),
+    parallel=st.integers(min_value=1, max_value=16),
+    flash_attn=st.booleans(),
+    cache=st.sampled_from(["f16", "q8_0"]),
+    header=st.sampled_from([TINY, LLAMA_8B, GEMMA_270M, model(n_layer=4, experts=8, used=2)]),
+)
+def test_every_slot_adds_one_full_context_of_kv_cache(context, parallel, flash_attn, cache, header):
+    if cache != "f16" and not flash_attn:
+        flash_attn = True  # a quantized V cache needs flash attention
+    kw = {"flash_attn": flash_attn, "kv_cache_type": cache}
+    fewer, more = est(header, context, parallel=parallel, **kw), est(header, context, parallel=parallel + 1, **kw)
+    assert more.kv - fewer.kv == est(header, context, **kw).kv
+    assert more.output > fewer.output
+    # the worst-case graph's n_ubatch tokens are split evenly over the slots, rounded up (7 slots
+    # compute 518 tokens, 8 slots 512), so memory grows with the slots where no rounding differs
+    doubled = est(header, context, parallel=2 * parallel, **kw)
+    if 512 % (2 * parallel) == 0:
+        assert doubled.per_gpu > fewer.per_gpu and doubled.host >= fewer.host
+
+
+@settings(max_examples=40, deadline=None)
+@given(
     context=st.integers(min_value=256, max_value=131072),
     cache=st.sampled_from(["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]),
 )
@@ -294,6 +347,8 @@ def test_a_quantized_cache_is_never_larger_than_f16(context, cache):
         ),
         pytest.param({"kv_cache_type": "q3_k"}, "unknown cache type 'q3_k'", id="unknown-cache-type"),
         pytest.param({"n_gpus": 0}, "must be positive", id="no-gpus"),
+        pytest.param({"parallel": 0}, "must be positive", id="no-slots"),
+        pytest.param({"parallel": 257}, "at most 256 sequences", id="more-sequences-than-llama-cpp-allows"),
     ],
 )
 def test_settings_llama_cpp_refuses(kw, message):
@@ -350,6 +405,12 @@ def gemma_270m(tmp_path_factory: pytest.TempPathFactory) -> Path:
             id="tiny-q8_0-swa-capped",
         ),
         pytest.param("gemma_270m", EstimateSettings(4096, backend="cpu"), id="gemma-270m-logits"),
+        pytest.param(
+            "tiny_gemma3",
+            EstimateSettings(8192, swa_full=False, parallel=4, backend="cpu"),
+            id="tiny-4-slots-swa-capped",
+        ),
+        pytest.param("gemma_270m", EstimateSettings(4096, parallel=3, backend="cpu"), id="gemma-270m-3-slots"),
     ],
 )
 def test_estimate_is_within_target_of_llama_cpp(request, model_file, settings_):

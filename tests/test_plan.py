@@ -14,7 +14,7 @@ from deployer.estimate import EstimateSettings, MemoryEstimate, estimate
 from deployer.facts import GgufHeader, ModelFacts, ShardFacts
 from deployer.gguf_header import read_header
 from deployer.loading import parse_manifest
-from deployer.plan import SAME_MEMORY, Plan, PlanFailure, estimate_settings, plan, plan_all
+from deployer.plan import MAX_AUTO_SLOTS, SAME_MEMORY, Plan, PlanFailure, estimate_settings, plan, plan_all
 from tests import ggufgen
 
 GIB = 1024**3
@@ -74,6 +74,46 @@ def test_escalates_beyond_a_single_h100(facts_of, spec, context):
     assert (result.gpu.type, result.gpu.count) != ("H100", 1)
     assert result.reason.startswith("escalated: table row '>= 13B, quantized'")
     assert result.headroom_bytes >= 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "context", "expected"),
+    [
+        # the seed's target: 17.8 GiB of weights + 8 × 3.5 GiB of KV cache (32k each) fit one H100
+        pytest.param(ggufgen.DARK_CHAMPION_18B, 32768, ("H100", 1, 8), id="dark-champion-q8-32k-h100-8-slots"),
+        pytest.param(ggufgen.QWEN_0_5B, 32768, ("L4", 1, 8), id="0.5b-32k-l4-8-slots-the-cap"),
+        pytest.param(ggufgen.LLAMA_70B_Q4KM, 32768, ("H100", 1, 2), id="70b-q4-32k-h100-2-slots-memory-bound"),
+        pytest.param(ggufgen.LLAMA_8B, 131072, ("L40S", 1, 1), id="8b-131k-l40s-one-slot"),
+    ],
+)
+def test_slots_fill_the_chosen_gpu(facts_of, spec, context, expected):
+    """Without [server] parallel: the GPU is chosen for one slot, then holds as many as fit, at most 8."""
+    facts = facts_of(spec)
+    loaded = manifest(spec, context=context)
+    result = plan(loaded, facts, CATALOGUE)
+    assert (result.gpu.type, result.gpu.count, result.slots.parallel) == expected
+    one = estimate(facts.header, estimate_settings(loaded.manifest, 1, 1))
+    assert result.estimate.kv == result.slots.parallel * one.kv, "every slot has a full context of KV cache"
+    assert result.headroom_bytes >= 0
+    if result.slots.parallel < MAX_AUTO_SLOTS:  # memory-bound: one slot more would not fit
+        more = estimate(facts.header, estimate_settings(loaded.manifest, 1, result.slots.parallel + 1))
+        assert more.per_gpu > result.gpu.usable_bytes
+        assert result.slots.reason.startswith("as many as fit beside weights, compute and overhead: ")
+    else:
+        assert result.slots.reason.startswith("the most the planner gives: with 8 slots of ")
+    assert result.slots.concurrency == 2 * result.slots.parallel
+    for fallback in result.fallbacks:  # Modal may start any of them: each holds the slots too
+        assert result.estimate.per_gpu <= fallback.usable_bytes
+
+
+def test_the_target_manifest_plans_to_an_h100_with_8_slots(facts_of):
+    from deployer.loading import load_manifest
+    from tests.conftest import ROOT
+
+    result = plan(load_manifest(ROOT / "manifests" / "dark-champion-18b.toml"), facts_of(ggufgen.DARK_CHAMPION_18B))
+    assert (result.gpu.modal, result.slots.parallel, result.slots.concurrency) == ("H100", 8, 16)
+    assert "with 8 slots of 32,768 tokens the model needs " in result.slots.reason
+    assert "of H100's 67.7 GiB usable per GPU" in result.slots.reason
 
 
 def test_8b_at_131072_context_counts_its_16_gib_kv_cache(facts_of):
@@ -237,6 +277,79 @@ def test_the_rows_own_fallback_comes_first():
 def test_multi_gpu_fallbacks_keep_the_count():
     result = _plan(123, "F16", 250)
     assert all(f.count == 2 for f in result.fallbacks)
+
+
+# ## Slots, with a fixed estimator: weights and the like, plus a KV cache per slot
+
+
+def _per_slot(base_gib: float, slot_gib: float):
+    """An estimator needing ``base_gib`` plus ``slot_gib`` per slot (one GPU)."""
+
+    def estimator(header: GgufHeader, settings: EstimateSettings) -> MemoryEstimate:
+        kv = int(slot_gib * settings.parallel * GIB)
+        return MemoryEstimate(int(base_gib * GIB), kv, 0, 0, 0, 0, n_gpus=settings.n_gpus)
+
+    return estimator
+
+
+def _slots_plan(params: float, base: float, per_slot: float, quant: str = "Q8_0", **keys) -> Plan:
+    facts = ModelFacts("org/m", "main", "c" * 40, (ShardFacts("m.gguf", 1, None),), _header(int(params * 1e9), quant))
+    return plan(manifest(quant=quant, **keys), facts, CATALOGUE, estimator=_per_slot(base, per_slot))
+
+
+# L4 holds 15.7 GiB usable, A10 16.9, L40S 33.7, H100 67.7, H200 133.4, B200 170.1
+@pytest.mark.parametrize(
+    ("params", "base", "per_slot", "keys", "expected", "reason"),
+    [
+        pytest.param(0.5, 2, 1, {}, ("L4", 8, 16), "the most the planner gives: with 8 slots", id="small-gets-the-cap"),
+        pytest.param(0.5, 10, 1.5, {}, ("L4", 3, 6), "as many as fit beside weights", id="memory-bound-3-slots"),
+        pytest.param(
+            0.5, 15, 1, {}, ("A10", 1, 2), "as many as fit beside weights", id="escalates-for-one-slot-then-fills-it"
+        ),
+        pytest.param(
+            0.5, 10, 1.5, {"server": {"parallel": 4}}, ("A10", 4, 8), "[server] parallel = 4 in the manifest",
+            id="manifest-parallel-escalates-l4-to-a10",
+        ),
+        pytest.param(
+            0.5, 2, 1, {"scaling": {"concurrency": 3}}, ("L4", 3, 3), "capped by [scaling] concurrency = 3",
+            id="concurrency-caps-the-slots",
+        ),
+        pytest.param(
+            0.5, 2, 1, {"server": {"parallel": 2}, "scaling": {"concurrency": 5}}, ("L4", 2, 5), "[server] parallel",
+            id="manifest-parallel-and-concurrency-as-written",
+        ),
+        pytest.param(
+            8, 10, 1.5, {"gpu": ["L40S", "L4"]}, ("L40S", 3, 6), "of L4's 15.7 GiB usable per GPU (the tightest listed)",
+            id="override-every-listed-gpu-holds-the-slots",
+        ),
+    ],
+)  # fmt: skip
+def test_slots(params, base, per_slot, keys, expected, reason):
+    result = _slots_plan(params, base, per_slot, **keys)
+    assert (result.gpu.modal, result.slots.parallel, result.slots.concurrency) == expected
+    assert reason in result.slots.reason, result.slots.reason
+    assert result.estimate.kv == int(per_slot * result.slots.parallel * GIB)
+
+
+def test_fallbacks_hold_the_slots_too():
+    # 100 GiB + 8 × 5 GiB: a B200 holds 8 slots; its row's own fallback, the H200, only 6
+    result = _slots_plan(123, 100, 5, quant="F16")
+    assert (result.gpu.modal, result.slots.parallel) == ("B200", 8)
+    assert "H200" not in result.modal_gpus, "an H200 cannot hold the 8 slots the B200 is given"
+    with_four = _slots_plan(123, 100, 5, quant="F16", server={"parallel": 4})
+    assert with_four.modal_gpus[:2] == ["B200", "H200"]  # 120 GiB: the row's own fallback holds them
+
+
+def test_a_manifest_parallel_no_gpu_holds_fails_with_the_numbers():
+    with pytest.raises(
+        PlanError, match=r"8× B200 offers 170\.1 GiB usable per GPU .* needs [\d.]+ GiB per GPU with 64 slots"
+    ):
+        _slots_plan(0.5, 2, 30, server={"parallel": 64})
+
+
+def test_a_manifest_parallel_an_override_cannot_hold_is_refused():
+    with pytest.raises(PlanError, match=r"^manifests/m\.toml: gpu: L4 offers 15\.7 GiB usable per GPU .* with 4 slots"):
+        _slots_plan(0.5, 10, 1.5, gpu="L4", server={"parallel": 4})
 
 
 def test_override_too_small_even_as_a_fallback():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,8 @@ def test_the_target_model_plans_to_h100_reading_only_its_header(cli, fake_hub, s
     assert set(parts) >= {"weights", "kv", "compute", "overhead", "total"}
     assert parts["total"] == parts["weights"] + parts["kv"] + parts["compute"] + parts["overhead"]
     assert plan["gpu"]["type"] == "H100" and plan["gpu"]["count"] == 1
+    assert (plan["slots"]["parallel"], plan["slots"]["concurrency"]) == (8, 16)  # the target: the cap
+    assert plan["slots"]["reason"].startswith("the most the planner gives: with 8 slots of 32,768 tokens")
     assert plan["gpu"]["reason"].startswith("table row '>= 13B, quantized'")
     assert isinstance(plan["gpu"]["fallbacks"], list)
     assert plan["usd_per_hour"] == 3.95
@@ -87,8 +90,11 @@ def test_markdown_summary(cli, target, tmp_path):
     result = cli("plan", "--markdown", cwd=tmp_path)
     assert result.code == 1
     assert result.out.startswith("### gguf-deploy plan\n")
-    assert "| model | GPU | fallbacks | memory (estimate) | headroom | $/h warm | cheapest fitting |" in result.out
-    assert "| dark-champion-18b | H100 |" in result.out
+    assert (
+        "| model | GPU | fallbacks | slots | memory (estimate) | headroom | $/h warm | cheapest fitting |" in result.out
+    )
+    assert re.search(r"^\| dark-champion-18b \| H100 \| [^|]+ \| 8 \|", result.out, re.M), result.out
+    assert "- **slots**: 8 × 32,768 tokens: the most the planner gives: " in result.out
     assert "- manifests/too-long.toml: context: 200000 exceeds" in result.out
     assert "- manifests/invalid.toml:1: repo: must be" in result.out
     assert result.out.rstrip().endswith("1 planned, 2 failed.")
@@ -106,7 +112,9 @@ def test_tables_by_default(cli, target, tmp_path):
     result = cli("plan", cwd=tmp_path)
     assert result.code == 0, result.err
     for expected in ("dark-champion-18b", "manifests/dark-champion-18b.toml", target, "H100: table row", "18.4B",
-                     "32,768 of 131,072 trained", "$3.95/h while warm", "cheapest fitting"):  # fmt: skip
+                     "32,768 of 131,072 trained", "$3.95/h while warm", "cheapest fitting",
+                     "8 × 32,768 tokens: the most the planner gives",
+                     "16 requests per container (8 decoding, 8 queued"):  # fmt: skip
         assert expected in result.out, expected
 
 

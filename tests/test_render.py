@@ -86,7 +86,10 @@ def test_target_model_renders_to_h100_with_fallbacks_volume_secret_and_scale_to_
     assert server["volumes"] == {"/models": {"name": "gguf-models", "create_if_missing": True}}
     assert server["secrets"] == [{"name": "gguf-api-key", "required_keys": ["GGUF_DEPLOY_API_KEY"]}]
     assert (server["min_containers"], server["max_containers"], server["scaledown_window"]) == (0, 2, 300)
-    assert server["max_concurrent_inputs"] == 4
+    # the planner's 8 slots (17.8 GiB of weights + 8 × 3.5 GiB of KV cache fit an H100):
+    # Modal adds a container once 8 requests run, and routes at most 16 (8 queued) to one
+    assert (server["target_concurrent_inputs"], server["max_concurrent_inputs"]) == (8, 16)
+    assert server["cpu"] == 4.0
     assert server["timeout"] == 600
     assert server["startup_timeout"] == startup_timeout(gguf.stat().st_size) > 300
     assert server["web_servers"] == {"serve": {"port": 8000, "startup_timeout": 60.0}}
@@ -120,7 +123,10 @@ def test_target_gpu_list_is_the_planners(tmp_path, fake_hub, dark_champion):
     ("keys", "gpus", "expect"),
     [
         pytest.param(
-            {}, ("H100", "A100-80GB"), {"gpu": ["H100", "A100-80GB"], "max_concurrent_inputs": 4}, id="defaults"
+            {},
+            ("H100", "A100-80GB"),
+            {"gpu": ["H100", "A100-80GB"], "target_concurrent_inputs": 4, "max_concurrent_inputs": 8, "cpu": 4.0},
+            id="defaults-4-slots-4-queued-4-cores",
         ),
         pytest.param({}, ("H100:2", "H200:2"), {"gpu": ["H100:2", "H200:2"]}, id="two-gpus-per-container"),
         pytest.param(
@@ -130,8 +136,24 @@ def test_target_gpu_list_is_the_planners(tmp_path, fake_hub, dark_champion):
             id="warm-container-and-limits",
         ),
         pytest.param(
-            {"scaling": {"concurrency": 16}}, ("L4",), {"max_concurrent_inputs": 16}, id="concurrency-is-the-runtimes"
+            {"scaling": {"concurrency": 16}},
+            ("L4",),
+            {"target_concurrent_inputs": 4, "max_concurrent_inputs": 16},
+            id="concurrency-is-the-runtimes",
         ),
+        pytest.param(
+            {"server": {"parallel": 6}},
+            ("L4",),
+            {"target_concurrent_inputs": 6, "max_concurrent_inputs": 12},
+            id="slots-are-modals-target",
+        ),
+        pytest.param(
+            {"server": {"parallel": 2}, "scaling": {"concurrency": 2}},
+            ("L4",),
+            {"target_concurrent_inputs": 2, "max_concurrent_inputs": 2},
+            id="no-queue-in-the-container",
+        ),
+        pytest.param({"server": {"threads": 12}}, ("L4",), {"cpu": 12.0}, id="threads-reserve-their-cores"),
         pytest.param(
             {"scaling": {"memory_snapshot": True}},
             ("H100",),
@@ -152,6 +174,8 @@ def test_manifest_settings_reach_modal(tmp_path, keys, gpus, expect):
     server = recorded(import_app(path))["Server.*"]
     assert {key: server[key] for key in expect} == expect
     assert data["runtime"]["concurrency"] == server["max_concurrent_inputs"]
+    assert data["runtime"]["parallel"] == server["target_concurrent_inputs"]
+    assert data["runtime"]["n_threads"] == server["cpu"]  # as many llama.cpp threads as reserved cores
 
 
 def test_hf_token_secret_goes_to_the_download_only(tmp_path):
@@ -226,6 +250,8 @@ def test_a_tampered_rendering_is_refused():
         pytest.param({"scaling": {"max_containers": 3}}, False, id="scaling-change"),
         pytest.param({"gpus": ("H100", "H200")}, False, id="fallback-change"),
         pytest.param({"server": {"n_batch": 1024}}, False, id="runtime-setting-change"),
+        pytest.param({"slots": 8}, False, id="slots-change"),
+        pytest.param({"server": {"threads": 8}}, False, id="threads-change"),
         pytest.param({}, True, id="same-plan-same-hash"),
     ],
 )
@@ -238,7 +264,7 @@ def test_config_hash_changes_with_what_is_deployed(change, same):
 def test_config_hash_covers_the_template(monkeypatch, tmp_path):
     before = render(make_plan(), Provenance("m.toml")).config_hash
     edited = tmp_path / "modal_app.py"
-    edited.write_text(TEMPLATE.read_text().replace("CPU_CORES = 4.0", "CPU_CORES = 8.0"))
+    edited.write_text(TEMPLATE.read_text().replace("HEALTH_POLL_S = 1.0", "HEALTH_POLL_S = 2.0"))
     monkeypatch.setattr(render_mod, "TEMPLATE_PATH", edited)
     render_mod._template_text.cache_clear()
     render_mod._template_skeleton.cache_clear()

@@ -35,11 +35,23 @@ def _loaded(extra: bytes = b""):
                 "flash_attn": True,
                 "chat_format": None,
                 "embeddings": False,
-                "concurrency": 4,
+                "parallel": 4,  # llama-server's default slot count
+                "concurrency": 8,  # every slot busy and one request waiting per slot
+                "n_threads": None,  # the runtime decides: the physical cores
                 "require_api_key": True,
                 "n_gpu_layers": -1,
             },
-            id="defaults-all-layers-on-gpu-auth-required",
+            id="defaults-four-slots-all-layers-on-gpu-auth-required",
+        ),
+        pytest.param(
+            b"[server]\nparallel = 2\nthreads = 6\n",
+            {"parallel": 2, "concurrency": 4, "n_threads": 6, "n_ctx": 8192},
+            id="slots-and-threads-from-the-manifest-concurrency-derived",
+        ),
+        pytest.param(
+            b"[server]\nparallel = 3\n[scaling]\nconcurrency = 3\n",
+            {"parallel": 3, "concurrency": 3},
+            id="concurrency-as-written-no-queue",
         ),
         pytest.param(
             b'name = "m"\n[server]\nn_batch = 256\nn_ubatch = 128\nkv_cache_type = "q8_0"\nchat_format = "chatml"\nembeddings = true\n',
@@ -55,7 +67,7 @@ def _loaded(extra: bytes = b""):
         ),
         pytest.param(
             b"[scaling]\nconcurrency = 16\n[auth]\nenabled = false\n",
-            {"concurrency": 16, "require_api_key": False},
+            {"concurrency": 16, "parallel": 4, "require_api_key": False},
             id="concurrency-and-auth-off",
         ),
     ],
@@ -72,6 +84,19 @@ def test_runtime_config_takes_a_bare_manifest_and_local_overrides():
     manifest = _loaded().manifest
     config = runtime_config(manifest, "m.gguf", api_key="k", require_api_key=False)
     assert (config.model_name, config.api_key, config.require_api_key) == ("model-q8-0", "k", False)
+
+
+@pytest.mark.parametrize(
+    ("extra", "parallel", "n_threads", "expected"),
+    [
+        pytest.param(b"", 8, 4, (8, 16, 4), id="planned-slots-derive-concurrency"),
+        pytest.param(b"[server]\nparallel = 2\nthreads = 6\n", 5, 3, (5, 10, 3), id="given-values-win"),
+        pytest.param(b"[scaling]\nconcurrency = 12\n", 6, None, (6, 12, None), id="manifest-concurrency-kept"),
+    ],
+)
+def test_planned_slots_and_threads_override_the_manifest(extra, parallel, n_threads, expected):
+    config = runtime_config(_loaded(extra), "m.gguf", parallel=parallel, n_threads=n_threads)
+    assert (config.parallel, config.concurrency, config.n_threads) == expected
 
 
 @pytest.mark.parametrize(

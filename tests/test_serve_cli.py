@@ -95,6 +95,43 @@ def test_port_in_use(cli, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("extra", "flags", "expected"),
+    [
+        pytest.param("", (), "4 slots of 256 tokens; 8 requests at once (4 waiting); threads: the physical cores", id="llama-server-default-4-slots"),
+        pytest.param("[server]\nparallel = 2\nthreads = 3\n", (), "2 slots of 256 tokens; 4 requests at once (2 waiting); 3 threads", id="the-manifests"),
+        pytest.param("[server]\nparallel = 2\n", ("--parallel", "6", "--threads", "5"), "6 slots of 256 tokens; 12 requests at once (6 waiting); 5 threads", id="flags-win"),
+        pytest.param("[scaling]\nconcurrency = 3\n", ("--parallel", "1"), "1 slot of 256 tokens; 3 requests at once (2 waiting);", id="manifest-concurrency-kept"),
+    ],
+)  # fmt: skip
+def test_slots_and_threads_reach_the_runtime(cli, tmp_path, extra, flags, expected):
+    with socket.socket() as taken:  # the server cannot bind: everything is decided, nothing is loaded
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        manifest = _manifest(tmp_path, TINY_MANIFEST + extra)
+        result = cli("serve", manifest, "--model-path", str(ROOT / "README.md"), "--port", port, *flags)
+    assert result.code == 1 and "already in use" in result.err
+    assert f"  {expected}" in result.out, result.out
+
+
+@pytest.mark.parametrize(
+    ("extra", "flags", "message"),
+    [
+        pytest.param("[scaling]\nconcurrency = 2\n", ("--parallel", "4"), "Invalid value for '--parallel': 4 slots exceed ", id="more-slots-than-concurrency"),
+        pytest.param("", ("--parallel", "0"), "Invalid value for '--parallel': 0 is not in the range 1<=x<=64", id="no-slots"),
+        pytest.param("", ("--threads", "0"), "Invalid value for '--threads': 0 is not in the range", id="no-threads"),
+    ],
+)  # fmt: skip
+def test_bad_slots_or_threads_are_usage_errors(cli, tmp_path, extra, flags, message):
+    manifest = _manifest(tmp_path, TINY_MANIFEST + extra)
+    result = cli("serve", manifest, "--model-path", str(ROOT / "README.md"), *flags)
+    assert result.code == 2
+    assert message in result.err, result.err
+    if "concurrency" in extra:
+        assert "tiny.toml's [scaling] concurrency = 2" in result.err
+
+
 def test_missing_model_path_is_a_usage_error(cli, tmp_path):
     result = cli("serve", _manifest(tmp_path), "--model-path", str(tmp_path / "none.gguf"))
     assert result.code == 2 and "does not exist" in result.err

@@ -95,6 +95,15 @@ BROKEN = [
         id="min-over-max",
     ),
     pytest.param(GOOD + "server = 5\n", "server", 6, "expected a table, got an integer", id="table-wrong-type"),
+    pytest.param(
+        GOOD + "[server]\nparallel = 4\n[scaling]\nconcurrency = 2\n",
+        "scaling.concurrency",
+        9,
+        "2 is less than [server] parallel = 4: a container must accept at least one request per slot",
+        id="concurrency-below-the-slots",
+    ),
+    pytest.param(GOOD + "[server]\nparallel = 0\n", "server.parallel", 7, "must be at least 1, got 0", id="no-slots"),
+    pytest.param(GOOD + "[server]\nthreads = 0\n", "server.threads", 7, "must be at least 1, got 0", id="no-threads"),
 ]
 
 

@@ -91,6 +91,9 @@ class RenderedChat:
     stop: tuple[str, ...]  # extra stop strings of the format
     grammar: str | None  # GBNF forcing tool calls (tool_choice "required" or a named function)
     spec: ParseSpec = field(default_factory=lambda: ParseSpec(None))
+    # texts the parser must see even where they are special tokens (Mistral's [TOOL_CALLS], Llama's
+    # <|python_tag|>, <think>): detokenize those tokens with their text, as llama-server's preserved_tokens
+    preserved: tuple[str, ...] = ()
 
     def parser(self) -> ChatParser:
         """A fresh parser, for one choice."""
@@ -125,7 +128,8 @@ class ChatTemplate:
                 self._compiled = _environment().from_string(source)
             except Exception as exc:  # jinja2.TemplateSyntaxError, or a sandbox refusal
                 raise ValueError(f"the model's chat template is not valid Jinja: {exc}") from exc
-            self.thinks = reasoning_format == "auto" and THINK_OPEN in source and THINK_CLOSE in source
+            # the closing tag is what templates strip from earlier turns (some never write the opening one)
+            self.thinks = reasoning_format == "auto" and THINK_CLOSE in source
             self.supports_tools = self._renders_tools()
             self.family_info = detect_family(source) if self.supports_tools else None
             self.family = self.family_info.name if self.family_info else "no-tools"
@@ -230,7 +234,8 @@ class ChatTemplate:
             think_open,
         )
         add_bos = self._add_bos_token and bool(self._bos) and not prompt.startswith(self._bos)
-        return RenderedChat(prompt, add_bos, stop, grammar, spec)
+        preserved = (*(family.markers if use_tools else ()), *((THINK_OPEN, THINK_CLOSE) if self.thinks else ()))
+        return RenderedChat(prompt, add_bos, stop, grammar, spec, preserved)
 
     def _render_format(self, messages: list[dict[str, Any]]) -> RenderedChat:
         for message in messages:  # the stock formatters read content as text

@@ -34,6 +34,12 @@ class Family:
     call_id_prefix: str = "call_"
     example: str = field(default="", compare=False)  # documentation: one call as the model writes it
 
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The family's marker texts (special tokens in most vocabularies)."""
+        extra = ("[ARGS]",) if self.syntax == "mistral-args" else ()
+        return tuple(m for m in (self.open, self.close, *extra) if m)
+
 
 FAMILIES: tuple[Family, ...] = (
     Family(

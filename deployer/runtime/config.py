@@ -3,7 +3,8 @@
 CONTRACT FIRST — fields may be added (with defaults); none renamed without updating render.
 
     RuntimeConfig            how to serve one model file (JSON in the Modal container)
-    runtime_config()         pure: a manifest + a model path -> RuntimeConfig
+    runtime_config()         pure: a manifest + a model path (+ the planned slots) -> RuntimeConfig
+    default_concurrency()    requests a server holds when the manifest sets no [scaling] concurrency
     RuntimeConfig.with_environment()   the API key from GGUF_DEPLOY_API_KEY, when the config has none
 """
 
@@ -23,6 +24,8 @@ API_KEY_ENV = "GGUF_DEPLOY_API_KEY"  # what the Modal secret (or a local user) s
 # ggml type ids of the KV cache types a manifest may name (ggml.h; llama_cpp lacks a BF16 constant)
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # a full 131k-token prompt is ~0.5 MB of text; 16x headroom for JSON
+DEFAULT_PARALLEL = 4  # slots when neither the manifest nor the plan says: llama-server's default (-np 4)
+QUEUED_PER_SLOT = 1  # default [scaling] concurrency: every slot busy and as many requests waiting
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class RuntimeConfig:
 
     model_name: str  # the manifest name; the model id in /v1/models
     model_path: str  # local path of the .gguf (the first shard of a split model)
-    n_ctx: int
+    n_ctx: int  # tokens of one slot: the context holds n_ctx x parallel cells, every slot a full n_ctx
     n_batch: int = 512
     n_ubatch: int = 512
     flash_attn: bool = True
@@ -43,8 +46,8 @@ class RuntimeConfig:
     chat_format: str | None = None  # None: the GGUF's own chat template
     embeddings: bool = False
     n_gpu_layers: int = -1  # every layer on the GPU (ignored by a CPU-only build)
-    parallel: int = 4  # slots: sequences decoded together in one batch (llama-server's -np)
-    concurrency: int = 8  # requests accepted at once (in slots or waiting for one); beyond it, 429
+    parallel: int = 4  # slots: sequences decoded together in one batch (n_seq_max), each with n_ctx tokens
+    concurrency: int = 8  # requests in flight per server: `parallel` decoding, the rest queued; beyond it 429
     api_key: str | None = None  # None: no auth (local default), unless GGUF_DEPLOY_API_KEY is set
     require_api_key: bool = False  # refuse to start without a key (deployed endpoints: auth on by default)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
@@ -98,20 +101,33 @@ class RuntimeConfig:
         return f"RuntimeConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
+def default_concurrency(parallel: int) -> int:
+    """Requests one server holds when the manifest sets no ``[scaling] concurrency``: a request
+    in every slot, and ``QUEUED_PER_SLOT`` more waiting per slot."""
+    return parallel * (1 + QUEUED_PER_SLOT)
+
+
 def runtime_config(
     manifest: LoadedManifest | Manifest,
     model_path: str,
     *,
     api_key: str | None = None,
     require_api_key: bool | None = None,
+    parallel: int | None = None,
+    n_threads: int | None = None,
 ) -> RuntimeConfig:
     """The runtime settings of a manifest, serving the file at ``model_path``. Pure.
 
+    ``parallel`` (the planned slots, or ``serve --parallel``) defaults to the manifest's
+    ``[server] parallel``, else :data:`DEFAULT_PARALLEL`; ``n_threads`` (``serve --threads``, or
+    the container's cores) to ``[server] threads``, else None (the physical cores). ``concurrency``
+    is ``[scaling] concurrency``, else :func:`default_concurrency` of the slots.
     ``require_api_key`` defaults to the manifest's ``[auth] enabled`` (deployed endpoints refuse
     to start without a key); local serving passes ``False``.
     """
     spec: Manifest = getattr(manifest, "manifest", manifest)  # LoadedManifest wraps a Manifest
     server, scaling = spec.server, spec.scaling
+    slots = parallel or server.parallel or DEFAULT_PARALLEL
     return RuntimeConfig(
         model_name=spec.model_name,
         model_path=str(model_path),
@@ -123,7 +139,9 @@ def runtime_config(
         chat_format=server.chat_format,
         embeddings=server.embeddings,
         reasoning_format=server.reasoning_format,
-        concurrency=scaling.concurrency,
+        concurrency=scaling.concurrency or default_concurrency(slots),
+        parallel=slots,
+        n_threads=n_threads or server.threads,
         api_key=api_key,
         require_api_key=spec.auth.enabled if require_api_key is None else require_api_key,
     )
