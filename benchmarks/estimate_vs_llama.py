@@ -20,8 +20,8 @@ actual, and never more than 1 % (or 8 MiB) under. The exit status is 1 when a ca
     .venv/bin/python -m benchmarks.estimate_vs_llama            # the whole grid, a markdown table
     .venv/bin/python -m benchmarks.estimate_vs_llama --quick    # one context per model
 
-The CPU backend may keep a repacked copy of some quantized tensors (``CPU_REPACK``): a CPU-only
-buffer a GPU never has. It is shown, not compared. CUDA's own buffers (padding, context, pool)
+The CPU backend may keep a repacked copy of some quantized tensors (``CPU_REPACK``, and ``AMX`` on
+CPUs with Intel AMX, which takes Q8_0 and Q4_0 matrices): a CPU-only buffer a GPU never has. It is shown, not compared. CUDA's own buffers (padding, context, pool)
 cannot be measured here; see BENCHMARKS.md.
 """
 
@@ -83,7 +83,8 @@ def parse_buffers(log: str) -> Buffers:
         found = _BUFFER.match(line.strip())
         if not found:
             continue
-        kind = "repack" if found["buffer"].endswith("_REPACK") else found["kind"]
+        repacked = found["buffer"].endswith("_REPACK") or found["buffer"] == "AMX"
+        kind = "repack" if repacked and found["kind"] == "model" else found["kind"]
         sizes[kind] += float(found["mib"])
         seen.add(found["kind"])
     missing = {"model", "KV", "compute", "output"} - seen
