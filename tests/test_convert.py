@@ -342,3 +342,20 @@ def test_every_planned_architecture_is_registered_in_the_converter(converter):
     assert len(registered) > 100, "the converter's registry was not found"
     assert set(FAMILIES) <= registered
     assert (converter / "convert_hf_to_gguf.py").is_file() and (converter / "gguf-py" / "gguf").is_dir()
+
+
+def test_new_offers_a_conversion_when_the_repo_has_no_gguf(cli, fake_hub, tmp_path, tiny_safetensors):
+    fake_hub.add_repo(REPO, tiny_safetensors)
+    result = cli("new", REPO, cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert "wrote manifests/tiny-llama-q8-0.toml: safetensors weights, converted to Q8_0, context 2048" in result.out
+    text = (tmp_path / "manifests" / "tiny-llama-q8-0.toml").read_text(encoding="utf-8")
+    assert text.splitlines()[1:] == [
+        'name = "tiny-llama-q8-0"',
+        f'repo = "{REPO}"',
+        'convert_from = "safetensors"',
+        'quant = "Q8_0"',
+        "context = 2048",
+    ]
+    assert "convert  " in result.out and "from safetensors weights" in result.out, "the plan follows"
+    assert cli("validate", "manifests", cwd=tmp_path).code == 0
