@@ -359,3 +359,11 @@ def test_new_offers_a_conversion_when_the_repo_has_no_gguf(cli, fake_hub, tmp_pa
     ]
     assert "convert  " in result.out and "from safetensors weights" in result.out, "the plan follows"
     assert cli("validate", "manifests", cwd=tmp_path).code == 0
+
+
+def test_a_gguf_manifest_for_a_weights_repo_is_pointed_to_convert_from(fake_hub, tmp_path, tiny_safetensors):
+    from deployer.errors import HubError
+
+    fake_hub.add_repo(REPO, tiny_safetensors)
+    with pytest.raises(HubError, match=r"holds Transformers weights: set convert_from instead of file"):
+        _resolver(fake_hub, tmp_path).resolve_manifest(loaded_manifest(repo=REPO, file="Tiny-Llama-Q8_0.gguf"))
