@@ -21,7 +21,7 @@ from typing import Any
 
 from deployer.atomic import write_atomic
 from deployer.errors import HubError
-from deployer.facts import GgufHeader, ModelFacts, ShardFacts, TensorInfo
+from deployer.facts import Conversion, GgufHeader, ModelFacts, ShardFacts, TensorInfo
 
 CACHE_ENV = "GGUF_DEPLOY_CACHE"
 FORMAT = 1  # bump when the stored shape of ModelFacts changes: old entries become misses
@@ -96,6 +96,7 @@ def _facts_to_json(facts: ModelFacts) -> dict[str, Any]:
         "commit": facts.commit,
         "shards": [asdict(s) for s in facts.shards],
         "header": header,
+        "conversion": asdict(facts.conversion) if facts.conversion else None,
     }
 
 
@@ -110,4 +111,11 @@ def _facts_from_json(data: dict[str, Any]) -> ModelFacts:
         commit=data["commit"],
         shards=tuple(ShardFacts(**s) for s in data["shards"]),
         header=GgufHeader(**header),
+        conversion=_conversion_from_json(data.get("conversion")),
     )
+
+
+def _conversion_from_json(data: dict[str, Any] | None) -> Conversion | None:
+    if data is None:
+        return None
+    return Conversion(**{**data, "files": tuple(ShardFacts(**f) for f in data["files"])})

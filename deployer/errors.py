@@ -10,7 +10,8 @@
     ├── ModalError                  the Modal edge failed (deploy, status, destroy)
     │   └── ModalAuthError          no Modal credentials
     ├── GitError                    git could not answer (unknown ref, not a repository)
-    └── ServeError                  the local server could not start
+    ├── ServeError                  the local server could not start
+    └── ConversionError             Transformers weights could not be converted to a GGUF
 
 Foreign exceptions (httpx, pydantic, modal, git, OSError) are translated where they enter
 the program and re-raised ``from exc``; only the CLI turns these into output and exit codes.
@@ -106,3 +107,7 @@ class GitError(GgufDeployError):
 
 class ServeError(GgufDeployError):
     """The local server could not start (no model file, port in use, ...)."""
+
+
+class ConversionError(GgufDeployError):
+    """llama.cpp's converter could not be fetched or run, or wrote a GGUF that is not the planned one."""

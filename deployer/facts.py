@@ -2,6 +2,7 @@
 
     GgufHeader   one parsed GGUF header (metadata + tensor infos), from gguf_header.py
     ShardFacts   one file on the Hub: path, size, sha256
+    Conversion   for Transformers weights: the files the converter reads, and what it makes
     ModelFacts   a resolved model: repo, commit, every shard, and the header merged over shards
 
 The planner and the estimator read only these types; hub.py and gguf_header.py produce them.
@@ -83,6 +84,24 @@ class ShardFacts:
 
 
 @dataclass(frozen=True)
+class Conversion:
+    """A GGUF made from Transformers weights: what the converter reads, and the type it writes.
+
+    The model's ``shards`` then hold the one GGUF the conversion will write (its path below the
+    commit's folder, its predicted size, no sha256) and its ``header`` is the prediction.
+    """
+
+    source: str  # "safetensors" or "pytorch" (the manifest's convert_from)
+    quant: str  # the type the converter writes (--outtype)
+    files: tuple[ShardFacts, ...]  # config, tokenizer and weight files, downloaded and verified
+    architecture: str  # the Hugging Face architecture (config.json), e.g. "LlamaForCausalLM"
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     """A model resolved on the Hub: the commit, its shards, and the (merged) header."""
 
@@ -91,6 +110,7 @@ class ModelFacts:
     commit: str  # 40-hex commit it resolved to
     shards: tuple[ShardFacts, ...]  # the first shard first
     header: GgufHeader  # tensors of every shard merged into one list
+    conversion: Conversion | None = None  # set when the GGUF is to be converted from Transformers weights
 
     @property
     def file(self) -> str:

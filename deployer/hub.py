@@ -60,6 +60,10 @@ class HubClient(Protocol):
         """Bytes ``start`` to ``end`` (exclusive) of ``file`` at ``commit``."""
         ...
 
+    def safetensors_header(self, repo: str, commit: str, file: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The tensors a SafeTensors file holds, from its header alone: name → (dtype, shape)."""
+        ...
+
 
 # ## The real client
 
@@ -110,6 +114,16 @@ class HfHubClient:
                     if len(data) >= skip + end - start:
                         break
         return bytes(data[skip : skip + end - start])
+
+    def safetensors_header(self, repo: str, commit: str, file: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        from huggingface_hub.errors import SafetensorsParsingError
+
+        try:
+            with self._errors(repo, commit, file):
+                meta = self._api.parse_safetensors_file_metadata(repo, file, revision=commit, timeout=READ_TIMEOUT)
+        except SafetensorsParsingError as exc:
+            raise HubError(f"{repo}/{file}: not a readable SafeTensors file ({exc})") from exc
+        return {name: (info.dtype, tuple(info.shape)) for name, info in meta.tensors.items()}
 
     def revisions(self, repo: str) -> list[str]:
         """Branch and tag names, for suggestions; empty when they cannot be listed."""
@@ -204,8 +218,15 @@ class Resolver:
         return cls(client, FactsCache(default_cache_dir()), offline=offline, progress=progress)
 
     def resolve_manifest(self, loaded: LoadedManifest) -> ModelFacts:
-        """The facts of the model a manifest names (see :meth:`resolve`)."""
+        """The facts of the model a manifest names (see :meth:`resolve`); for ``convert_from``, the
+        GGUF the conversion will write, predicted from the checkpoint's headers."""
         manifest = loaded.manifest
+        if manifest.convert_from is not None:
+            from deployer.checkpoint_hub import converted_file
+
+            file = converted_file(manifest.repo, manifest.convert_from, manifest.quant)
+            return self.resolve(manifest.repo, manifest.revision, file)
+        assert manifest.file is not None  # the manifest names a file or convert_from
         return self.resolve(manifest.repo, manifest.revision, manifest.file)
 
     def resolve(self, repo: str, revision: str, file: str) -> ModelFacts:
@@ -234,6 +255,12 @@ class Resolver:
         return facts
 
     def _fetch(self, snapshot: RepoSnapshot, revision: str, file: str) -> ModelFacts:
+        from deployer.checkpoint_hub import conversion_of, fetch_conversion
+
+        wanted = conversion_of(file)
+        if wanted is not None:  # the GGUF a conversion writes: predicted from the checkpoint
+            assert self.client is not None
+            return fetch_conversion(self.client, snapshot, revision, *wanted, progress=self.progress)
         shards = _shards(snapshot, revision, file)
         raws = []
         for number, shard in enumerate(shards, start=1):
@@ -275,6 +302,8 @@ def _shards(snapshot: RepoSnapshot, revision: str, file: str) -> list[ShardFacts
             hint = f"; did you mean {_quoted(close)}?"
         elif ggufs:
             hint = f"; GGUF files there: {', '.join(ggufs[:8])}{', …' if len(ggufs) > 8 else ''}"
+        elif any(p.endswith((".safetensors", ".bin")) for p in snapshot.files):
+            hint = "; the repository holds Transformers weights: set convert_from instead of file"
         else:
             hint = "; the repository holds no .gguf file"
         raise HubError(f"{where}: file '{file}' not found{hint}")

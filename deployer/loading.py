@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from deployer.errors import ManifestInvalid, Problem
-from deployer.manifest import APP_NAME_MAX, CHAT_FORMATS, DEFAULT_APP_PREFIX, Manifest, name_max
+from deployer.manifest import APP_NAME_MAX, CHAT_FORMATS, CONVERT_SOURCES, DEFAULT_APP_PREFIX, Manifest, name_max
 from deployer.quants import KV_CACHE_TYPES, QUANTS
 
 DEFAULT_MANIFESTS_DIR = "manifests"  # where the commands look when given no path
@@ -74,7 +74,9 @@ def parse_manifest(data: bytes, path: str, *, app_prefix: str = DEFAULT_APP_PREF
             message, line = str(exc).replace(" (at end of document)", " at the end of the file"), len(text.splitlines())
         raise ManifestInvalid.single(path, "", f"invalid TOML: {message}", line) from exc
     if not raw:
-        raise ManifestInvalid.single(path, "", "the manifest is empty; it needs at least repo, file, quant and context")
+        raise ManifestInvalid.single(
+            path, "", "the manifest is empty; it needs at least repo, file (or convert_from), quant and context"
+        )
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
@@ -114,12 +116,12 @@ def _check_app_name(loaded: LoadedManifest, text: str) -> None:
     longest = name_max(loaded.app_prefix)
     name = loaded.name
     explicit = loaded.manifest.name is not None
-    key = "name" if explicit else "file"
+    key = "name" if explicit else "file" if loaded.manifest.file else "repo"
     line = locate(text, (key,))
     if not name:
-        raise ManifestInvalid.single(loaded.path, "name", "cannot derive a name from 'file'; set 'name'", line)
+        raise ManifestInvalid.single(loaded.path, "name", f"cannot derive a name from '{key}'; set 'name'", line)
     if len(name) > longest:
-        how = "" if explicit else f"the name derived from 'file' ('{name}') is too long; set 'name': "
+        how = "" if explicit else f"the name derived from '{key}' ('{name}') is too long; set 'name': "
         raise ManifestInvalid.single(
             loaded.path,
             "name",
@@ -235,7 +237,12 @@ def _unknown_key(loc: tuple[Any, ...]) -> str:
 
 
 def _unknown_choice(loc: tuple[Any, ...], value: Any) -> str:
-    choices = {"quant": QUANTS, "kv_cache_type": KV_CACHE_TYPES, "chat_format": CHAT_FORMATS}.get(str(loc[-1]), ())
+    choices = {
+        "quant": QUANTS,
+        "kv_cache_type": KV_CACHE_TYPES,
+        "chat_format": CHAT_FORMATS,
+        "convert_from": CONVERT_SOURCES,
+    }.get(str(loc[-1]), ())
     if not isinstance(value, str):
         return f"expected a string, got {_got(value)}"
     close = difflib.get_close_matches(value.upper() if loc[-1] == "quant" else value, choices, n=1, cutoff=0.6)

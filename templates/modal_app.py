@@ -59,6 +59,7 @@ PLAN = {
             },
         ],
     },
+    "convert": [],
     "gpu": ["L4"],
     "runtime": {
         "model_name": "gemma-3-270m",
@@ -95,6 +96,8 @@ PLAN = {
         "memory_mib": 2048,
         "startup_timeout": 303,
         "download_timeout": 1800,
+        "convert_memory_mib": 4096,
+        "convert_timeout": 1800,
     },
     "secrets": {
         "api_key": ["gguf-api-key"],
@@ -201,6 +204,8 @@ def download_weights() -> None:
     for shard in PLAN["model"]["shards"]:
         fetch_shard(shard)
     volume.commit()
+    if PLAN["convert"]:  # Transformers weights: now make the GGUF (see Conversion below)
+        convert_weights.remote()
 
 
 def remove_stale_partials() -> None:
@@ -247,6 +252,75 @@ def verify(path: Path, shard: dict) -> None:
             digest.update(chunk)
     if digest.hexdigest() != shard["sha256"]:
         raise RuntimeError(f"{shard['file']}: sha256 {digest.hexdigest()} does not match the Hub's {shard['sha256']}")
+
+
+# ## Conversion
+
+# A model published as Transformers weights (manifest key `convert_from`) is converted once into
+# a GGUF in the Volume: `download_weights` fetches the checkpoint (config, tokenizer, weights,
+# verified) into the commit's folder and then calls `convert_weights`, which runs llama.cpp's own
+# converter (`convert_hf_to_gguf.py`) taken from the source release of the llama-cpp-python the
+# server runs, so converter and engine are the same llama.cpp. The GGUF is written beside the
+# checkpoint, under the commit and the quant, checked (architecture, tensor count, file type)
+# and renamed into place; a second deploy of the same commit and quant finds it and converts
+# nothing. For a GGUF model PLAN["convert"] is empty and this function is never called.
+
+# Its own CPU image: the converter's Python dependencies (llama.cpp's
+# requirements-convert_hf_to_gguf.txt), torch from PyTorch's CPU index, pinned; the serving image
+# stays as lean as it is.
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the converter's source release: the server's llama-cpp-python
+CONVERTER_DIR = "/opt/llama.cpp"  # convert_hf_to_gguf.py, conversion/, gguf-py/, models/templates/
+TORCH = "torch==2.11.0"
+TORCH_INDEX_URL = "https://download.pytorch.org/whl/cpu"  # no CUDA libraries in a CPU container
+CONVERTER_PACKAGES = [
+    "transformers==4.57.6",
+    "sentencepiece==0.2.1",
+    "safetensors==0.6.2",
+    "protobuf==4.25.8",
+    "numpy==2.2.6",
+    HUGGINGFACE_HUB,
+    PYDANTIC,
+]
+SDIST = f"/tmp/sdist/llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"  # noqa: S108 -- the image build's scratch
+VENDORED = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
+CONVERTER_MEMBERS = ["convert_hf_to_gguf.py", "conversion", "gguf-py", "models/templates"]
+
+convert_image = (
+    modal.Image.debian_slim(python_version=PYTHON_VERSION)
+    .pip_install(TORCH, index_url=TORCH_INDEX_URL)
+    .pip_install(*CONVERTER_PACKAGES)
+    .run_commands(
+        f"pip download --no-deps --no-binary :all: --dest /tmp/sdist llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+        f"mkdir -p {CONVERTER_DIR} && tar -xzf {SDIST} -C {CONVERTER_DIR} --strip-components=3 "
+        + " ".join(f"{VENDORED}/{member}" for member in CONVERTER_MEMBERS),
+        f"pip install {CONVERTER_DIR}/gguf-py && rm -rf /tmp/sdist",  # the converter's own gguf package
+    )
+    .add_local_python_source("deployer", ignore=DEPLOYER_SOURCE)
+)
+
+CONVERT_CPU_CORES = 8.0  # the converter quantizes in numpy, a tensor at a time
+CONVERT_MEMORY_MIB = PLAN["resources"]["convert_memory_mib"]  # sized from the checkpoint
+CONVERT_TIMEOUT = PLAN["resources"]["convert_timeout"]  # sized from the checkpoint
+
+
+@app.function(
+    image=convert_image,
+    volumes={MODELS_DIR: volume},
+    cpu=CONVERT_CPU_CORES,
+    memory=CONVERT_MEMORY_MIB,
+    timeout=CONVERT_TIMEOUT,
+)
+def convert_weights() -> None:
+    """Convert the downloaded checkpoint into the planned GGUF, unless the Volume already holds it."""
+    from deployer.converter import Expected, convert_checkpoint
+
+    volume.reload()  # see the checkpoint download_weights committed
+    for job in PLAN["convert"]:
+        expected = Expected(**job["expected"])
+        convert_checkpoint(
+            model_dir(), shard_path(job["file"]), job["quant"], converter=Path(CONVERTER_DIR), expected=expected
+        )
+    volume.commit()
 
 
 # ## The server
@@ -338,7 +412,8 @@ class Server:
 
 def start_runtime() -> subprocess.Popen:
     """Launch `python -m deployer.runtime` on this model, with every layer on the GPU."""
-    missing = [s["file"] for s in PLAN["model"]["shards"] if not shard_path(s["file"]).is_file()]
+    needed = [s["file"] for s in PLAN["model"]["shards"]] + [job["file"] for job in PLAN["convert"]]
+    missing = [file for file in needed if not shard_path(file).is_file()]
     if missing:
         raise RuntimeError(
             f"{', '.join(missing)}: not in the Volume; `gguf-deploy deploy` downloads weights before it deploys"
@@ -389,6 +464,7 @@ def wait_ready(process: subprocess.Popen, timeout_s: float) -> None:
 # `gguf-deploy deploy` does, for this file:
 #
 #     modal run <this file>::download_weights      # the weights into the Volume, verified
+#                                                  # (and converted, for Transformers weights)
 #     modal deploy <this file>                     # the endpoint, tagged with the config hash
 #
 # The endpoint's URL is printed by `modal deploy` (…--<app name>-server-serve.modal.run). Call it

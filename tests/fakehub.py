@@ -57,6 +57,7 @@ import pytest
 from tests import ggufgen
 
 LFS_THRESHOLD = 10 * 1024 * 1024
+REAL_HASH_MAX = 64 * 1024 * 1024  # files up to this size get their real sha256; larger ones are sparse
 CHUNK = 64 * 1024
 
 
@@ -165,7 +166,7 @@ class FakeHub:
                 None
                 if not lfs
                 else (
-                    _sha256(source) if size <= LFS_THRESHOLD else hashlib.sha256(f"{path}:{size}".encode()).hexdigest()
+                    _sha256(source) if size <= REAL_HASH_MAX else hashlib.sha256(f"{path}:{size}".encode()).hexdigest()
                 )
             )
             git = hashlib.sha1(f"blob {size}:{path}:{sha256}".encode()).hexdigest()  # git's blob ids are sha1

@@ -39,8 +39,8 @@ def choice(spec: str) -> GpuChoice:
 
 
 def loaded_manifest(path: str = "manifests/model.toml", prefix: str = "gguf", **keys: Any) -> LoadedManifest:
-    """A validated manifest: BASE updated with ``keys`` (nested tables as dicts)."""
-    data = {**BASE, **keys}
+    """A validated manifest: BASE updated with ``keys`` (nested tables as dicts; None removes a key)."""
+    data = {key: value for key, value in {**BASE, **keys}.items() if value is not None}
     return parse_manifest(tomli_w.dumps(data).encode(), path, app_prefix=prefix)
 
 

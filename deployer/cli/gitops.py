@@ -128,7 +128,8 @@ def new(
     Lists REPO's GGUF files, picks the one of --quant (Q8_0 by default; for a split model, its
     first shard), reads the model's trained context from the GGUF header (by HTTP range
     requests), writes the manifest, validates it and prints its plan. An existing manifest is
-    never overwritten.
+    never overwritten. A repository with no GGUF but SafeTensors (or PyTorch .bin) weights gets
+    a manifest with convert_from: they are converted to a GGUF of --quant before the first deploy.
 
     \b
     Examples:
@@ -154,10 +155,9 @@ def new(
         app_prefix=app_prefix(ctx),
     )
     loaded = result.loaded
-    click.echo(
-        f"wrote {display_path(result.path)}: {loaded.manifest.file}, context {loaded.manifest.context} "
-        f"(app {loaded.app_name})"
-    )
+    manifest = loaded.manifest
+    source = manifest.file or f"{manifest.convert_from} weights, converted to {manifest.quant}"
+    click.echo(f"wrote {display_path(result.path)}: {source}, context {manifest.context} (app {loaded.app_name})")
     if result.facts_error is not None:
         click.echo(f"error: cannot plan it: {result.facts_error}", err=True)
         ctx.exit(EXIT_FAILURE)

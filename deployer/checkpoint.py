@@ -1,0 +1,277 @@
+"""Transformers checkpoints: ``config.json`` and a tensor listing → the GGUF llama.cpp's converter writes. Pure.
+
+A model published as SafeTensors or PyTorch ``.bin`` weights is planned before anything is
+downloaded: its ``config.json`` and the SafeTensors headers (read by hub.py) say which tensors
+there are; llama.cpp's converter (``convert_hf_to_gguf.py``) renames them with the ``gguf``
+package's tensor map and picks each one's type by its rules; the result is a
+:class:`~deployer.facts.GgufHeader` the estimator and the planner read as they read a real one.
+
+    FAMILIES                           Hugging Face architecture → llama.cpp architecture (the one table)
+    family_of(config, repo)            the Family, or PlanError: quantized weights, an unsupported architecture
+    tensors_from_config(config, fam)   the tensor listing of a ``.bin`` checkpoint (no header to read there)
+    predict(config, tensors, quant)    → PredictedGguf: the header (tensors, types, architecture fields), size
+
+The converter's type rules (``conversion/base.py``, ``prepare_tensors``) for the types it writes
+directly (``--outtype``): 1-D tensors, norms and anything not named ``*.weight`` stay F32; every
+other tensor gets the target type; a Q8_0 tensor whose rows are not a multiple of 32 falls back to
+F16. Tensors are aligned to 32 bytes in the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType
+from gguf.tensor_mapping import get_tensor_name_map
+
+from deployer.errors import PlanError
+from deployer.facts import GgufHeader, TensorInfo
+from deployer.quants import CONVERT_QUANTS, FILE_TYPES
+
+ALIGNMENT = 32  # general.alignment the converter writes
+# The header besides tensor infos and the tokenizer: general.* and {arch}.* keys, special tokens.
+HEADER_BASE_BYTES = 8 * 1024
+TENSOR_INFO_BYTES = 8 + 4 + 4 * 8 + 4 + 8  # name length, n_dims, up to 4 dims, type, offset (plus the name)
+# The tokenizer in the header: per token its string (8-byte length + ~7 bytes), score and type,
+# and about one BPE merge (8 + ~9 bytes): at most this much per vocabulary entry. tokenizer.json
+# says the same more loosely (pretty-printed JSON, added-token objects): the smaller of the two.
+TOKENIZER_BYTES_PER_TOKEN = 48
+# Quantization methods whose weights llama.cpp can neither load nor convert back
+REFUSED_QUANT_METHODS = ("gptq", "awq", "bitsandbytes")
+# Tensors a checkpoint may hold that the converter drops (buffers, not weights)
+SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+_TYPES = {
+    "F32": GGMLQuantizationType.F32,
+    "F16": GGMLQuantizationType.F16,
+    "BF16": GGMLQuantizationType.BF16,
+    "Q8_0": GGMLQuantizationType.Q8_0,
+}
+# bytes per element of the dtypes a checkpoint stores (safetensors names; torch_dtype names too)
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one Hugging Face architecture converts: llama.cpp's architecture and its tensor layout."""
+
+    arch: MODEL_ARCH
+    qkv_bias: bool = False  # q/k/v projections carry biases (Qwen2)
+    qk_norm: bool = False  # per-head RMS norms of q and k (Qwen3)
+
+    @property
+    def name(self) -> str:
+        """``general.architecture`` of the converted file ("llama", "qwen2", ...)."""
+        return MODEL_ARCH_NAMES[self.arch]
+
+
+# The architectures gguf-deploy plans conversions for: each is registered in llama.cpp's
+# converter (a test checks it against the converter's own registry) and has the standard
+# decoder layout below. Another architecture is refused at plan time, by name.
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family(MODEL_ARCH.LLAMA),
+    "MistralForCausalLM": Family(MODEL_ARCH.LLAMA),
+    "Qwen2ForCausalLM": Family(MODEL_ARCH.QWEN2, qkv_bias=True),
+    "Qwen3ForCausalLM": Family(MODEL_ARCH.QWEN3, qk_norm=True),
+}
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of the checkpoint: its Hugging Face name, shape (PyTorch order) and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "F32", "F16", "BF16", ...
+
+
+@dataclass(frozen=True)
+class PredictedGguf:
+    """What the conversion will write."""
+
+    header: GgufHeader
+    size: int  # bytes of the whole file
+
+
+# ## Refusals
+
+
+def family_of(config: Mapping[str, Any], repo: str) -> Family:
+    """The family of a checkpoint's ``config.json``; PlanError (one line) when it cannot be converted."""
+    quant_config = config.get("quantization_config")
+    if isinstance(quant_config, Mapping):
+        method = str(quant_config.get("quant_method") or "an unknown method").lower()
+        known = method in REFUSED_QUANT_METHODS or "load_in_4bit" in quant_config or "load_in_8bit" in quant_config
+        kind = "GPTQ/AWQ/bitsandbytes" if known else "pre-quantized"
+        raise PlanError(
+            f"{repo}: its weights are {method}-quantized ({kind}, config.json: quantization_config); llama.cpp "
+            "cannot use or convert them: deploy the unquantized base model, or a GGUF repository of it"
+        )
+    architectures = config.get("architectures")
+    if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
+        raise PlanError(f"{repo}: config.json names no architecture ('architectures'); it cannot be converted")
+    name = architectures[0]
+    family = FAMILIES.get(name)
+    if family is None:
+        raise PlanError(
+            f"{repo}: architecture '{name}' cannot be converted by gguf-deploy (it converts {', '.join(FAMILIES)}); "
+            "deploy a GGUF repository of the model instead"
+        )
+    return family
+
+
+# ## Tensor listings
+
+
+def _int(config: Mapping[str, Any], key: str, repo: str = "config.json") -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise PlanError(f"{repo}: config.json has no positive integer '{key}' (found {value!r})")
+    return value
+
+
+def _dims(config: Mapping[str, Any], repo: str) -> tuple[int, int, int, int, int, int, int]:
+    """hidden, intermediate, layers, heads, kv heads, head size, vocabulary."""
+    hidden = _int(config, "hidden_size", repo)
+    heads = _int(config, "num_attention_heads", repo)
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    return (
+        hidden,
+        _int(config, "intermediate_size", repo),
+        _int(config, "num_hidden_layers", repo),
+        heads,
+        int(kv_heads),
+        int(head_dim),
+        _int(config, "vocab_size", repo),
+    )
+
+
+def tensors_from_config(config: Mapping[str, Any], family: Family, repo: str = "") -> list[SourceTensor]:
+    """The tensors of a checkpoint of ``family`` as Transformers names them (for ``.bin`` files,
+    whose pickled headers cannot be read by a range request)."""
+    hidden, inter, layers, heads, kv_heads, head_dim, vocab = _dims(config, repo)
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(dtype, "F32")
+    out = [SourceTensor("model.embed_tokens.weight", (vocab, hidden), dtype)]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out += [
+            SourceTensor(f"{p}.input_layernorm.weight", (hidden,), dtype),
+            SourceTensor(f"{p}.self_attn.q_proj.weight", (heads * head_dim, hidden), dtype),
+            SourceTensor(f"{p}.self_attn.k_proj.weight", (kv_heads * head_dim, hidden), dtype),
+            SourceTensor(f"{p}.self_attn.v_proj.weight", (kv_heads * head_dim, hidden), dtype),
+            SourceTensor(f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim), dtype),
+            SourceTensor(f"{p}.post_attention_layernorm.weight", (hidden,), dtype),
+            SourceTensor(f"{p}.mlp.gate_proj.weight", (inter, hidden), dtype),
+            SourceTensor(f"{p}.mlp.up_proj.weight", (inter, hidden), dtype),
+            SourceTensor(f"{p}.mlp.down_proj.weight", (hidden, inter), dtype),
+        ]
+        if family.qkv_bias:
+            out += [
+                SourceTensor(f"{p}.self_attn.q_proj.bias", (heads * head_dim,), dtype),
+                SourceTensor(f"{p}.self_attn.k_proj.bias", (kv_heads * head_dim,), dtype),
+                SourceTensor(f"{p}.self_attn.v_proj.bias", (kv_heads * head_dim,), dtype),
+            ]
+        if family.qk_norm:
+            out += [
+                SourceTensor(f"{p}.self_attn.q_norm.weight", (head_dim,), dtype),
+                SourceTensor(f"{p}.self_attn.k_norm.weight", (head_dim,), dtype),
+            ]
+    out.append(SourceTensor("model.norm.weight", (hidden,), dtype))
+    if not config.get("tie_word_embeddings", False):
+        out.append(SourceTensor("lm_head.weight", (vocab, hidden), dtype))
+    return out
+
+
+def source_bytes(tensors: Iterable[SourceTensor]) -> int:
+    """Bytes of the checkpoint's tensor data."""
+    total = 0
+    for t in tensors:
+        n = 1
+        for d in t.shape:
+            n *= d
+        total += n * DTYPE_BYTES.get(t.dtype, 4)
+    return total
+
+
+# ## The prediction
+
+
+def converted_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> GGMLQuantizationType:
+    """The type the converter gives one tensor (``shape`` in GGUF order: rows first) for ``--outtype quant``."""
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return GGMLQuantizationType.F32
+    target = _TYPES[quant]
+    block = GGML_QUANT_SIZES[target][0]
+    if shape[0] % block:
+        return GGMLQuantizationType.F16  # gguf.quants raises QuantError; the converter falls back to F16
+    return target
+
+
+def tensor_bytes(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> int:
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * size
+
+
+def _pad(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def predict(
+    config: Mapping[str, Any],
+    tensors: Iterable[SourceTensor],
+    quant: str,
+    *,
+    repo: str = "",
+    tokenizer_bytes: int = 0,
+    has_chat_template: bool = False,
+) -> PredictedGguf:
+    """The GGUF the converter writes from this checkpoint with ``--outtype quant``.
+
+    ``tokenizer_bytes``: the size of the tokenizer files (tokenizer.json, tokenizer_config.json);
+    the vocabulary and merges they hold become header arrays of at most that size.
+    """
+    if quant not in CONVERT_QUANTS:
+        raise PlanError(f"{repo}: a conversion writes {', '.join(CONVERT_QUANTS)}, not {quant}")
+    family = family_of(config, repo)
+    hidden, _, layers, heads, kv_heads, head_dim, vocab = _dims(config, repo)
+    names = get_tensor_name_map(family.arch, layers)
+    infos: list[TensorInfo] = []
+    for t in tensors:
+        if t.name.endswith(SKIPPED_SUFFIXES):
+            continue
+        gguf_name = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise PlanError(f"{repo}: tensor '{t.name}' has no llama.cpp name for architecture '{family.name}'")
+        shape = tuple(reversed(t.shape))  # GGUF lists the fastest-varying dimension first
+        ggml_type = converted_type(gguf_name, shape, quant)
+        infos.append(TensorInfo(gguf_name, shape, int(ggml_type), tensor_bytes(shape, ggml_type)))
+    rope = config.get("rope_scaling")
+    if isinstance(rope, Mapping) and (rope.get("rope_type") or rope.get("type")) == "llama3":
+        # Llama 3.1+ rope scaling: the converter adds the per-frequency factors as a tensor
+        infos.append(TensorInfo("rope_freqs.weight", (head_dim // 2,), 0, head_dim // 2 * 4))
+    tokenizer = min(tokenizer_bytes, vocab * TOKENIZER_BYTES_PER_TOKEN)
+    header_bytes = HEADER_BASE_BYTES + tokenizer + sum(TENSOR_INFO_BYTES + len(i.name.encode()) for i in infos)
+    data_offset = _pad(header_bytes)
+    header = GgufHeader(
+        arch=family.name,
+        file_type=FILE_TYPES[quant],
+        context_length=_int(config, "max_position_embeddings", repo),
+        block_count=layers,
+        embedding_length=hidden,
+        head_count=(heads,) * layers,
+        head_count_kv=(kv_heads,) * layers,
+        key_length=head_dim,
+        value_length=head_dim,
+        vocab_size=vocab,
+        has_chat_template=has_chat_template,
+        tensors=tuple(infos),
+        data_offset=data_offset,
+    )
+    return PredictedGguf(header, data_offset + sum(_pad(i.n_bytes) for i in infos))
