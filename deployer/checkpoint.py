@@ -352,8 +352,7 @@ def quantized_type(
 def intermediate_quant(tensors: Iterable[SourceTensor]) -> str:
     """What the converter writes for the quantizer (``--outtype auto``): the type of the first 16-bit
     matrix, BF16 or F16 (no range lost), else F16."""
-    first = next((t.dtype for t in tensors if len(t.shape) >= 2 and t.dtype in ("BF16", "F16")), "F16")
-    return first
+    return next((t.dtype for t in tensors if len(t.shape) >= 2 and t.dtype in ("BF16", "F16")), "F16")
 
 
 def tensor_bytes(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> int:

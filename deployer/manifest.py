@@ -19,7 +19,9 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -446,12 +448,18 @@ class Manifest(_Strict):
             )
         if self.file is None and self.convert_from is None:
             raise ValueError("set file (a .gguf in the repo) or convert_from ('safetensors' or 'pytorch')")
-        if self.convert_from is not None and self.quant not in CONVERT_QUANTS:
+        return self
+
+    @field_validator("quant")
+    @classmethod
+    def _quant_a_conversion_writes(cls, quant: str, info: ValidationInfo) -> str:
+        # convert_from is declared before quant, so it is validated by now
+        if info.data.get("convert_from") is not None and quant not in CONVERT_QUANTS:
             raise ValueError(
-                f"quant '{self.quant}' {NOT_CONVERTED.get(self.quant, 'cannot be produced by a conversion')}; "
+                f"'{quant}' {NOT_CONVERTED.get(quant, 'cannot be produced by a conversion')}; "
                 f"with convert_from, quant is one of {', '.join(CONVERT_QUANTS)}"
             )
-        return self
+        return quant
 
     @property
     def gpus(self) -> tuple[GpuSpec, ...]:

@@ -397,18 +397,18 @@ def test_convert_from_manifest_is_valid_and_named_after_repo_and_quant():
         pytest.param({"file": None}, "set file (a .gguf in the repo) or convert_from", id="neither"),
         pytest.param(
             {"file": None, "convert_from": "safetensors", "quant": "IQ2_XS"},
-            "quant 'IQ2_XS' needs an importance matrix, which llama.cpp's quantizer refuses to go without; "
+            "quant: 'IQ2_XS' needs an importance matrix, which llama.cpp's quantizer refuses to go without; "
             "with convert_from, quant is one of F32, F16, BF16, Q8_0, Q4_0,",
             id="imatrix-type",
         ),
         pytest.param(
             {"file": None, "convert_from": "safetensors", "quant": "TQ1_0"},
-            "quant 'TQ1_0' is ternary, for models trained ternary (BitNet)",
+            "quant: 'TQ1_0' is ternary, for models trained ternary (BitNet)",
             id="ternary-type",
         ),
         pytest.param(
             {"file": None, "convert_from": "pytorch", "quant": "MXFP4_MOE"},
-            "quant 'MXFP4_MOE' quantizes mixture-of-experts tensors; the models converted here are dense",
+            "quant: 'MXFP4_MOE' quantizes mixture-of-experts tensors; the models converted here are dense",
             id="moe-type",
         ),
         pytest.param({"file": None, "convert_from": "gptq"}, "unknown convert_from 'gptq'", id="unknown-source"),
