@@ -253,7 +253,7 @@ def more_bits(w: Where) -> bool:
 
 
 _T = GGMLQuantizationType
-Rule = Callable[[Where], "GGMLQuantizationType | None"]  # None: the file type's default type
+Rule = Callable[[Where], GGMLQuantizationType | None]  # None: the file type's default type
 # The default type of each file type (llama_ftype_get_default_type)
 DEFAULT_TYPES: dict[str, GGMLQuantizationType] = {
     **{q: _T[q] for q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_S")},
@@ -302,13 +302,12 @@ FALLBACKS: dict[GGMLQuantizationType, GGMLQuantizationType] = {
     _T.Q6_K: _T.Q8_0,
     **dict.fromkeys((_T.IQ1_S, _T.IQ1_M, _T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S, _T.IQ3_XXS, _T.IQ3_S, _T.IQ4_XS), _T.IQ4_NL),
 }
-# Tensors the quantizer never quantizes among those it could (tensor_allows_quantization), for the
-# families converted here: besides 1-D tensors and norms, which the converter already keeps F32
-_LAYER = re.compile(r"^blk\.(\d+)\.")
+_LAYER = re.compile(r"^blk\.(\d+)\.")  # the block of a layer's tensor
 
 
 def quantizable(gguf_name: str, shape: tuple[int, ...]) -> bool:
-    """The quantizer changes this tensor's type (a matrix named ``*weight``, not a norm)."""
+    """The quantizer may change this tensor's type (tensor_allows_quantization for the families here:
+    a matrix named ``*weight``, not a norm); the others keep the converter's type."""
     return len(shape) >= 2 and gguf_name.endswith("weight") and "_norm.weight" not in gguf_name
 
 

@@ -183,7 +183,7 @@ def _quantize_here(source: str, out: str, quant: str) -> int:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FILE_TYPES[quant]  # llama_ftype's values are general.file_type's
-    params.nthread = os.cpu_count() or 1
+    params.nthread = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return int(llama_cpp.llama_model_quantize(source.encode(), out.encode(), ctypes.byref(params)))
 
 

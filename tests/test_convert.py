@@ -123,20 +123,25 @@ def test_refusals_are_one_line_at_plan_time(cli, fake_hub, tmp_path, files, mess
     assert fake_hub.bytes_served(REPO, "model.safetensors") == 0
 
 
-def test_plan_cli_says_what_is_converted(cli, fake_hub, tmp_path, tiny_safetensors):
+@pytest.mark.parametrize(
+    ("quant", "tools", "fraction"),
+    [("Q8_0", "with llama.cpp's converter,", 1 / 3), ("Q4_K_M", "with llama.cpp's converter and quantizer,", 1 / 5)],
+)
+def test_plan_cli_says_what_is_converted(cli, fake_hub, tmp_path, tiny_safetensors, quant, tools, fraction):
     fake_hub.add_repo(REPO, tiny_safetensors)
     manifest = tmp_path / "tiny.toml"
     manifest.write_text(
-        f'repo = "{REPO}"\nconvert_from = "safetensors"\nquant = "Q8_0"\ncontext = 1024\n', encoding="utf-8"
+        f'repo = "{REPO}"\nconvert_from = "safetensors"\nquant = "{quant}"\ncontext = 1024\n', encoding="utf-8"
     )
     result = cli("plan", str(manifest), "--json")
     assert result.code == 0, result.err
     (data,) = json.loads(result.out)
     conversion = data["conversion"]
-    assert conversion["source"] == "safetensors" and conversion["quant"] == "Q8_0"
-    assert conversion["predicted_bytes"] == data["size_bytes"] < conversion["source_bytes"] / 3
+    assert conversion["source"] == "safetensors" and conversion["quant"] == quant
+    assert conversion["predicted_bytes"] == data["size_bytes"] < conversion["source_bytes"] * fraction
     tables = cli("plan", str(manifest))
     assert "from safetensors weights (LlamaForCausalLM, 1 file(s)" in tables.out, tables.out
+    assert tools in " ".join(tables.out.split()), tables.out
 
 
 # ## The Modal app: its own function, image, resources and the Volume
@@ -276,8 +281,10 @@ def test_a_failing_quantizer_is_one_error_and_leaves_nothing(tmp_path):
 
     not_gguf = tmp_path / "broken.gguf"
     not_gguf.write_bytes(b"GGUF" + b"\0" * 60)
-    with pytest.raises(ConversionError, match=r"^llama.cpp's quantizer failed \(exit status 1\):\n"):
+    with pytest.raises(ConversionError, match=r"^llama.cpp's quantizer failed \(exit status 1\):\n") as caught:
         quantize(not_gguf, tmp_path / "out.gguf", "Q4_0")
+    assert "failed to quantize" in str(caught.value), "llama.cpp's own reason is shown"
+    assert not (tmp_path / "out.gguf").exists()
     with pytest.raises(ConversionError, match=r"used for Q4_0, .*, not Q8_0"):
         quantize(not_gguf, tmp_path / "out.gguf", "Q8_0")
 
@@ -370,6 +377,17 @@ def test_the_benchmark_parser_counts_the_amx_buffer_as_a_cpu_only_repack():
     )
     buffers = parse_buffers(log)
     assert (buffers.weights, buffers.repack) == (round(5.06 * MIB), round(5.34 * MIB))
+
+
+@pytest.mark.model
+def test_the_quantizers_file_types_are_llama_cpps():
+    import llama_cpp
+
+    from deployer.quants import FILE_TYPES, QUANTIZER_QUANTS
+
+    assert {q: FILE_TYPES[q] for q in QUANTIZER_QUANTS} == {
+        q: getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{q}") for q in QUANTIZER_QUANTS
+    }
 
 
 @pytest.mark.model
