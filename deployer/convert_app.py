@@ -7,6 +7,10 @@ planned GGUF beside them (``deployer.converter.convert_checkpoint``). For a GGUF
     download_files(facts)     the files the download step fetches: the GGUF shards, or the checkpoint
     convert_jobs(facts)       [] or [the job]: output file, type, and the header the result must have
     convert_resources(facts)  memory and timeout of the conversion container, from the checkpoint's size
+                              and, for a type llama.cpp's quantizer writes, its 16-bit intermediate's
+
+The intermediate (two bytes a weight) lies in the Volume beside the checkpoint while the quantizer
+reads it (memory-mapped) and is deleted after: the Volume is the disk; the memory covers it too.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 from typing import Any
 
 from deployer.facts import ModelFacts, ShardFacts
+from deployer.quants import QUANTIZER_QUANTS
 
 MIB = 1024 * 1024
 # The converter reads tensors lazily from memory-mapped files and writes them one at a time; a
@@ -24,7 +29,11 @@ CONVERT_MEMORY_MIN_MIB = 4096
 CONVERT_MEMORY_MAX_MIB = 256 * 1024
 CONVERT_MEMORY_FACTOR = 1.25
 CONVERT_MEMORY_BASE_MIB = 2048
-# Time: the converter quantizes in numpy on the CPU, assumed no faster than 20 MB/s, plus a base.
+# The quantizer memory-maps the 16-bit intermediate and quantizes it a slab at a time: the same
+# rule sized from the intermediate, the larger of the two wins.
+INTERMEDIATE_BYTES_PER_WEIGHT = 2
+# Time: the converter quantizes in numpy on the CPU, assumed no faster than 20 MB/s, plus a base;
+# the intermediate is written and read again at no more than that rate.
 CONVERT_BASE_S = 1800
 CONVERT_BYTES_PER_S = 20 * 1000**2
 CONVERT_MAX_S = 86400
@@ -56,18 +65,31 @@ def convert_jobs(facts: ModelFacts) -> list[dict[str, Any]]:
     ]
 
 
-def convert_memory_mib(source_bytes: int) -> int:
-    """The conversion container's memory request for a checkpoint of ``source_bytes``."""
-    wanted = math.ceil(source_bytes * CONVERT_MEMORY_FACTOR / MIB) + CONVERT_MEMORY_BASE_MIB
+def intermediate_bytes(facts: ModelFacts) -> int:
+    """Bytes of the 16-bit file the quantizer reads; 0 when the converter writes the type itself."""
+    if facts.conversion is None or facts.conversion.quant not in QUANTIZER_QUANTS:
+        return 0
+    return facts.header.params * INTERMEDIATE_BYTES_PER_WEIGHT
+
+
+def convert_memory_mib(source_bytes: int, intermediate_bytes: int = 0) -> int:
+    """The conversion container's memory request for a checkpoint of ``source_bytes`` (and an intermediate)."""
+    largest = max(source_bytes, intermediate_bytes)
+    wanted = math.ceil(largest * CONVERT_MEMORY_FACTOR / MIB) + CONVERT_MEMORY_BASE_MIB
     return max(CONVERT_MEMORY_MIN_MIB, min(CONVERT_MEMORY_MAX_MIB, wanted))
 
 
-def convert_timeout(source_bytes: int) -> int:
-    """Seconds the conversion may take for a checkpoint of ``source_bytes``."""
-    return min(CONVERT_MAX_S, CONVERT_BASE_S + math.ceil(source_bytes / CONVERT_BYTES_PER_S))
+def convert_timeout(source_bytes: int, intermediate_bytes: int = 0) -> int:
+    """Seconds the conversion may take for a checkpoint of ``source_bytes`` (and an intermediate, written and read)."""
+    work = source_bytes + 2 * intermediate_bytes
+    return min(CONVERT_MAX_S, CONVERT_BASE_S + math.ceil(work / CONVERT_BYTES_PER_S))
 
 
 def convert_resources(facts: ModelFacts) -> dict[str, int]:
     """``convert_memory_mib`` and ``convert_timeout`` for the app's resources (the minimum for a GGUF model)."""
     source = facts.conversion.source_bytes if facts.conversion else 0
-    return {"convert_memory_mib": convert_memory_mib(source), "convert_timeout": convert_timeout(source)}
+    between = intermediate_bytes(facts)
+    return {
+        "convert_memory_mib": convert_memory_mib(source, between),
+        "convert_timeout": convert_timeout(source, between),
+    }

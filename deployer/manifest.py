@@ -19,12 +19,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
 from deployer.catalogue import load_catalogue
-from deployer.quants import CONVERT_QUANTS, KV_CACHE_TYPES, QUANTS, is_quantized_cache
+from deployer.quants import CONVERT_QUANTS, KV_CACHE_TYPES, NOT_CONVERTED, QUANTS, is_quantized_cache
 
 DEFAULT_APP_PREFIX = "gguf"
 APP_NAME_MAX = 63  # Modal object names are at most 63 characters here (Modal allows < 64)
@@ -383,6 +385,9 @@ class Manifest(_Strict):
             "$id": SCHEMA_ID,
             # the source is a GGUF file or Transformers weights to convert, never both
             "oneOf": [{"required": ["file"]}, {"required": ["convert_from"]}],
+            # a conversion produces fewer types than a GGUF file may have
+            "if": {"required": ["convert_from"]},
+            "then": {"properties": {"quant": {"enum": list(CONVERT_QUANTS)}}},
         },
     )
 
@@ -410,7 +415,9 @@ class Manifest(_Strict):
         Literal[QUANTS],  # type: ignore[valid-type]
         Field(
             description="llama.cpp quantization of the file; must match its general.file_type. With convert_from, "
-            "the type the conversion produces. Q8_0 recommended."
+            "the type the conversion produces: F32, F16, BF16 and Q8_0 by llama.cpp's converter, the legacy, K and "
+            "IQ3_S/IQ3_M/IQ4 types by llama.cpp's quantizer from its F16/BF16 output; not the types that need an "
+            "importance matrix (IQ1/IQ2, IQ3_XXS, IQ3_XS, Q2_K_S), TQ1_0/TQ2_0 or MXFP4_MOE. Q8_0 recommended."
         ),
     ]
     context: Annotated[
@@ -441,12 +448,18 @@ class Manifest(_Strict):
             )
         if self.file is None and self.convert_from is None:
             raise ValueError("set file (a .gguf in the repo) or convert_from ('safetensors' or 'pytorch')")
-        if self.convert_from is not None and self.quant not in CONVERT_QUANTS:
-            raise ValueError(
-                f"quant '{self.quant}' cannot be produced by a conversion; with convert_from, quant is one of "
-                f"{', '.join(CONVERT_QUANTS)}"
-            )
         return self
+
+    @field_validator("quant")
+    @classmethod
+    def _quant_a_conversion_writes(cls, quant: str, info: ValidationInfo) -> str:
+        # convert_from is declared before quant, so it is validated by now
+        if info.data.get("convert_from") is not None and quant not in CONVERT_QUANTS:
+            raise ValueError(
+                f"'{quant}' {NOT_CONVERTED.get(quant, 'cannot be produced by a conversion')}; "
+                f"with convert_from, quant is one of {', '.join(CONVERT_QUANTS)}"
+            )
+        return quant
 
     @property
     def gpus(self) -> tuple[GpuSpec, ...]:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from deployer.plan import GpuChoice, Plan, PlanFailure, breakdown, gib, params_label
+from deployer.quants import QUANTIZER_QUANTS
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -130,10 +131,14 @@ def _conversion_words(plan: Plan) -> list[tuple[str, str]]:
     weights = [f for f in conversion.files if f.file.endswith((".safetensors", ".bin"))]
     words = (
         f"from {conversion.source} weights ({conversion.architecture}, {len(weights)} file(s), "
-        f"{conversion.source_bytes / 1e9:,.2f} GB) to {conversion.quant} with llama.cpp's converter, "
+        f"{conversion.source_bytes / 1e9:,.2f} GB) to {conversion.quant} with llama.cpp's {_tools(conversion.quant)}, "
         f"once, before the first deploy: about {plan.facts.size_bytes / 1e9:,.2f} GB"
     )
     return [("convert", words)]
+
+
+def _tools(quant: str) -> str:
+    return "converter and quantizer" if quant in QUANTIZER_QUANTS else "converter"
 
 
 def _chat_words(plan: Plan) -> str:

@@ -46,10 +46,24 @@ FILE_TYPES: dict[str, int] = {
 }
 
 QUANTS: tuple[str, ...] = tuple(FILE_TYPES)
-# What a conversion of Transformers weights can produce: llama.cpp's converter writes these four
-# directly (--outtype); the rest would go through llama.cpp's quantizer, whose mixes are not
-# predicted yet (and the IQ types need an importance matrix).
-CONVERT_QUANTS: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0")
+# What a conversion of Transformers weights can produce. llama.cpp's converter writes the first
+# four itself (--outtype); the others are quantized from its F16 (or BF16) output by llama.cpp's
+# quantizer (llama_model_quantize), whose per-tensor mixes deployer.checkpoint predicts.
+CONVERTER_QUANTS: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0")
+QUANTIZER_QUANTS: tuple[str, ...] = (
+    *("Q4_0", "Q4_1", "Q5_0", "Q5_1"),
+    *("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"),
+    *("IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS"),
+)
+CONVERT_QUANTS: tuple[str, ...] = CONVERTER_QUANTS + QUANTIZER_QUANTS
+_IMATRIX = "needs an importance matrix, which llama.cpp's quantizer refuses to go without"
+# The types llama.cpp has that a conversion does not produce, and why (the manifest's error says it)
+NOT_CONVERTED: dict[str, str] = {
+    **dict.fromkeys(("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"), _IMATRIX),
+    "TQ1_0": "is ternary, for models trained ternary (BitNet); the models converted here are not",
+    "TQ2_0": "is ternary, for models trained ternary (BitNet); the models converted here are not",
+    "MXFP4_MOE": "quantizes mixture-of-experts tensors; the models converted here are dense",
+}
 UNQUANTIZED: frozenset[str] = frozenset({"F32", "F16", "BF16"})
 
 # KV cache element types llama.cpp accepts for --cache-type-k / --cache-type-v, with ggml's block

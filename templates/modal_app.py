@@ -260,14 +260,17 @@ def verify(path: Path, shard: dict) -> None:
 # a GGUF in the Volume: `download_weights` fetches the checkpoint (config, tokenizer, weights,
 # verified) into the commit's folder and then calls `convert_weights`, which runs llama.cpp's own
 # converter (`convert_hf_to_gguf.py`) taken from the source release of the llama-cpp-python the
-# server runs, so converter and engine are the same llama.cpp. The GGUF is written beside the
+# server runs, so converter and engine are the same llama.cpp. A type the converter does not write
+# itself (F32, F16, BF16, Q8_0) is quantized by llama.cpp's quantizer from the converter's 16-bit
+# output, written beside it in the Volume and deleted after. The GGUF is written beside the
 # checkpoint, under the commit and the quant, checked (architecture, tensor count, file type)
 # and renamed into place; a second deploy of the same commit and quant finds it and converts
 # nothing. For a GGUF model PLAN["convert"] is empty and this function is never called.
 
 # Its own CPU image: the converter's Python dependencies (llama.cpp's
-# requirements-convert_hf_to_gguf.txt), torch from PyTorch's CPU index, pinned; the serving image
-# stays as lean as it is.
+# requirements-convert_hf_to_gguf.txt), torch from PyTorch's CPU index, pinned, and the quantizer:
+# llama-cpp-python built for the CPU from the same source release; the serving image stays as
+# lean as it is.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the converter's source release: the server's llama-cpp-python
 CONVERTER_DIR = "/opt/llama.cpp"  # convert_hf_to_gguf.py, conversion/, gguf-py/, models/templates/
 TORCH = "torch==2.11.0"
@@ -285,22 +288,27 @@ SDIST = f"/tmp/sdist/llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"  # noqa
 VENDORED = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
 CONVERTER_MEMBERS = ["convert_hf_to_gguf.py", "conversion", "gguf-py", "models/templates"]
 
+# the quantizer's build: portable across the CPUs Modal runs the container on
+QUANTIZER_CMAKE_ARGS = "-DGGML_NATIVE=off"
+
 convert_image = (
     modal.Image.debian_slim(python_version=PYTHON_VERSION)
+    .apt_install("build-essential")
     .pip_install(TORCH, index_url=TORCH_INDEX_URL)
     .pip_install(*CONVERTER_PACKAGES)
     .run_commands(
         f"pip download --no-deps --no-binary :all: --dest /tmp/sdist llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
         f"mkdir -p {CONVERTER_DIR} && tar -xzf {SDIST} -C {CONVERTER_DIR} --strip-components=3 "
         + " ".join(f"{VENDORED}/{member}" for member in CONVERTER_MEMBERS),
-        f"pip install {CONVERTER_DIR}/gguf-py && rm -rf /tmp/sdist",  # the converter's own gguf package
+        f"pip install {CONVERTER_DIR}/gguf-py",  # the converter's own gguf package
+        f"CMAKE_ARGS='{QUANTIZER_CMAKE_ARGS}' FORCE_CMAKE=1 pip install {SDIST} && rm -rf /tmp/sdist",  # the quantizer
     )
     .add_local_python_source("deployer", ignore=DEPLOYER_SOURCE)
 )
 
-CONVERT_CPU_CORES = 8.0  # the converter quantizes in numpy, a tensor at a time
-CONVERT_MEMORY_MIB = PLAN["resources"]["convert_memory_mib"]  # sized from the checkpoint
-CONVERT_TIMEOUT = PLAN["resources"]["convert_timeout"]  # sized from the checkpoint
+CONVERT_CPU_CORES = 8.0  # the converter quantizes in numpy, a tensor at a time; the quantizer on every core
+CONVERT_MEMORY_MIB = PLAN["resources"]["convert_memory_mib"]  # sized from the checkpoint and the 16-bit intermediate
+CONVERT_TIMEOUT = PLAN["resources"]["convert_timeout"]  # sized from the checkpoint and the 16-bit intermediate
 
 
 @app.function(

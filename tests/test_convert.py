@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from gguf.constants import GGMLQuantizationType as T
 
 from benchmarks.estimate_vs_llama import measure
 from deployer.cache import FactsCache
 from deployer.converter import LLAMA_CPP_PYTHON_VERSION, Expected, check_converted, fetch_converter
 from deployer.errors import ConversionError
 from deployer.estimate import MIB, EstimateSettings, estimate
+from deployer.facts import ModelFacts
 from deployer.gguf_header import read_header
 from deployer.hub import HfHubClient, Resolver
 from deployer.plan import plan
@@ -120,28 +123,33 @@ def test_refusals_are_one_line_at_plan_time(cli, fake_hub, tmp_path, files, mess
     assert fake_hub.bytes_served(REPO, "model.safetensors") == 0
 
 
-def test_plan_cli_says_what_is_converted(cli, fake_hub, tmp_path, tiny_safetensors):
+@pytest.mark.parametrize(
+    ("quant", "tools", "fraction"),
+    [("Q8_0", "with llama.cpp's converter,", 1 / 3), ("Q4_K_M", "with llama.cpp's converter and quantizer,", 1 / 5)],
+)
+def test_plan_cli_says_what_is_converted(cli, fake_hub, tmp_path, tiny_safetensors, quant, tools, fraction):
     fake_hub.add_repo(REPO, tiny_safetensors)
     manifest = tmp_path / "tiny.toml"
     manifest.write_text(
-        f'repo = "{REPO}"\nconvert_from = "safetensors"\nquant = "Q8_0"\ncontext = 1024\n', encoding="utf-8"
+        f'repo = "{REPO}"\nconvert_from = "safetensors"\nquant = "{quant}"\ncontext = 1024\n', encoding="utf-8"
     )
     result = cli("plan", str(manifest), "--json")
     assert result.code == 0, result.err
     (data,) = json.loads(result.out)
     conversion = data["conversion"]
-    assert conversion["source"] == "safetensors" and conversion["quant"] == "Q8_0"
-    assert conversion["predicted_bytes"] == data["size_bytes"] < conversion["source_bytes"] / 3
+    assert conversion["source"] == "safetensors" and conversion["quant"] == quant
+    assert conversion["predicted_bytes"] == data["size_bytes"] < conversion["source_bytes"] * fraction
     tables = cli("plan", str(manifest))
     assert "from safetensors weights (LlamaForCausalLM, 1 file(s)" in tables.out, tables.out
+    assert tools in " ".join(tables.out.split()), tables.out
 
 
 # ## The Modal app: its own function, image, resources and the Volume
 
 
-def _app(tmp_path: Path, fake_hub, tiny_safetensors):
+def _app(tmp_path: Path, fake_hub, tiny_safetensors, quant: str = "Q8_0"):
     fake_hub.add_repo(REPO, tiny_safetensors)
-    loaded = loaded_manifest(**MANIFEST)
+    loaded = loaded_manifest(**{**MANIFEST, "quant": quant})
     chosen = plan(loaded, _resolver(fake_hub, tmp_path).resolve_manifest(loaded))
     rendered = render(chosen, Provenance("manifests/tiny.toml"))
     return chosen, rendered, import_app(write_app(rendered, tmp_path / "app"))
@@ -184,24 +192,25 @@ def test_a_gguf_app_converts_nothing(tmp_path):
 # ## Converting for real, with the app's own code
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, converter, tiny_safetensors):
+def _convert_with_the_app(
+    tmp_path_factory, converter: Path, tiny: dict[str, Path], quant: str
+) -> Iterator[SimpleNamespace]:
     """The app's download and conversion steps run here (Modal absent: the Volume is a folder)."""
+    import huggingface_hub.constants as constants
+
     import tests.fakehub as fakehub_module
 
     hub = fakehub_module.FakeHub()
+    mp = pytest.MonkeyPatch()
     try:
-        mp = pytest.MonkeyPatch()
         home = tmp_path_factory.mktemp("hub-home")
-        import huggingface_hub.constants as constants
-
         mp.setattr(constants, "ENDPOINT", hub.url)
         mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
         mp.setattr(constants, "HF_HUB_OFFLINE", False)
         mp.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
         mp.delenv("HF_TOKEN", raising=False)
         tmp = tmp_path_factory.mktemp("convert-app")
-        chosen, rendered, module = _app(tmp, hub, tiny_safetensors)
+        chosen, rendered, module = _app(tmp, hub, tiny, quant=quant)
         module.MODELS_DIR = tmp / "volume"
         module.CONVERTER_DIR = str(converter)
         module.volume = SimpleNamespace(reload=lambda: None, commit=lambda: None)
@@ -215,20 +224,69 @@ def converted(tmp_path_factory, converter, tiny_safetensors):
         hub.close()
 
 
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, converter, tiny_safetensors):
+    """Q8_0: written by llama.cpp's converter itself."""
+    yield from _convert_with_the_app(tmp_path_factory, converter, tiny_safetensors, "Q8_0")
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, converter, tiny_safetensors):
+    """Q4_K_M: the converter's 16-bit output quantized by llama.cpp's quantizer."""
+    yield from _convert_with_the_app(tmp_path_factory, converter, tiny_safetensors, "Q4_K_M")
+
+
+def assert_is_the_prediction(path: Path, predicted: ModelFacts, quant: str) -> None:
+    """The file's tensors, types and sizes are the predicted ones; its size within 1 %; no partial file left."""
+    actual = read_header(path)
+    assert {t.name: (t.shape, T(t.ggml_type).name, t.n_bytes) for t in actual.tensors} == {
+        t.name: (t.shape, T(t.ggml_type).name, t.n_bytes) for t in predicted.header.tensors
+    }, "the conversion wrote other tensors or types than predicted"
+    size = path.stat().st_size
+    assert abs(predicted.size_bytes - size) <= 0.01 * size, f"predicted {predicted.size_bytes:,}, wrote {size:,}"
+    assert (actual.arch, actual.quant, actual.context_length) == ("llama", quant, 2048)
+    assert actual.has_chat_template
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "no partial or intermediate file left"
+
+
 @pytest.mark.model
 @pytest.mark.convert
 @pytest.mark.filterwarnings(LOCAL_CALL)
 def test_converted_file_is_the_predicted_one(converted):
-    predicted, path = converted.plan.facts, converted.path
-    actual = read_header(path)
-    assert {t.name: (t.shape, t.ggml_type, t.n_bytes) for t in actual.tensors} == {
-        t.name: (t.shape, t.ggml_type, t.n_bytes) for t in predicted.header.tensors
-    }, "the converter wrote other tensors or types than predicted"
-    size = path.stat().st_size
-    assert abs(predicted.size_bytes - size) <= 0.01 * size, f"predicted {predicted.size_bytes:,}, wrote {size:,}"
-    assert (actual.arch, actual.quant, actual.context_length) == ("llama", "Q8_0", 2048)
-    assert actual.has_chat_template
-    assert [p.name for p in path.parent.iterdir()] == [path.name], "no partial file left"
+    assert_is_the_prediction(converted.path, converted.plan.facts, "Q8_0")
+
+
+@pytest.mark.model
+@pytest.mark.convert
+@pytest.mark.filterwarnings(LOCAL_CALL)
+def test_quantized_file_is_the_predicted_mix_and_answers_through_openai(quantized, start_server):
+    assert_is_the_prediction(quantized.path, quantized.plan.facts, "Q4_K_M")
+    types = {t.name: T(t.ggml_type) for t in read_header(quantized.path).tensors}
+    assert {types["blk.1.attn_v.weight"], types["output.weight"], types["blk.0.attn_v.weight"]} == {T.Q6_K, T.Q4_K}
+    assert quantized.data["convert"][0]["expected"]["file_type"] == 15
+    assert quantized.data["resources"]["convert_memory_mib"] == 4096
+
+    server = start_server(runtime_config(quantized.plan.manifest, str(quantized.path), require_api_key=False))
+    reply = server.client().chat.completions.create(
+        model=quantized.plan.manifest.name, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens >= 1
+
+
+@pytest.mark.model
+@pytest.mark.convert
+def test_a_failing_quantizer_is_one_error_and_leaves_nothing(tmp_path):
+    from deployer.converter import quantize
+
+    not_gguf = tmp_path / "broken.gguf"
+    not_gguf.write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(ConversionError, match=r"^llama.cpp's quantizer failed \(exit status 1\):\n") as caught:
+        quantize(not_gguf, tmp_path / "out.gguf", "Q4_0")
+    assert "failed to quantize" in str(caught.value), "llama.cpp's own reason is shown"
+    assert not (tmp_path / "out.gguf").exists()
+    with pytest.raises(ConversionError, match=r"used for Q4_0, .*, not Q8_0"):
+        quantize(not_gguf, tmp_path / "out.gguf", "Q8_0")
 
 
 @pytest.mark.model
@@ -267,7 +325,7 @@ def test_memory_estimate_of_the_prediction_holds_for_llama_cpp(converted):
 @pytest.mark.model
 @pytest.mark.convert
 def test_serve_converts_into_the_local_cache_once_and_answers_through_openai(
-    fake_hub, tiny_safetensors, converter, monkeypatch, start_server
+    fake_hub, tiny_safetensors, converter, monkeypatch, start_server, tmp_path
 ):
     from deployer.cache import default_cache_dir
     from deployer.converter import default_converter_dir
@@ -276,13 +334,13 @@ def test_serve_converts_into_the_local_cache_once_and_answers_through_openai(
     fake_hub.add_repo(REPO, tiny_safetensors)
     cache = default_cache_dir()
     shutil.copytree(converter, default_converter_dir(cache))  # fetched once per session already
-    # F16 here (Q8_0 above): llama.cpp's CPU backend crashes in its AMX Q8_0 kernels on this
-    # kind of machine (Intel AMX in a VM), a CPU-only problem a Modal GPU never meets
-    loaded = loaded_manifest(**{**MANIFEST, "quant": "F16"})
+    # Q4_0, a legacy type: the converter's 16-bit output quantized by llama.cpp's quantizer
+    loaded = loaded_manifest(**{**MANIFEST, "quant": "Q4_0"})
     found = find_model_file(loaded.manifest)
     assert found.path.is_relative_to(cache / "converted" / REPO)
-    assert read_header(found.path).quant == "F16"
-    assert "converted to F16" in found.source
+    predicted = _resolver(fake_hub, tmp_path).resolve_manifest(loaded)
+    assert_is_the_prediction(found.path, predicted, "Q4_0")
+    assert "converted to Q4_0" in found.source
 
     server = start_server(runtime_config(loaded, str(found.path), require_api_key=False))
     reply = server.client().chat.completions.create(
@@ -319,6 +377,17 @@ def test_the_benchmark_parser_counts_the_amx_buffer_as_a_cpu_only_repack():
     )
     buffers = parse_buffers(log)
     assert (buffers.weights, buffers.repack) == (round(5.06 * MIB), round(5.34 * MIB))
+
+
+@pytest.mark.model
+def test_the_quantizers_file_types_are_llama_cpps():
+    import llama_cpp
+
+    from deployer.quants import FILE_TYPES, QUANTIZER_QUANTS
+
+    assert {q: FILE_TYPES[q] for q in QUANTIZER_QUANTS} == {
+        q: getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{q}") for q in QUANTIZER_QUANTS
+    }
 
 
 @pytest.mark.model
@@ -367,3 +436,45 @@ def test_a_gguf_manifest_for_a_weights_repo_is_pointed_to_convert_from(fake_hub,
     fake_hub.add_repo(REPO, tiny_safetensors)
     with pytest.raises(HubError, match=r"holds Transformers weights: set convert_from instead of file"):
         _resolver(fake_hub, tmp_path).resolve_manifest(loaded_manifest(repo=REPO, file="Tiny-Llama-Q8_0.gguf"))
+
+
+# ## The predicted mixes against llama.cpp's quantizer itself, at real widths (a dry run: no weights)
+
+SHAPES = {
+    "llama3-8b": {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+                  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                  "vocab_size": 128256, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+    "llama-70b": {"architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "intermediate_size": 28672,
+                  "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256},
+    "qwen2-0.5b-tied": {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "intermediate_size": 4864,
+                        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                        "vocab_size": 151936, "tie_word_embeddings": True},
+    "qwen3-gqa2": {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 2048, "intermediate_size": 6144,
+                   "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+                   "vocab_size": 151936, "tie_word_embeddings": True},
+}  # fmt: skip
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_predicted_mixes_are_llama_cpps_at_real_widths(shape, tmp_path):
+    from deployer.checkpoint import family_of, predict, tensors_from_config
+    from deployer.quants import NOT_CONVERTED, QUANTIZER_QUANTS
+    from tests.quantizer import dry_run, sparse_gguf
+
+    config = {"max_position_embeddings": 8192, "torch_dtype": "float16", **SHAPES[shape]}
+    tensors = tensors_from_config(config, family_of(config, "org/m"))
+    source = sparse_gguf(tmp_path / "f16.gguf", predict(config, tensors, "F16").header)
+    imatrix_types = [q for q, why in NOT_CONVERTED.items() if "importance matrix" in why]
+    runs = dry_run(source, [*QUANTIZER_QUANTS, *imatrix_types])
+    for quant in QUANTIZER_QUANTS:
+        predicted = {t.name: T(t.ggml_type) for t in predict(config, tensors, quant).header.tensors}
+        wrong = {
+            name: (mine, runs[quant].types.get(name))
+            for name, mine in predicted.items()
+            if runs[quant].types.get(name) != mine
+        }
+        assert not wrong and len(runs[quant].types) == len(predicted), f"{quant}: (predicted, llama.cpp) {wrong}"
+        assert not runs[quant].needs_imatrix, f"{quant} needs an importance matrix"
+    if config["hidden_size"] % 256 == 0:  # else the IQ types fall back to IQ4_NL, which needs none
+        assert [q for q in imatrix_types if not runs[q].needs_imatrix] == [], "refused, yet llama.cpp needs no imatrix"

@@ -104,6 +104,14 @@ BROKEN = [
     ),
     pytest.param(GOOD + "[server]\nparallel = 0\n", "server.parallel", 7, "must be at least 1, got 0", id="no-slots"),
     pytest.param(GOOD + "[server]\nthreads = 0\n", "server.threads", 7, "must be at least 1, got 0", id="no-threads"),
+    pytest.param(
+        _good(file="", quant='"IQ1_M"', convert_from='"safetensors"'),
+        "quant",
+        4,
+        "'IQ1_M' needs an importance matrix, which llama.cpp's quantizer refuses to go without; "
+        "with convert_from, quant is one of F32, F16, BF16, Q8_0, Q4_0,",
+        id="conversion-to-an-imatrix-type",
+    ),
 ]
 
 
