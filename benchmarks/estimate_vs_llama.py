@@ -1,7 +1,7 @@
 """The memory estimator against llama.cpp itself, on the CPU.
 
-Loads real models with the settings the serving runtime uses (``Llama`` keyword arguments from
-``deployer.runtime.engine.llama_kwargs``), on the CPU, one thread, through llama-cpp-python's
+Loads real models with the parameters the serving runtime uses (``deployer.runtime.llama``'s
+``model_params`` and ``context_params``), on the CPU, one thread, through llama-cpp-python's
 low-level API (see :func:`create_context`), and reads the ``model``, ``KV``, ``compute`` and
 ``output buffer size`` lines llama.cpp prints when it creates the context (it reserves the
 compute buffer then: no inference is needed). Each load runs in its own subprocess, so its
@@ -49,6 +49,7 @@ from pathlib import Path
 
 from deployer.estimate import MIB, EstimateSettings, MemoryEstimate, estimate
 from deployer.gguf_header import read_header
+from deployer.runtime.config import RuntimeConfig
 from tests import ggufgen
 
 CONTEXTS = (512, 2048, 8192, 32768)
@@ -105,12 +106,9 @@ def parse_buffers(log: str) -> Buffers:
     return Buffers(as_bytes["model"], as_bytes["repack"], as_bytes["KV"], as_bytes["compute"], as_bytes["output"])
 
 
-def llama_kwargs(model: Path, settings: EstimateSettings) -> dict[str, object]:
-    """The runtime's ``Llama`` arguments for ``settings``, loaded on the CPU with llama.cpp's log on."""
-    from deployer.runtime.config import RuntimeConfig
-    from deployer.runtime.engine import llama_kwargs as runtime_kwargs
-
-    config = RuntimeConfig(
+def runtime_config(model: Path, settings: EstimateSettings) -> RuntimeConfig:
+    """The runtime's settings for ``settings``, on the CPU, one thread, with llama.cpp's log on."""
+    return RuntimeConfig(
         model_name="bench",
         model_path=str(model),
         n_ctx=settings.context,
@@ -119,15 +117,11 @@ def llama_kwargs(model: Path, settings: EstimateSettings) -> dict[str, object]:
         flash_attn=settings.flash_attn,
         kv_cache_type=settings.kv_cache_type,
         embeddings=settings.embeddings,
-        logits_all=settings.logits_all,
+        parallel=settings.parallel,
         n_gpu_layers=0,
         n_threads=1,
         verbose=True,
     )
-    kwargs: dict[str, object] = runtime_kwargs(config)
-    if not settings.swa_full:  # the runtime leaves llama.cpp's default (full-size SWA cache)
-        kwargs["swa_full"] = False
-    return kwargs
 
 
 def measure(model: Path, settings: EstimateSettings) -> Buffers:
@@ -165,30 +159,21 @@ def create_context(model_path: Path, settings: EstimateSettings) -> None:
     import llama_cpp
     from llama_cpp._logger import set_verbose
 
-    kwargs = llama_kwargs(model_path, settings)
+    from deployer.runtime.llama import context_params, model_params
+
+    config = runtime_config(model_path, settings)
     set_verbose(True)  # llama.cpp's buffer lines on stderr, as Llama(verbose=True) prints them
     llama_cpp.llama_backend_init()
-    model_params = llama_cpp.llama_model_default_params()
-    model_params.n_gpu_layers = kwargs["n_gpu_layers"]
-    model_params.use_extra_bufts = False
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params)
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params(config))
     if not model:
         raise RuntimeError(f"llama.cpp could not load {model_path}")
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = settings.context * settings.parallel
-    params.n_seq_max = settings.parallel
-    params.kv_unified = False
-    params.n_batch = kwargs["n_batch"]
-    params.n_ubatch = min(kwargs["n_batch"], kwargs["n_ubatch"])
-    params.n_threads = params.n_threads_batch = kwargs["n_threads"]
-    params.embeddings = kwargs["embedding"]
-    if kwargs["embedding"] and settings.parallel == 1:  # llama_cpp.Llama's embeddings context
-        params.n_seq_max = min(kwargs["n_batch"], llama_cpp.llama_max_parallel_sequences())
-        params.kv_unified = True
-    enabled, disabled = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    params.flash_attn_type = enabled if kwargs["flash_attn"] else disabled
-    params.type_k, params.type_v = kwargs["type_k"], kwargs["type_v"]
-    params.swa_full = kwargs.get("swa_full", True)
+    params = context_params(config)
+    params.swa_full = settings.swa_full
+    if settings.embeddings:  # the estimate's embeddings model: llama_cpp.Llama's unified cache, logits for every row
+        params.embeddings = True
+        if settings.parallel == 1:
+            params.n_seq_max = min(config.n_batch, llama_cpp.llama_max_parallel_sequences())
+            params.kv_unified = True
     context = llama_cpp.llama_init_from_model(model, params)
     if not context:
         raise RuntimeError(f"llama.cpp could not create a context of {settings.parallel} sequences")

@@ -168,15 +168,39 @@ def check_grammar(model: Model, text: str) -> bool:
     return True
 
 
+def model_params(config: RuntimeConfig) -> Any:
+    """``llama_model_params`` of ``config`` (the memory benchmark loads models with the same)."""
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = config.n_gpu_layers
+    params.use_extra_bufts = config.cpu_repack
+    return params
+
+
+def context_params(config: RuntimeConfig, *, embeddings: bool = False) -> Any:
+    """``llama_context_params`` of ``config``: ``parallel`` sequences of ``n_ctx`` tokens, each in a KV
+    stream of its own; or, for ``embeddings``, the one-sequence context that embeds an input at a time."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = config.n_batch if embeddings else config.n_ctx * config.parallel
+    params.n_seq_max = 1 if embeddings else config.parallel
+    params.kv_unified = False
+    params.embeddings = embeddings
+    params.n_batch = max(config.n_batch, config.parallel)
+    params.n_ubatch = min(config.n_ubatch, params.n_batch)
+    params.n_threads = params.n_threads_batch = config.n_threads or physical_cores()
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    params.type_k = params.type_v = KV_TYPES[config.kv_cache_type]
+    params.no_perf = True
+    return params
+
+
 class Model:
     """The loaded model, its context of ``parallel`` sequences, and one reusable batch."""
 
     def __init__(self, config: RuntimeConfig) -> None:
         llama_cpp.llama_backend_init()
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = config.n_gpu_layers
-        model_params.use_extra_bufts = config.cpu_repack
-        self.model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), model_params)
+        self.model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), model_params(config))
         if not self.model:
             raise LlamaError("llama.cpp could not load the file (see its log above)")
         self.ctx: Any = None
@@ -194,17 +218,12 @@ class Model:
         self.parallel = config.parallel
         self.n_threads = config.n_threads or physical_cores()
         self.n_batch = config.n_batch
-        params = self._context_params(config)
-        params.n_ctx = config.n_ctx * config.parallel
-        params.n_seq_max = config.parallel
-        params.kv_unified = False
-        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        self.ctx = llama_cpp.llama_init_from_model(self.model, context_params(config))
         if not self.ctx:
             raise LlamaError(f"llama.cpp could not create a context of {config.parallel} x {config.n_ctx} tokens")
         self.n_ctx = config.n_ctx  # per sequence: the scheduler keeps every sequence inside it
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        # a prompt chunk, or one decode token per slot
-        self.batch_capacity = max(config.n_batch, config.parallel)
+        self.batch_capacity = max(config.n_batch, config.parallel)  # a prompt chunk, or one decode token per slot
         self.batch = llama_cpp.llama_batch_init(self.batch_capacity, 0, 1)
         cap = self.batch_capacity
         self._tokens = np.ctypeslib.as_array(self.batch.token, shape=(cap,))
@@ -215,24 +234,9 @@ class Model:
         self._seq_ids = [self.batch.seq_id[i] for i in range(cap)]
         self.metadata = self._metadata()
         if config.embeddings:
-            eparams = self._context_params(config)
-            eparams.n_ctx = config.n_batch
-            eparams.embeddings = True
-            self.embed_ctx = llama_cpp.llama_init_from_model(self.model, eparams)
+            self.embed_ctx = llama_cpp.llama_init_from_model(self.model, context_params(config, embeddings=True))
             if not self.embed_ctx:
                 raise LlamaError("llama.cpp could not create the embeddings context")
-
-    def _context_params(self, config: RuntimeConfig) -> Any:
-        params = llama_cpp.llama_context_default_params()
-        params.n_batch = max(config.n_batch, config.parallel)
-        params.n_ubatch = config.n_ubatch
-        params.n_threads = params.n_threads_batch = self.n_threads
-        params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        params.type_k = params.type_v = KV_TYPES[config.kv_cache_type]
-        params.no_perf = True
-        return params
 
     # -- text
 
