@@ -300,13 +300,17 @@ class Engine:
         from deployer.runtime.chat import ChatTemplate
 
         model = self.model
-        self.chat_template = ChatTemplate.load(
-            template=model.metadata.get("tokenizer.chat_template"),
-            chat_format=self.config.chat_format,
-            bos_token=model.token_text(model.bos),
-            eos_token=model.token_text(model.eos),
-            reasoning_format=self.config.reasoning_format,
-        )
+        try:
+            self.chat_template = ChatTemplate.load(
+                template=model.metadata.get("tokenizer.chat_template"),
+                chat_format=self.config.chat_format,
+                bos_token=model.token_text(model.bos),
+                eos_token=model.token_text(model.eos),
+                reasoning_format=self.config.reasoning_format,
+            )
+        except Exception as exc:  # a template Jinja cannot even parse: completions still work
+            logs.event("chat_template_unusable", model=self.config.model_name, level="warn", error=str(exc))
+            self.chat_template = None
         self.has_chat_template = self.chat_template is not None
         self.load_seconds = time.monotonic() - started
         self.state = "ready"
@@ -418,7 +422,8 @@ class Engine:
                 finish = "stop"
             elif self.scheduler.must_stop(seq):
                 text, finish = text + choice.text.flush(), "length"
-        out.setdefault(job, []).append(Piece(seq.index, text, logprobs, finish))
+        if text or logprobs or finish is not None:  # text held back (a possible stop string) waits for the next
+            out.setdefault(job, []).append(Piece(seq.index, text, logprobs, finish))
         if finish is not None:
             self._end_seq(seq)
 
