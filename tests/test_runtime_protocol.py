@@ -95,7 +95,8 @@ def test_chat_normalized(body, check):
         pytest.param({"messages": [USER], "n": MAX_N + 1}, f"n must be at most {MAX_N}", "n", id="n-too-large"),
         pytest.param({"messages": [USER], "temperature": 3}, "temperature must be between 0 and 2, got 3", "temperature", id="temperature-range"),
         pytest.param({"messages": [USER], "stream_options": {"include_usage": True}}, "only allowed when stream is true", "stream_options", id="stream-options-without-stream"),
-        pytest.param({"messages": [USER], "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema is required", "response_format", id="json-schema-without-schema"),
+        pytest.param({"messages": [USER], "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "json_schema must be an object with a name", "response_format", id="json-schema-without-name"),
+        pytest.param({"messages": [USER], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}}, "must be a JSON schema object", "response_format", id="json-schema-not-an-object"),
         pytest.param({"messages": [USER], "response_format": {"type": "xml"}}, "response_format.type 'xml' is not supported", "response_format", id="unknown-format"),
         pytest.param({"messages": [USER], "response_format": {"type": "json_object"}, "grammar": "root ::= x"}, "either response_format or grammar", "response_format", id="two-grammars"),
         pytest.param({"messages": [USER], "seed": 1.5}, "seed must be an integer", "seed", id="float-seed"),
@@ -144,6 +145,13 @@ def test_completion_refused(body, message, param):
         normalize_completion(body)
     assert info.value.status == 400 and message in info.value.message
     assert info.value.param == param
+
+
+def test_json_schema_without_a_schema_is_any_json():
+    call = normalize_chat(
+        {"messages": [USER], "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}
+    )
+    assert call.json_object and call.json_schema is None
 
 
 def test_logprobs_are_accepted():

@@ -3,6 +3,7 @@
     ChatTemplate.load(template=, chat_format=, bos_token=, eos_token=, reasoning_format=)   once, at model load
     ChatTemplate.render(messages, tools=, tool_choice=, parallel_tool_calls=) -> RenderedChat
     RenderedChat.parser() -> ChatParser        one per choice: feed(text) -> deltas; finish() -> message
+                                               (deployer.runtime.chat_parser)
 
 A GGUF's Jinja template is rendered the way Hugging Face ``transformers.apply_chat_template`` renders
 it (sandboxed; ``messages``, ``tools``, ``add_generation_prompt``, ``bos_token``, ``eos_token``). Its
@@ -18,30 +19,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
-import string
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from deployer.runtime.chat_families import (
     GENERIC,
-    SCANNERS,
-    CallScan,
     Family,
-    Memo,
-    Unit,
-    _held,
     call_rule,
     calls_rule,
     detect_family,
     gbnf_literal,
+    xml_call_rule,
 )
+from deployer.runtime.chat_parser import THINK_CLOSE, THINK_OPEN, ChatParser, ParseSpec
 from deployer.runtime.protocol import bad_request
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 PROBE_TOOL = "gguf_deploy_probe_tool"  # rendered once at load: does the template show tools at all?
-_ID_ALPHABET = string.ascii_letters + string.digits
 
 
 class TemplateRaised(Exception):
@@ -63,23 +57,22 @@ def _environment() -> Any:
                sort_keys: bool = False) -> str:  # fmt: skip
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class Generation(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` (transformers marks assistant tokens with it): the body as is."""
+
+        tags = frozenset({"generation"})
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    extensions = [jinja2.ext.loopcontrols, Generation]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
-
-
-@dataclass(frozen=True)
-class ParseSpec:
-    """What a parser needs to know about one rendered request."""
-
-    family: Family | None  # None: no tool calls are parsed
-    tools: tuple[dict[str, Any], ...] = ()
-    parallel: bool = True
-    constrained: bool = False  # a grammar forces the calls: arguments stream as they are written
-    thinking: bool = False  # split <think>...</think> off into reasoning_content
-    think_open: bool = False  # the prompt already opened <think>
 
 
 @dataclass(frozen=True)
@@ -210,7 +203,15 @@ class ChatTemplate:
         shown = (tools or None) if use_tools else None  # a named choice still shows the model every tool
         offered = [t for t in tools or [] if t["function"]["name"] == named] if named else (shown or [])
         try:
-            prompt = self._render_jinja(plain, shown)
+            try:
+                prompt = self._render_jinja(plain, shown)
+            except TemplateRaised:
+                raise
+            except Exception:
+                if plain == messages:
+                    raise
+                # a few templates (functionary) write the arguments as the string they came as
+                prompt = self._render_jinja([_template_message(m, objects=False) for m in messages], shown)
         except TemplateRaised as exc:
             raise bad_request(f"the model's chat template refused these messages: {exc}", "messages") from exc
         except Exception as exc:  # a real template's error is about the request, never a server fault
@@ -277,14 +278,15 @@ def _named(choice: str | dict[str, Any], tools: list[dict[str, Any]]) -> str | N
     return str(name)
 
 
-def _template_message(message: dict[str, Any]) -> dict[str, Any]:
-    """A message as chat templates read it: arguments as objects, content present."""
+def _template_message(message: dict[str, Any], *, objects: bool = True) -> dict[str, Any]:
+    """A message as chat templates read it: content present, call arguments as objects (as transformers
+    documents them) unless ``objects`` is false."""
     out = dict(message)
-    if out.get("content") is None:
+    if out.get("content") is None:  # templates test it as text ('</think>' in content, content + ...)
         refusal = out.get("refusal")
-        out["content"] = refusal if isinstance(refusal, str) else (None if out.get("tool_calls") else "")
+        out["content"] = refusal if isinstance(refusal, str) else ""
     calls = out.get("tool_calls")
-    if calls:
+    if calls and objects:
         out["tool_calls"] = [_template_call(c) for c in calls]
     return out
 
@@ -317,6 +319,9 @@ def tool_grammar(family: Family, tools: list[dict[str, Any]], parallel: bool, th
             raise bad_request(
                 f"the parameters schema of tool '{function['name']}' cannot be turned into a grammar: {exc}", "tools"
             ) from exc
+        if family.syntax == "xml":
+            alternatives.append(_xml_rule(converter, family, function["name"], resolved, i))
+            continue
         alternatives.append(call_rule(family, function["name"], args_rule))
     rules = [converter.format_grammar(), f"tc-call ::= {' | '.join(alternatives)}"]
     rules.append(f"tc-calls ::= {calls_rule(family, 'tc-call', parallel)}")
@@ -329,217 +334,14 @@ def tool_grammar(family: Family, tools: list[dict[str, Any]], parallel: bool, th
     return "\n".join(rules) + "\n"
 
 
-# ## Reading the answer back
-
-
-class _ThinkSplitter:
-    """Splits ``<think>...</think>`` (at the start of the answer, or opened by the prompt) off the text."""
-
-    def __init__(self, opened: bool) -> None:
-        self.state = "think" if opened else "start"
-        self.pending = ""
-
-    def feed(self, text: str, final: bool) -> tuple[str, str]:
-        """(reasoning, content) settled by ``text``."""
-        self.pending += text
-        if self.state == "start":
-            head = self.pending.lstrip()
-            if head.startswith(THINK_OPEN):
-                self.state, self.pending = "think", head[len(THINK_OPEN) :]
-            elif THINK_OPEN.startswith(head) and not final:
-                return "", ""
-            else:
-                self.state, out, self.pending = "content", self.pending, ""
-                return "", out
-        if self.state == "think":
-            k = self.pending.find(THINK_CLOSE)
-            if k >= 0:
-                reasoning, rest = self.pending[:k], self.pending[k + len(THINK_CLOSE) :]
-                self.state, self.pending = "content", ""
-                return reasoning, rest
-            keep = 0 if final else _held(self.pending, (THINK_CLOSE,))
-            reasoning, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
-            return reasoning, ""
-        out, self.pending = self.pending, ""
-        return "", out
-
-
-@dataclass
-class _Call:
-    id: str
-    name: str
-    arguments: str
-    done: bool = True
-
-
-class ChatParser:
-    """Reads one choice's generated text into OpenAI's message and stream deltas.
-
-    ``feed`` returns the deltas the text settles; ``finish`` the rest, the full message and the
-    finish_reason it implies. Concatenating every delta gives the message exactly.
-    """
-
-    def __init__(self, spec: ParseSpec) -> None:
-        self._spec = spec
-        self._think = _ThinkSplitter(spec.think_open) if spec.thinking else None
-        self._reasoning = ""  # raw reasoning text so far
-        self._buf = ""  # raw answer text (after the reasoning)
-        self._pos, self._fresh = 0, True  # where the settled part of _buf ends
-        self._memo: Memo = {}  # JSON objects scanned so far, by where they start
-        self._content = ""  # settled content text
-        self._calls: list[_Call] = []  # settled calls
-        self._preview: list[_Call] = []  # calls being written (constrained output only)
-        self._tools = {t["function"]["name"]: t["function"] for t in spec.tools}
-        self._sent_content = self._sent_reasoning = ""
-        self._sent_calls: list[int] = []  # characters of arguments sent, per call index
-        self._ids: list[str] = []
-
-    @property
-    def _passthrough(self) -> bool:
-        return self._think is None and self._spec.family is None
-
-    def feed(self, text: str) -> list[dict[str, Any]]:
-        """Deltas (``{"content"}``, ``{"reasoning_content"}``, ``{"tool_calls"}``) settled by ``text``."""
-        if self._passthrough:
-            self._content += text
-            self._sent_content = self._content
-            return [{"content": text}] if text else []
-        self._advance(text, final=False)
-        return self._deltas(final=False)
-
-    def finish(self) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
-        """(deltas still held back, the message, "tool_calls" when the answer is complete calls, else None)."""
-        deltas: list[dict[str, Any]] = []
-        if not self._passthrough:
-            self._advance("", final=True)
-            deltas = self._deltas(final=True)
-        calls = self._calls + self._preview
-        content = self._shown_content(final=True)
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": content if content or not calls else None,
-            "refusal": None,
-        }
-        if self._think is not None and self._shown_reasoning():
-            message["reasoning_content"] = self._shown_reasoning()
-        if calls:
-            message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
-            ]
-        finish = "tool_calls" if calls and all(c.done for c in calls) else None
-        return deltas, message, finish
-
-    # -- settling text
-
-    def _advance(self, text: str, final: bool) -> None:
-        if self._think is not None:
-            reasoning, text = self._think.feed(text, final)
-            self._reasoning += reasoning
-        self._buf += text
-        family = self._spec.family
-        if family is None:
-            self._content += self._buf[self._pos :]
-            self._pos = len(self._buf)
-            return
-        pieces, open_unit, self._pos, self._fresh = SCANNERS[family.syntax](
-            family, self._buf, self._pos, self._fresh, final, self._memo
-        )
-        for piece in pieces:
-            if isinstance(piece, str):
-                self._content += piece
-            else:
-                self._settle(piece)
-        self._preview = []
-        if open_unit is not None and self._spec.constrained:
-            self._preview = self._as_calls(open_unit.calls, len(self._calls), done=False)
-
-    def _settle(self, unit: Unit) -> None:
-        calls = self._as_calls(unit.calls, len(self._calls), done=unit.done)
-        if self._spec.constrained and calls:  # the grammar wrote them, and they may have been streamed already
-            self._calls += calls
-            return
-        valid = unit.done and all(self._valid(c) for c in unit.calls)
-        if valid and (self._spec.parallel or not self._calls) and (self._spec.parallel or len(calls) == 1):
-            self._calls += calls
-        else:
-            self._content += unit.raw  # not a call this request can take: the model's text, as written
-
-    def _as_calls(self, scans: list[CallScan], first: int, done: bool) -> list[_Call]:
-        out = []
-        for index, scan in enumerate(scans, first):
-            if scan.name is None:
-                break
-            args = scan.args or ""
-            if done and scan.args_done:
-                args = _arguments_text(args)
-            out.append(_Call(self._id(index), scan.name, args, done and scan.args_done))
-        return out
-
-    def _id(self, index: int) -> str:
-        while len(self._ids) <= index:
-            family = self._spec.family or GENERIC
-            tail = "".join(secrets.choice(_ID_ALPHABET) for _ in range(family.call_id_length))
-            self._ids.append(family.call_id_prefix + tail)
-        return self._ids[index]
-
-    def _valid(self, scan: CallScan) -> bool:
-        """A complete call of an offered tool whose arguments are JSON valid for its schema."""
-        if not scan.valid_shape or scan.name not in self._tools or scan.args is None or not scan.args_done:
-            return False
-        try:
-            arguments = json.loads(_arguments_text(scan.args))
-        except json.JSONDecodeError:
-            return False
-        return isinstance(arguments, dict) and _matches(arguments, self._tools[scan.name].get("parameters"))
-
-    # -- what has been shown
-
-    def _shown_content(self, final: bool) -> str:
-        text = self._content.lstrip() if self._think is not None or self._spec.family else self._content
-        return text.rstrip() if self._spec.family is not None else text
-
-    def _shown_reasoning(self) -> str:
-        return self._reasoning.strip()
-
-    def _deltas(self, final: bool) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        reasoning = self._shown_reasoning()
-        if len(reasoning) > len(self._sent_reasoning):
-            out.append({"reasoning_content": reasoning[len(self._sent_reasoning) :]})
-            self._sent_reasoning = reasoning
-        content = self._shown_content(final)
-        if len(content) > len(self._sent_content):
-            out.append({"content": content[len(self._sent_content) :]})
-            self._sent_content = content
-        for index, call in enumerate(self._calls + self._preview):
-            if index == len(self._sent_calls):
-                head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name}}
-                head["function"]["arguments"] = ""
-                out.append({"tool_calls": [head]})
-                self._sent_calls.append(0)
-            sent = self._sent_calls[index]
-            if len(call.arguments) > sent:
-                out.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments[sent:]}}]})
-                self._sent_calls[index] = len(call.arguments)
-        return out
-
-
-def _arguments_text(raw: str) -> str:
-    """The arguments JSON text (a JSON string holding the object is unwrapped, as llama.cpp does)."""
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-    return value if isinstance(value, str) else raw
-
-
-def _matches(arguments: dict[str, Any], schema: Any) -> bool:
-    if not isinstance(schema, dict) or not schema:
-        return True
-    import jsonschema
-
-    try:
-        validator = jsonschema.validators.validator_for(schema)(schema)
-        return bool(validator.is_valid(arguments))
-    except (jsonschema.SchemaError, jsonschema.exceptions.RefResolutionError, ValueError, TypeError):
-        return True  # a schema the validator cannot read: the tool's own code checks the arguments
+def _xml_rule(converter: Any, family: Family, name: str, schema: dict[str, Any], i: int) -> str:
+    """One XML call: strings as plain text, other values as the JSON their schema allows."""
+    properties = schema.get("properties") or {}
+    required = set(schema.get("required") or ())
+    rules = []
+    for j, (key, spec) in enumerate(properties.items()):
+        is_text = isinstance(spec, dict) and spec.get("type") == "string" and not spec.get("enum")
+        value = "tc-text" if is_text else converter.visit(spec if isinstance(spec, dict) else {}, f"tc-{i}-{j}")
+        rules.append((key, value, key in required))
+    converter._add_rule("tc-text", "[^<]*")
+    return xml_call_rule(family, name, rules)

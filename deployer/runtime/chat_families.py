@@ -13,8 +13,10 @@ written), so that streaming and the final message always agree.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class Family:
     """One way of writing tool calls, and how to recognise a template that uses it."""
 
     name: str
-    syntax: str  # a key of SCANNERS: "tagged", "json", "mistral-array", "mistral-args"
+    syntax: str  # a key of SCANNERS: "tagged", "xml", "json", "mistral-array", "mistral-args"
     detect: tuple[str, ...] = ()  # every one of these occurs in the template
     absent: tuple[str, ...] = ()  # none of these does
     open: str = ""  # the text that starts a call ("tagged", "mistral-*", and "json"'s optional tag)
@@ -63,9 +65,18 @@ FAMILIES: tuple[Family, ...] = (
         example='[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
     ),
     Family(
+        "qwen3-xml",  # Qwen3-Coder, Qwen 3.5, Nemotron 3 Nano: <tool_call><function=...><parameter=...>
+        "xml",
+        detect=("<tool_call>", "<function=", "<parameter="),
+        open="<tool_call>",
+        close="</tool_call>",
+        example="<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>",
+    ),
+    Family(
         "hermes",  # Hermes 2/3, Qwen 2.5, Qwen 3, QwQ: <tool_call>{...}</tool_call>
         "tagged",
         detect=("<tool_call>",),
+        absent=("<function=", "<arg_key>", "<invoke"),  # XML-style calls inside <tool_call>: not JSON
         open="<tool_call>",
         close="</tool_call>",
         example='<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
@@ -74,6 +85,7 @@ FAMILIES: tuple[Family, ...] = (
         "llama3",  # Llama 3.1, 3.2, 3.3: a JSON object, optionally after <|python_tag|>
         "json",
         detect=("<|start_header_id|>ipython<|end_header_id|>",),
+        absent=("<function=",),  # functionary v3.1
         open="<|python_tag|>",
         args_key="parameters",
         separator="; ",
@@ -104,6 +116,7 @@ class CallScan:
     args: str | None = None  # None until the arguments start
     args_done: bool = False
     valid_shape: bool = True  # False when the call's JSON is not of the family's form
+    params: list[tuple[str, str]] | None = None  # "xml": the parameters as written (typed by the tool's schema)
 
 
 @dataclass
@@ -119,7 +132,7 @@ Piece = str | Unit  # settled text, or a settled unit of calls
 Scan = tuple[list[Piece], Unit | None, int, bool]  # settled pieces, unsettled unit, next position, fresh
 
 
-def _held(buf: str, markers: tuple[str, ...]) -> int:
+def held_back(buf: str, markers: tuple[str, ...]) -> int:
     """How many characters at the end of ``buf`` could be the start of one of ``markers``."""
     longest = 0
     for marker in markers:
@@ -240,7 +253,7 @@ def scan_tagged(family: Family, buf: str, pos: int, fresh: bool, final: bool, me
     while True:
         k = buf.find(family.open, pos)
         if k < 0:
-            end = len(buf) if final else len(buf) - _held(buf[pos:], (family.open,))
+            end = len(buf) if final else len(buf) - held_back(buf[pos:], (family.open,))
             if end > pos:
                 pieces.append(buf[pos:end])
             return pieces, None, end, fresh
@@ -264,6 +277,58 @@ def scan_tagged(family: Family, buf: str, pos: int, fresh: bool, final: bool, me
             call.valid_shape = False
         pieces.append(Unit([call], buf[k : close + len(family.close)], True))
         pos, fresh = close + len(family.close), True
+
+
+_XML_CALL = re.compile(r"\s*<function=([^>\n]+)>\n?(.*?)</function>\s*", re.S)
+_XML_PARAM = re.compile(r"\s*<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>\s*", re.S)
+
+
+def scan_xml(family: Family, buf: str, pos: int, fresh: bool, final: bool, memo: Memo) -> Scan:
+    """``<tool_call><function=name><parameter=key>value</parameter>...</function></tool_call>``.
+
+    Settled whole: the arguments are made from the parameters once the call is complete.
+    """
+    pieces: list[Piece] = []
+    while True:
+        k = buf.find(family.open, pos)
+        if k < 0:
+            end = len(buf) if final else len(buf) - held_back(buf[pos:], (family.open,))
+            if end > pos:
+                pieces.append(buf[pos:end])
+            return pieces, None, end, fresh
+        if k > pos:
+            pieces.append(buf[pos:k])
+        close = buf.find(family.close, k)
+        if close < 0 and not final:
+            return pieces, Unit([CallScan()], buf[k:], False), k, fresh
+        end = len(buf) if close < 0 else close + len(family.close)
+        call = CallScan(valid_shape=False)
+        found = _XML_CALL.fullmatch(buf, k + len(family.open), close) if close >= 0 else None
+        if found:
+            params, at, body = [], 0, found[2]
+            while (param := _XML_PARAM.match(body, at)) is not None:
+                params.append((param[1].strip(), param[2]))
+                at = param.end()
+            call = CallScan(found[1].strip(), None, False, valid_shape=not body[at:].strip(), params=params)
+        pieces.append(Unit([call], buf[k:end], True))
+        pos, fresh = end, True
+
+
+def xml_arguments(params: list[tuple[str, str]], schema: Any) -> str:
+    """The JSON arguments of XML parameters: text where the tool's schema wants a string, else JSON when it parses."""
+    properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    out: dict[str, Any] = {}
+    for key, text in params:
+        spec = properties.get(key) if isinstance(properties, dict) else None
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind == "string" or (isinstance(kind, list) and "string" in kind and text.strip() != "null"):
+            out[key] = text
+            continue
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return json.dumps(out, ensure_ascii=False)
 
 
 def scan_json(family: Family, buf: str, pos: int, fresh: bool, final: bool, memo: Memo) -> Scan:
@@ -306,7 +371,7 @@ def scan_json(family: Family, buf: str, pos: int, fresh: bool, final: bool, memo
             continue
         if fresh and i == len(buf) and not final:
             return pieces, None, pos, fresh  # only blanks so far: a call may still come
-        end = len(buf) if final else len(buf) - _held(buf[i:], markers)
+        end = len(buf) if final else len(buf) - held_back(buf[i:], markers)
         if end > pos:
             pieces.append(buf[pos:end])
             fresh = fresh and not buf[pos:end].strip(" \t\r\n;")
@@ -319,7 +384,7 @@ def scan_mistral_array(family: Family, buf: str, pos: int, fresh: bool, final: b
     while True:
         k = buf.find(family.open, pos)
         if k < 0:
-            end = len(buf) if final else len(buf) - _held(buf[pos:], (family.open,))
+            end = len(buf) if final else len(buf) - held_back(buf[pos:], (family.open,))
             if end > pos:
                 pieces.append(buf[pos:end])
             return pieces, None, end, fresh
@@ -373,7 +438,7 @@ def scan_mistral_args(family: Family, buf: str, pos: int, fresh: bool, final: bo
     while True:
         k = buf.find(family.open, pos)
         if k < 0:
-            end = len(buf) if final else len(buf) - _held(buf[pos:], (family.open,))
+            end = len(buf) if final else len(buf) - held_back(buf[pos:], (family.open,))
             if end > pos:
                 pieces.append(buf[pos:end])
             return pieces, None, end, fresh
@@ -404,6 +469,7 @@ def scan_mistral_args(family: Family, buf: str, pos: int, fresh: bool, final: bo
 
 SCANNERS: dict[str, Callable[[Family, str, int, bool, bool, Memo], Scan]] = {
     "tagged": scan_tagged,
+    "xml": scan_xml,
     "json": scan_json,
     "mistral-array": scan_mistral_array,
     "mistral-args": scan_mistral_args,
@@ -428,6 +494,16 @@ def call_rule(family: Family, name: str, args_rule: str) -> str:
     if family.syntax == "tagged":
         return f"{gbnf_literal(family.open + chr(10))} {obj} {gbnf_literal(chr(10) + family.close)}"
     return obj
+
+
+def xml_call_rule(family: Family, name: str, properties: list[tuple[str, str, bool]]) -> str:
+    """The GBNF of one XML call: each property ``(key, value rule, required)`` in order, optional ones may be left out."""
+    parts = [gbnf_literal(f"{family.open}\n<function={name}>\n")]
+    for key, value_rule, required in properties:
+        param = f"{gbnf_literal(f'<parameter={key}>' + chr(10))} {value_rule} {gbnf_literal(chr(10) + '</parameter>' + chr(10))}"
+        parts.append(param if required else f"( {param} )?")
+    parts.append(gbnf_literal(f"</function>\n{family.close}"))
+    return " ".join(parts)
 
 
 def calls_rule(family: Family, call: str, parallel: bool) -> str:

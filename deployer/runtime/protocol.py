@@ -256,13 +256,13 @@ def _list(value: Any) -> list[Any]:
 
 def _tool_call(call: Any, where: str) -> dict[str, Any]:
     """An assistant turn's tool call: ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
+    if isinstance(call, dict) and call.get("type", "function") != "function":
+        raise bad_request(f"{where}.type '{call.get('type')}' is not supported (only 'function')", "messages")
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         raise bad_request(
             f'{where} must be an object like {{"id": ..., "type": "function", "function": {{"name", "arguments"}}}}',
             "messages",
         )
-    if call.get("type", "function") != "function":
-        raise bad_request(f"{where}.type '{call.get('type')}' is not supported (only 'function')", "messages")
     function = call["function"]
     if not isinstance(function.get("name"), str):
         raise bad_request(f"{where}.function.name must be a string", "messages")
@@ -418,13 +418,18 @@ def _response_format(value: Any) -> tuple[dict[str, Any] | None, bool]:
         return schema, schema is None
     if kind == "json_schema":
         spec = value.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise bad_request(
-                "response_format.json_schema.schema is required: "
+                "response_format.json_schema must be an object with a name: "
                 '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
                 "response_format",
             )
-        return spec["schema"], False
+        schema = spec.get("schema")
+        if schema is None:  # OpenAI's spec makes the schema optional: then any JSON
+            return None, True
+        if not isinstance(schema, dict):
+            raise bad_request("response_format.json_schema.schema must be a JSON schema object", "response_format")
+        return schema, False
     raise bad_request(
         f"response_format.type '{kind}' is not supported (one of: text, json_object, json_schema)", "response_format"
     )
