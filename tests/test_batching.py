@@ -13,7 +13,6 @@ import time
 import httpx
 import jsonschema
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.serving import Server
 
@@ -71,6 +70,8 @@ def _stream_completion(server: Server, prompt: str, tokens: int, **options) -> t
 
 
 def _metrics(server: Server) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families  # the serve extra brings it
+
     with server.http() as http:
         response = http.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
