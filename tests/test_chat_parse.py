@@ -338,6 +338,7 @@ def test_any_arguments_round_trip(family, arguments, ascii_only, step):
 # ## Under a grammar, arguments stream as they are written
 
 
+@pytest.mark.model  # llama-cpp-python builds the grammar (the serve extra)
 def test_constrained_arguments_stream_in_pieces():
     chat = rendered("hermes", choice="required")
     assert chat.grammar is not None
@@ -349,6 +350,7 @@ def test_constrained_arguments_stream_in_pieces():
     assert_deltas_add_up(message, deltas)
 
 
+@pytest.mark.model  # llama-cpp-python builds the grammar (the serve extra)
 def test_constrained_call_cut_by_max_tokens_keeps_what_was_streamed():
     chat = rendered("hermes", choice="required")
     message, finish, deltas = parse_pieces(chat, ['<tool_call>\n{"name": "get_weather", "arguments": {"ci'])

@@ -183,6 +183,7 @@ def test_named_choice_must_name_a_tool():
     assert caught.value.status == 400 and "nope" in caught.value.message
 
 
+@pytest.mark.model  # llama-cpp-python builds the grammar (the serve extra)
 def test_named_choice_shows_every_tool_but_forces_one():
     choice = {"type": "function", "function": {"name": "get_weather"}}
     chat = template("hermes").render(ASK, tools=TOOLS, tool_choice=choice, parallel_tool_calls=True)
@@ -190,6 +191,7 @@ def test_named_choice_shows_every_tool_but_forces_one():
     assert '\\"do_it\\"' not in chat.grammar and '\\"get_weather\\"' in chat.grammar
 
 
+@pytest.mark.model  # llama-cpp-python builds the grammar (the serve extra)
 def test_unconvertible_schema_is_a_400():
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "$ref": "https://x/y"}}}
     with pytest.raises(ApiError) as caught:
@@ -293,6 +295,7 @@ def test_grammars_parse_in_llama_cpp(tiny_llama, name):
         llama_cpp.llama_sampler_free(sampler)
 
 
+@pytest.mark.model  # llama-cpp-python builds the grammar (the serve extra)
 def test_family_grammars_for_a_thinking_template_allow_the_think_block():
     chat = template("qwen3").render(ASK, tools=[WEATHER], tool_choice="required", parallel_tool_calls=True)
     assert '"<think>"' in chat.grammar.splitlines()[-1]

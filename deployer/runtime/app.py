@@ -39,7 +39,6 @@ from deployer.runtime.access import CLIENT_CLOSED, AccessLog, RequestLog, log_of
 from deployer.runtime.calls import Responder, completion_prompt, generation, json_grammar, run_embedding, usage
 from deployer.runtime.config import RuntimeConfig
 from deployer.runtime.engine import Engine, Job
-from deployer.runtime.metrics import CONTENT_TYPE
 from deployer.runtime.protocol import (
     ApiError,
     Call,
@@ -185,7 +184,8 @@ class _Api:
         return {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "gguf-deploy"}
 
     async def metrics(self, request: Request) -> Response:
-        return Response(self.engine.metrics.render(), media_type=CONTENT_TYPE)
+        body, content_type = self.engine.metrics.render()
+        return Response(body, media_type=content_type)
 
     async def chat(self, request: Request) -> Response:
         self._require_ready()

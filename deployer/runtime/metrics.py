@@ -18,10 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 PREFIX = "gguf_deploy"
 # seconds; the finer buckets matter on a GPU, the coarse ones on a CPU
 _TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -33,6 +29,9 @@ class Metrics:
     """The counters of one server; the gauges read the engine when scraped."""
 
     def __init__(self) -> None:
+        # imported here: a runtime that cannot start (bad config, port in use) says so without the serve extra
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -77,5 +76,9 @@ class Metrics:
             if generated > 1:
                 self.tpot.observe((latency - ttft) / (generated - 1))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        from prometheus_client import generate_latest
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
