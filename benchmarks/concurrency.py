@@ -128,26 +128,31 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str) -> Req
     body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
     start = time.perf_counter()
     ttft, tokens, finish = None, 0, None
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            await response.aread()
-            return Request(response.status_code, None, 0, None)
-        async for line in response.aiter_lines():
-            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                continue  # blank lines, SSE comments (pings)
-            choices = json.loads(line[5:]).get("choices") or []
-            if not choices:
-                continue  # a usage-only chunk
-            if choices[0].get("text"):
-                ttft = ttft if ttft is not None else time.perf_counter() - start
-                tokens += 1
-            finish = choices[0].get("finish_reason") or finish
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return Request(response.status_code, None, 0, None)
+            async for line in response.aiter_lines():
+                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                    continue  # blank lines, SSE comments (pings)
+                choices = json.loads(line[5:]).get("choices") or []
+                if not choices:
+                    continue  # a usage-only chunk
+                if choices[0].get("text"):
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    tokens += 1
+                finish = choices[0].get("finish_reason") or finish
+    except httpx.TransportError as exc:  # counted as failed, with what was streamed before
+        print(f"    {type(exc).__name__}: {exc}", file=sys.stderr)
+        return Request(0, ttft, tokens, None)
     return Request(200, ttft, tokens, finish)
 
 
 async def run_level(base_url: str, model: str, clients: int, requests_each: int) -> dict[str, float]:
     """``clients`` concurrent clients, each sending ``requests_each`` requests one after the other."""
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # a new connection per request: no race with a server closing an idle or used-up keep-alive one
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
 
         async def client_loop(index: int) -> list[Request]:
@@ -159,7 +164,7 @@ async def run_level(base_url: str, model: str, clients: int, requests_each: int)
         per_client = await asyncio.gather(*(client_loop(i) for i in range(clients)))
         wall = time.perf_counter() - started
     results = [r for rs in per_client for r in rs]
-    done = [r for r in results if r.status == 200]
+    done = [r for r in results if r.status in (0, 200)]  # 0: cut by a transport error
     ttfts = sorted(r.ttft_s for r in done if r.ttft_s is not None)
     return {
         "clients": clients,
@@ -169,7 +174,7 @@ async def run_level(base_url: str, model: str, clients: int, requests_each: int)
         "ttft_p95_ms": percentile(ttfts, 95) * 1000,
         "full_64_tokens": sum(r.tokens == MAX_TOKENS and r.finish_reason == "length" for r in done),
         "refused": sum(r.status == 429 for r in results),
-        "failed": sum(r.status not in (200, 429) for r in results),
+        "failed": sum(r.status not in (200, 429) for r in results),  # status 0 included
         "wall_s": wall,
         "load_1min": load_before,
     }
@@ -224,7 +229,7 @@ def llama_server_command(binary: str, config: RuntimeConfig, port: int, no_repac
     ]  # fmt: skip
 
 
-def batched_bench(binary: str, config: RuntimeConfig, levels: tuple[int, ...], no_repack: bool) -> dict[int, float]:
+def batched_bench(binary: str, config: RuntimeConfig, levels: tuple[int, ...], no_repack: bool) -> dict[str, float]:
     """llama-batched-bench's aggregate decode tokens/s (S_TG) at each level, from its JSON lines."""
     command = [
         binary, *llama_cpp_common(config, no_repack), "-c", str(max(levels) * config.n_ctx),
@@ -233,7 +238,7 @@ def batched_bench(binary: str, config: RuntimeConfig, levels: tuple[int, ...], n
     ]  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, timeout=REQUEST_TIMEOUT_S, check=True)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return {row["pl"]: row["speed_tg"] for row in rows}
+    return {str(row["pl"]): row["speed_tg"] for row in rows}  # str keys: as they come back from JSON
 
 
 # ## the run
@@ -278,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         for clients in levels:  # level after level, server after server: drift in load hits all alike
             for label in chosen:
                 print(f"  {label}: {clients} client(s)", file=sys.stderr)
-                results[label].append(asyncio.run(run_level(urls[label], config.model_name, clients, args.requests)))
+                level = asyncio.run(run_level(urls[label], config.model_name, clients, args.requests))
+                print(f"    {json.dumps(level)}", file=sys.stderr)
+                results[label].append(level)
     finally:
         for process in processes:
             stop(process)
@@ -356,7 +363,7 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "llama-batched-bench, aggregate decode (S_TG): "
-        + " / ".join(f"{bench.get(n, float('nan')):.1f}" for n in levels)
+        + " / ".join(f"{bench.get(str(n), float('nan')):.1f}" for n in levels)
         + f" tok/s at {' / '.join(map(str, levels))} sequences.",
         "",
         "Checks per level: requests with 64 tokens and finish_reason length / all (refused 429, failed); "
