@@ -2,7 +2,7 @@
 
 Same model (Gemma 3 270M Q4_K_M, ``manifests/gemma-3-270m.toml``: context 4096, n_batch 512, flash
 attention, chat format ``gemma``), same ``Llama`` keyword arguments
-(``deployer.runtime.engine.llama_kwargs``), same prompts, temperature 0, on the CPU.
+(:func:`llama_kwargs`: the runtime's settings as ``llama_cpp.Llama`` arguments), same prompts, temperature 0, on the CPU.
 
 (a) Generation, streamed: time to first token (TTFT) and decode tokens per second, one request
     at a time. In-process: ``Llama.create_chat_completion(stream=True)``. Through HTTP: the
@@ -41,14 +41,37 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from deployer.loading import load_manifest
 from deployer.runtime import API_KEY_ENV, RuntimeConfig, runtime_config
-from deployer.runtime.engine import llama_kwargs
+from deployer.runtime.config import KV_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def llama_kwargs(config: RuntimeConfig) -> dict[str, Any]:
+    """``llama_cpp.Llama(**kwargs)`` with a runtime config's settings, for the stock baselines (one sequence)."""
+    kv = KV_TYPES[config.kv_cache_type]
+    return {
+        "model_path": config.model_path,
+        "n_ctx": config.n_ctx,
+        "n_batch": config.n_batch,
+        "n_ubatch": config.n_ubatch,
+        "n_gpu_layers": config.n_gpu_layers,
+        "flash_attn": config.flash_attn,
+        "type_k": kv,
+        "type_v": kv,
+        "chat_format": config.chat_format,
+        "embedding": config.embeddings,
+        "logits_all": False,
+        "n_threads": config.n_threads,
+        "verbose": config.verbose,
+    }
+
+
 MANIFEST = ROOT / "manifests" / "gemma-3-270m.toml"
 SHORT = (
     "Write a short poem about the sea.",
