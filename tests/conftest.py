@@ -59,7 +59,7 @@ pytest_plugins: list[str] = [
 def _stock_llama_without_cpu_repack() -> Any:
     """Stock ``llama_cpp.Llama`` objects in tests load weights without CPU repacking, as the runtime does.
 
-    llama.cpp's AMX kernels crash the first decode on CPUs with AMX in sandboxed containers (this
+    llama.cpp's AMX kernels crash the first decode on CPUs with AMX (llama.cpp issue 20824; this
     project's CI machine: a segfault); ``Llama`` has no argument for it, so the default model
     parameters it starts from are changed for the session. Servers under test are processes of
     their own and use ``RuntimeConfig.cpu_repack``.

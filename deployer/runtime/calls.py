@@ -64,7 +64,8 @@ def generation(
         top_k=body.top_k,
         top_p=body.top_p,
         min_p=body.min_p,
-        repeat_penalty=body.repeat_penalty,
+        # llama-cpp-python's types default to 1.1; OpenAI's API (and llama-server) penalize nothing unless asked
+        repeat_penalty=body.repeat_penalty if "repeat_penalty" in call.params else 1.0,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         mirostat_mode=body.mirostat_mode,

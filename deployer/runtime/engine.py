@@ -271,14 +271,14 @@ class Engine:
             self._run_other(self._others.pop(0))
             return
         self._admit()
-        out: dict[Job, list[Piece]] = {}
         for batch in self.scheduler.step():
+            out: dict[Job, list[Piece]] = {}
             if not self._decode(batch, out):
                 return
-        for job, pieces in out.items():
-            job.emit("pieces", pieces)
-            if job.open_choices == 0:
-                self._end_job(job)
+            for job, pieces in out.items():  # at once: a first token does not wait for the step's other decodes
+                job.emit("pieces", pieces)
+                if job.open_choices == 0:
+                    self._end_job(job)
 
     def _load(self) -> bool:
         for key, value in OPENMP_ENV.items():  # before the first `import llama_cpp` of the process

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Sampling:
-    """One request's sampling settings (llama-cpp-python's defaults where the request says nothing)."""
+    """One request's sampling settings (llama-server's defaults where the request says nothing)."""
 
     temperature: float = 0.8
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
-    repeat_penalty: float = 1.1
+    repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     mirostat_mode: int = 0  # 0 off, 1 or 2: llama.cpp's mirostat samplers

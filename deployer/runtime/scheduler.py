@@ -6,12 +6,12 @@ with :meth:`Scheduler.fed` and :meth:`Scheduler.finish`; this module never sees 
 
 * **Slots.** ``parallel`` slots, one sequence each, as llama-server's. A waiting sequence goes to
   the free slot whose cached tokens share the longest reusable prefix with its prompt.
-* **One step: each prompt chunk, then every decode token.** Chunks share a budget of ``n_batch``
+* **One step: prompt chunks, then every decode token.** Chunks share a budget of ``n_batch``
   prompt tokens per step, so a long prompt is evaluated over several steps while the running
   streams keep producing a token each step; the decode tokens of all generating sequences go in
-  one batch.
+  one batch, and so do the last (partial) chunks of prompts that arrived together.
 * **Results do not depend on the cache**: a prompt is cut into chunks at multiples of ``n_batch``
-  from position 0, each chunk is decoded in a batch of its own, and only whole chunks are
+  from position 0, each whole chunk is decoded in a batch of its own, and only whole chunks are
   remembered for reuse. Those are exactly the batches a fresh evaluation computes, so a reused
   prefix leaves the rest of the prompt evaluated in the same batches, whatever else is running.
 * **No request fails for want of cache.** Each slot has a KV stream of ``n_ctx`` cells of its own
@@ -162,23 +162,32 @@ class Scheduler:
     # -- one step
 
     def step(self) -> list[list[Entry]]:
-        """The decodes of the next step: one per prompt chunk (first come first, within the budget), then
-        one of every generating sequence's next token."""
+        """The decodes of the next step.
+
+        Prompt chunks, first come first, share a budget of ``n_batch`` tokens. A whole chunk (the
+        only kind ever reused) gets a decode of its own, exactly as a fresh evaluation computes it;
+        the last, partial chunks of prompts share one decode, then every generating sequence's next
+        token goes in one more. Within a decode, sequences are in slot order: llama.cpp computes a
+        run of consecutive sequence ids in one micro-batch, and splits at every gap.
+        """
         batches: list[list[Entry]] = []
+        partial: list[Entry] = []
         budget = self.n_batch
         for seq in self._by_arrival(State.PROMPT):
             if budget == 0:
                 break
             boundary = (seq.n_past // self.n_batch + 1) * self.n_batch  # chunks never cross a multiple of n_batch
             end = min(len(seq.prompt), boundary, seq.n_past + budget)
-            batches.append([Entry(seq, seq.prompt[seq.n_past : end], seq.n_past, end == len(seq.prompt))])
+            entry = Entry(seq, seq.prompt[seq.n_past : end], seq.n_past, end == len(seq.prompt))
+            if len(entry.tokens) == self.n_batch:
+                batches.append([entry])
+            else:
+                partial.append(entry)
             budget -= end - seq.n_past
-        decodes = []
-        for seq in self._by_arrival(State.DECODING):
-            assert seq.next_token is not None
-            decodes.append(Entry(seq, [seq.next_token], seq.n_past, True))
-        if decodes:
-            batches.append(decodes)
+        decodes = [Entry(seq, [seq.next_token], seq.n_past, True) for seq in self._by_arrival(State.DECODING)]
+        for batch in (partial, decodes):
+            if batch:
+                batches.append(sorted(batch, key=lambda entry: entry.seq.slot.id if entry.seq.slot else -1))
         return batches
 
     def _by_arrival(self, state: State) -> list[Sequence]:
