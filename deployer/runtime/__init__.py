@@ -1,4 +1,4 @@
-"""The serving runtime: llama-cpp-python's OpenAI-compatible server, hardened.
+"""The serving runtime: an OpenAI-compatible server with continuous batching, on llama-cpp-python.
 
 Runs locally (``gguf-deploy serve``) and in the Modal container
 (``python -m deployer.runtime --config FILE.json``). Lean by design: importing it does not import
