@@ -167,7 +167,6 @@ class Responder:
         self._logprobs: list[list[TokenLogprob]] = [[] for _ in range(call.n)]
         self._finish: list[str | None] = [None] * call.n
         self._started = [False] * call.n
-        self._deltas: list[list[dict[str, Any]]] = [[] for _ in range(call.n)]
 
     @property
     def object(self) -> str:
