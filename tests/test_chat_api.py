@@ -49,14 +49,15 @@ def _serve(folder: Path, template: str | None, **changes: Any) -> Server:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
     """One tiny-model server per fixture template, started on first use."""
-    started: dict[str, Server] = {}
 
     class Lazy(dict):
         def __missing__(self, name: str) -> Server:
-            started[name] = _serve(tmp_path_factory.mktemp(name), name.split(":")[0], **_CHANGES.get(name, {}))
-            return started[name]
+            server = _serve(tmp_path_factory.mktemp(name), name.split(":")[0], **_CHANGES.get(name, {}))
+            self[name] = server  # kept: the next test of this template reuses it
+            return server
 
-    yield Lazy()
+    started = Lazy()
+    yield started
     for server in started.values():
         server.stop()
 
