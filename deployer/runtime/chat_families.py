@@ -247,18 +247,27 @@ def call_of_object(buf: str, obj: ObjectScan, args_keys: tuple[str, ...]) -> Cal
     return call
 
 
+def _until_open(family: Family, buf: str, pos: int, final: bool, pieces: list[Piece]) -> tuple[int, bool]:
+    """Text from ``pos`` up to the family's next opening marker goes to ``pieces``: (the marker's position,
+    True), or, with no marker yet, (where the text that might begin one starts, False)."""
+    k = buf.find(family.open, pos)
+    if k < 0:
+        end = len(buf) if final else len(buf) - held_back(buf[pos:], (family.open,))
+        if end > pos:
+            pieces.append(buf[pos:end])
+        return end, False
+    if k > pos:
+        pieces.append(buf[pos:k])
+    return k, True
+
+
 def scan_tagged(family: Family, buf: str, pos: int, fresh: bool, final: bool, memo: Memo) -> Scan:
     """``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, anywhere in the text."""
     pieces: list[Piece] = []
     while True:
-        k = buf.find(family.open, pos)
-        if k < 0:
-            end = len(buf) if final else len(buf) - held_back(buf[pos:], (family.open,))
-            if end > pos:
-                pieces.append(buf[pos:end])
-            return pieces, None, end, fresh
-        if k > pos:
-            pieces.append(buf[pos:k])
+        k, found = _until_open(family, buf, pos, final, pieces)
+        if not found:
+            return pieces, None, k, fresh
         body = _skip_ws(buf, k + len(family.open))
         close = buf.find(family.close, body)
         stop = len(buf) if close < 0 else close
@@ -290,14 +299,9 @@ def scan_xml(family: Family, buf: str, pos: int, fresh: bool, final: bool, memo:
     """
     pieces: list[Piece] = []
     while True:
-        k = buf.find(family.open, pos)
-        if k < 0:
-            end = len(buf) if final else len(buf) - held_back(buf[pos:], (family.open,))
-            if end > pos:
-                pieces.append(buf[pos:end])
-            return pieces, None, end, fresh
-        if k > pos:
-            pieces.append(buf[pos:k])
+        k, found = _until_open(family, buf, pos, final, pieces)
+        if not found:
+            return pieces, None, k, fresh
         close = buf.find(family.close, k)
         if close < 0 and not final:
             return pieces, Unit([CallScan()], buf[k:], False), k, fresh
@@ -382,14 +386,9 @@ def scan_mistral_array(family: Family, buf: str, pos: int, fresh: bool, final: b
     """``[TOOL_CALLS][{"name": ..., "arguments": ...}, ...]``."""
     pieces: list[Piece] = []
     while True:
-        k = buf.find(family.open, pos)
-        if k < 0:
-            end = len(buf) if final else len(buf) - held_back(buf[pos:], (family.open,))
-            if end > pos:
-                pieces.append(buf[pos:end])
-            return pieces, None, end, fresh
-        if k > pos:
-            pieces.append(buf[pos:k])
+        k, found = _until_open(family, buf, pos, final, pieces)
+        if not found:
+            return pieces, None, k, fresh
         calls: list[CallScan] = []
         i = _skip_ws(buf, k + len(family.open))
         done, broken = False, i < len(buf) and buf[i] != "["
@@ -436,14 +435,9 @@ def scan_mistral_args(family: Family, buf: str, pos: int, fresh: bool, final: bo
     """``[TOOL_CALLS]name[ARGS]{...}``, one after another."""
     pieces: list[Piece] = []
     while True:
-        k = buf.find(family.open, pos)
-        if k < 0:
-            end = len(buf) if final else len(buf) - held_back(buf[pos:], (family.open,))
-            if end > pos:
-                pieces.append(buf[pos:end])
-            return pieces, None, end, fresh
-        if k > pos:
-            pieces.append(buf[pos:k])
+        k, found = _until_open(family, buf, pos, final, pieces)
+        if not found:
+            return pieces, None, k, fresh
         call = CallScan()
         marker = buf.find("[ARGS]", k + len(family.open))
         end: int | None = None
