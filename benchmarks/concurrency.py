@@ -60,6 +60,7 @@ from benchmarks.llama_cpp_build import installed_version
 from benchmarks.serving import MANIFEST, _free_port, model_file, start_and_wait, stock_command, stop
 from deployer.loading import load_manifest
 from deployer.runtime import RuntimeConfig, runtime_config
+from deployer.runtime.cpu import cpu_flags, cpu_name, repack_weights
 
 LEVELS = (1, 2, 4, 8)
 SLOTS = 4  # llama-server's default slot count
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.model_path or model_file()
     manifest_config = runtime_config(load_manifest(MANIFEST), str(path), require_api_key=False)
     config = replace(manifest_config, n_threads=THREADS, concurrency=max(levels))
-    no_repack = args.repack == "off" or (args.repack == "auto" and amx_cpu())
+    no_repack = not repack_weights({"auto": None, "on": True, "off": False}[args.repack], cpu_flags())
     build = build_llama_cpp(installed_version())  # instant when cached
     folder = Path(tempfile.mkdtemp(prefix="bench-concurrency-"))
 
@@ -311,21 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0
-
-
-def amx_cpu() -> bool:
-    try:
-        return "amx_int8" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
 def markdown(report: dict) -> str:

@@ -56,17 +56,23 @@ pytest_plugins: list[str] = [
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _stock_llama_without_cpu_repack() -> Any:
-    """Stock ``llama_cpp.Llama`` objects in tests load weights without CPU repacking, as the runtime does.
+def _stock_llama_repacks_as_the_runtime_does() -> Any:
+    """Stock ``llama_cpp.Llama`` objects in tests repack CPU weights only where the runtime does:
+    everywhere except on CPUs with AMX (``deployer.runtime.cpu.repack_weights``).
 
-    llama.cpp's AMX kernels crash the first decode on CPUs with AMX (llama.cpp issue 20824; this
-    project's CI machine: a segfault); ``Llama`` has no argument for it, so the default model
-    parameters it starts from are changed for the session. Servers under test are processes of
-    their own and use ``RuntimeConfig.cpu_repack``.
+    llama.cpp's AMX kernels crash the first decode on CPUs with AMX (llama.cpp issue 20824: a
+    segfault on a Sapphire Rapids Xeon); ``Llama`` has no argument for it, so the default model
+    parameters it starts from are changed for the session there. Servers under test are processes
+    of their own and follow ``RuntimeConfig.cpu_repack``.
     """
     try:
         from llama_cpp import llama_cpp  # the module Llama calls
     except ImportError:  # the pull-request check runs without the serve extra
+        yield
+        return
+    from deployer.runtime.cpu import cpu_flags, repack_weights
+
+    if repack_weights(None, cpu_flags()):
         yield
         return
     original = llama_cpp.llama_model_default_params

@@ -52,10 +52,10 @@ class RuntimeConfig:
     require_api_key: bool = False  # refuse to start without a key (deployed endpoints: auth on by default)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
     n_threads: int | None = None  # CPU threads; None: one per physical core, as llama.cpp's own tools choose
-    # llama.cpp repacks CPU-resident weights for AMX/AVX/ARM kernels. Off: on CPUs with AMX the first
-    # decode segfaults in ggml_backend_amx_mul_mat (llama.cpp issue 20824; measured on this project's
-    # CI machine with the demo's Q4_K_M), and on a GPU every layer is offloaded, so nothing is repacked.
-    cpu_repack: bool = False
+    # llama.cpp's extra CPU buffer types (weights repacked for AVX2/AVX512/NEON kernels; AMX). None: on,
+    # except on CPUs with AMX, where the first decode segfaults (deployer.runtime.cpu.repack_weights).
+    # On a GPU every layer is offloaded, so nothing is repacked either way.
+    cpu_repack: bool | None = None
     shutdown_grace_s: float = 10.0  # on SIGTERM, running requests get this long before they are cancelled
     verbose: bool = False  # llama.cpp's own log lines on stderr
     reasoning_format: str = "auto"  # "auto": <think> text goes to reasoning_content; "none": kept in content

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import numpy as np
 
 from deployer.runtime.config import KV_TYPES, RuntimeConfig
+from deployer.runtime.cpu import cpu_flags, physical_cores, repack_weights
 from deployer.runtime.sampling import Sampling
 
 PENALTY_LAST_N = 64  # llama-cpp-python's (and llama.cpp's) default window for repeat/presence/frequency penalties
@@ -31,19 +30,6 @@ PENALTY_LAST_N = 64  # llama-cpp-python's (and llama.cpp's) default window for r
 
 class LlamaError(Exception):
     """llama.cpp refused something (a model it cannot load, a failed decode)."""
-
-
-def physical_cores() -> int:
-    """The CPU threads llama.cpp's own tools default to: one per physical core (not per hyperthread)."""
-    usable = len(os.sched_getaffinity(0))
-    try:
-        cores = {
-            path.read_text(encoding="ascii").strip()
-            for path in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology/thread_siblings_list")
-        }
-    except OSError:
-        cores = set()
-    return max(1, min(len(cores), usable)) if cores else max(1, usable)
 
 
 class Sampler:
@@ -172,7 +158,7 @@ def model_params(config: RuntimeConfig) -> Any:
     """``llama_model_params`` of ``config`` (the memory benchmark loads models with the same)."""
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = config.n_gpu_layers
-    params.use_extra_bufts = config.cpu_repack
+    params.use_extra_bufts = repack_weights(config.cpu_repack, cpu_flags())
     return params
 
 
