@@ -423,7 +423,7 @@ class Engine:
             elif self.scheduler.must_stop(seq):
                 text, finish = text + choice.text.flush(), "length"
         if text or logprobs or finish is not None:  # text held back (a possible stop string) waits for the next
-            out.setdefault(job, []).append(Piece(seq.index, text, logprobs, finish))
+            out.setdefault(job, []).append(Piece(seq.index, text, logprobs, finish, choice.text.matched))
         if finish is not None:
             self._end_seq(seq)
 
