@@ -120,7 +120,8 @@ def decode(body: Any, *, counting: bool = False) -> GenerationRequest:
         _tool_choice(params["tool_choice"], chat)
     thinking = params.get("thinking")
     if thinking is not None:
-        chat["chat_template_kwargs"] = _thinking(thinking)
+        given = chat.get("chat_template_kwargs", {})  # the explicit form wins; not an object: refused below
+        chat["chat_template_kwargs"] = {**_thinking(thinking), **given} if isinstance(given, dict) else given
     return decode_chat(chat)
 
 

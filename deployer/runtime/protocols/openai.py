@@ -65,10 +65,9 @@ def decode_chat(body: Any) -> GenerationRequest:
     modalities = params.pop("modalities", None)
     if modalities is not None and modalities != ["text"]:
         raise bad_request("modalities: this model answers with text only (['text'])", "modalities")
-    kwargs = dict(fields.pop("template_kwargs", {}))
     effort = params.pop("reasoning_effort", None)
-    if effort is not None:
-        kwargs.update(reasoning_template_kwargs(effort, "reasoning_effort"))
+    kwargs = reasoning_template_kwargs(effort, "reasoning_effort") if effort is not None else {}
+    kwargs.update(fields.pop("template_kwargs", {}))  # chat_template_kwargs, the explicit form, win
     top = params.pop("top_logprobs", None)
     wants = params.pop("logprobs", None)
     if top is not None and not wants:

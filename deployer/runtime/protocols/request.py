@@ -132,7 +132,7 @@ def refuse_unknown(params: dict[str, Any], known: frozenset[str], where: str = "
     if not unknown:
         return
     name = unknown[0]
-    close = difflib.get_close_matches(name, sorted(known), n=1)
+    close = difflib.get_close_matches(name, sorted(known | EXTENSIONS), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise bad_request(f"unknown field '{where}{name}'{hint}: this server does not support it", f"{where}{name}")
 
