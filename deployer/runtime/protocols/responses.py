@@ -463,7 +463,11 @@ class ResponsesEncoder:
                             for part in o["content"])  # fmt: skip
             usage = {
                 "input_tokens": tally.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": tally.cached_tokens},
+                # every prompt token not read from the cache is written to it (the slot keeps it for the next turn)
+                "input_tokens_details": {
+                    "cached_tokens": tally.cached_tokens,
+                    "cache_write_tokens": tally.prompt_tokens - tally.cached_tokens,
+                },
                 "output_tokens": tally.completion_tokens,
                 "output_tokens_details": {"reasoning_tokens": min(reasoning, tally.completion_tokens)},
                 "total_tokens": tally.prompt_tokens + tally.completion_tokens,
