@@ -187,6 +187,34 @@ def test_codex_shaped_request(hermes):
     assert any(line.get("event") == "hosted_tools_left_out" for line in hermes.log_lines())
 
 
+def test_responses_reasoning_items_go_out_and_come_back(qwen3):
+    client = qwen3.client()
+    thought = {"grammar": 'root ::= "<think>Warm, I think.</think>Yes, warm."'}
+    ask = {
+        "model": MODEL,
+        "input": ASK,
+        "max_output_tokens": 60,
+        "reasoning": {"effort": "high"},
+        "extra_body": thought,
+    }
+    reply = client.responses.create(**ask)
+    assert [item.type for item in reply.output] == ["reasoning", "message"]
+    assert reply.output[0].content[0].text == "Warm, I think." and reply.output_text == "Yes, warm."
+    assert 0 < reply.usage.output_tokens_details.reasoning_tokens < reply.usage.output_tokens
+    with client.responses.stream(**ask) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.reasoning_text.delta" in kinds and [item.type for item in final.output] == ["reasoning", "message"]
+    # stateless, as Codex runs with store: false: the output items go back as input
+    history = [
+        *ASK,
+        *[item.model_dump(exclude_none=True) for item in reply.output],
+        {"role": "user", "content": "And?"},
+    ]
+    again = client.responses.create(model=MODEL, input=history, max_output_tokens=2, store=False)
+    assert again.usage.input_tokens > reply.usage.input_tokens
+
+
 @pytest.mark.parametrize(
     ("change", "param", "words"),
     [

@@ -192,6 +192,20 @@ def test_messages_blocks_become_chat_turns():
     assert request.stop == ["\n\n"] and request.top_k == 3 and request.max_tokens == 50
 
 
+def test_messages_output_config_is_the_effort_and_the_format():
+    request = messages.decode(
+        {
+            "max_tokens": 5,
+            "messages": ASK,
+            "output_config": {"effort": "max", "format": {"type": "json_schema", "schema": TOOL}},
+        }
+    )
+    assert request.json_schema == TOOL and request.template_kwargs["reasoning_effort"] == "high"
+    with pytest.raises(ApiError) as caught:
+        messages.decode({"max_tokens": 5, "messages": ASK, "output_config": {"verbosity": 1}})
+    assert "output_config.verbosity" in caught.value.message
+
+
 def test_messages_errors_are_in_anthropic_shape():
     busy = ApiError(429, "busy", code="server_busy", headers={"Retry-After": "3"})
     response = messages.error_response(busy)

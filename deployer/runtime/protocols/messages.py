@@ -36,10 +36,18 @@ FIELDS = frozenset(
         "tools",
         "tool_choice",
         "thinking",
+        "output_config",
+        # about the caller, or Anthropic's own placement and caching (this server caches every prompt): accepted
         "metadata",
         "service_tier",
+        "cache_control",
+        "inference_geo",
+        "speed",
+        "user_profile_id",
+        "workspace_id",
     }
 )
+EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 COUNT_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking"})
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -118,6 +126,8 @@ def decode(body: Any, *, counting: bool = False) -> GenerationRequest:
         chat["tools"] = tools
     if "tool_choice" in params:
         _tool_choice(params["tool_choice"], chat)
+    if "output_config" in params:
+        _output_config(params["output_config"], chat)
     thinking = params.get("thinking")
     if thinking is not None:
         given = chat.get("chat_template_kwargs", {})  # the explicit form wins; not an object: refused below
@@ -251,6 +261,23 @@ def _tool_choice(choice: Any, chat: dict[str, Any]) -> None:
         chat["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[kind]
     if choice.get("disable_parallel_tool_use") is not None and chat.get("tools"):
         chat["parallel_tool_calls"] = not choice["disable_parallel_tool_use"]
+
+
+def _output_config(value: Any, chat: dict[str, Any]) -> None:
+    """``output_config``: ``effort`` as the reasoning effort, ``format`` (a JSON schema) as the answer's format."""
+    if not isinstance(value, dict):
+        raise bad_request('output_config must be an object like {"effort": "low"}', "output_config")
+    refuse_unknown(value, frozenset({"effort", "format"}), "output_config.")
+    effort = value.get("effort")
+    if effort is not None:
+        if effort not in EFFORTS:
+            raise bad_request(f"output_config.effort must be one of {', '.join(EFFORTS)}", "output_config")
+        chat["reasoning_effort"] = EFFORTS[effort]
+    spec = value.get("format")
+    if spec is not None:
+        if not isinstance(spec, dict) or spec.get("type") != "json_schema" or not isinstance(spec.get("schema"), dict):
+            raise bad_request('output_config.format must be {"type": "json_schema", "schema": {...}}', "output_config")
+        chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": spec["schema"]}}
 
 
 def _thinking(value: Any) -> dict[str, Any]:

@@ -23,7 +23,19 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 
 # fields that describe the caller or OpenAI's own bookkeeping: accepted, no effect on the generation
-BOOKKEEPING = frozenset({"model", "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+BOOKKEEPING = frozenset(
+    {
+        "model",
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "prompt_cache_key",  # this server's prompt cache needs no key: every prompt is cached
+        "prompt_cache_retention",
+        "prompt_cache_options",
+        "safety_identifier",
+    }
+)
 SHARED = BOOKKEEPING | {
     "max_tokens",
     "temperature",
