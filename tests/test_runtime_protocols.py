@@ -249,3 +249,24 @@ def test_deltas_become_items_that_open_grow_and_close():
         ("close", "call", ""),
     ]
     assert [(i.index, i.text) for i in stream.items] == [(0, "Hmm."), (1, "Let me check."), (2, '{"a":1}')]
+
+
+# ## The chat template: prefill and template variables (pure rendering, no model)
+
+
+@pytest.mark.parametrize("name", ["hermes", "qwen3", "llama3", "mistral", "generic"])
+def test_prefill_leaves_the_last_assistant_message_open(name):
+    from tests.test_chat_parse import template
+
+    turns = [*ASK, {"role": "assistant", "content": '{"answer":'}]
+    continued = template(name).render(turns, continue_final=True).prompt
+    closed = template(name).render(turns).prompt
+    assert continued.endswith('{"answer":') and closed.startswith(continued) and len(closed) > len(continued)
+
+
+def test_template_variables_reach_the_template():
+    from tests.test_chat_parse import template
+
+    qwen = template("qwen3")
+    assert not qwen.render(ASK).prompt.endswith("</think>\n\n")
+    assert qwen.render(ASK, variables={"enable_thinking": False}).prompt.endswith("<think>\n\n</think>\n\n")

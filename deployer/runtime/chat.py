@@ -293,14 +293,15 @@ def _formatter(name: str) -> Any:
 def _open_final(prompt: str, text: str) -> str:
     """The prompt cut right after the last assistant message's text: the answer continues it
     (as vLLM's ``continue_final_message`` does; the template closed the turn after it)."""
-    at = prompt.rfind(text) if text else -1
-    if at < 0:
-        raise bad_request(
-            "the model's chat template does not write the final assistant message as given, so it cannot be "
-            "continued (end the conversation with a user message)",
-            "messages",
-        )
-    return prompt[: at + len(text)]
+    for written in (text, text.strip()):  # some templates trim the content
+        at = prompt.rfind(written) if written else -1
+        if at >= 0:
+            return prompt[: at + len(written)]
+    raise bad_request(
+        "the model's chat template does not write the final assistant message as given, so it cannot be "
+        "continued (end the conversation with a user message, or send add_generation_prompt: true)",
+        "messages",
+    )
 
 
 def _named(choice: str | dict[str, Any], tools: list[dict[str, Any]]) -> str | None:

@@ -155,7 +155,8 @@ def _continues(messages: list[dict[str, Any]], params: dict[str, Any]) -> bool:
         if value is not None and not isinstance(value, bool):
             raise bad_request(f"{key} must be true or false", key)
     last = messages[-1]
-    can = last["role"] == "assistant" and isinstance(last.get("content"), str) and not last.get("tool_calls")
+    text = last.get("content")
+    can = last["role"] == "assistant" and isinstance(text, str) and bool(text.strip()) and not last.get("tool_calls")
     if explicit and generation_prompt:
         raise bad_request("continue_final_message needs add_generation_prompt: false", "add_generation_prompt")
     if explicit and not can:
