@@ -88,16 +88,16 @@ def completion_prompt(model: Any, request: GenerationRequest) -> list[int]:
     return model.tokenize(request.prompt, add_special=True) if request.prompt else [model.bos]
 
 
-def json_grammar(call: GenerationRequest) -> str | None:
-    """The grammar of ``response_format`` (json_schema, or json_object: any JSON)."""
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+def json_grammar(request: GenerationRequest) -> str | None:
+    """The grammar of the answer's JSON format (a schema, or any JSON object), if the request has one."""
+    if request.json_schema is None and not request.json_object:
+        return None
+    from deployer.runtime.llama import json_grammar as grammar_of
 
-    if call.json_schema is not None:
-        try:
-            return json_schema_to_gbnf(json.dumps(call.json_schema))
-        except Exception as exc:  # the converter raises plain exceptions on schemas it cannot express
-            raise bad_request(f"the JSON schema cannot be turned into a grammar: {exc}", "response_format") from exc
-    return JSON_GBNF if call.json_object else None
+    try:
+        return grammar_of(request.json_schema)
+    except ValueError as exc:
+        raise bad_request(f"the JSON schema cannot be turned into a grammar: {exc}", "response_format") from exc
 
 
 def _logit_bias(model: Any, bias: dict[str, float], kind: str | None) -> tuple[tuple[int, float], ...]:

@@ -168,6 +168,23 @@ def check_grammar(model: Model, text: str) -> bool:
     return True
 
 
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """GBNF for JSON valid for ``schema`` (any JSON when None), by llama-cpp-python's converter.
+
+    ValueError naming what the converter cannot express (it raises plain exceptions on such schemas).
+    """
+    import json
+
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if schema is None:
+        return JSON_GBNF
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:
+        raise ValueError(str(exc)) from exc
+
+
 def model_params(config: RuntimeConfig) -> Any:
     """``llama_model_params`` of ``config`` (the memory benchmark loads models with the same)."""
     params = llama_cpp.llama_model_default_params()
