@@ -52,7 +52,8 @@ def _tokens(route: str, events: list[dict[str, Any]]) -> int:
     if route == "/v1/chat/completions":
         return next(e["usage"]["completion_tokens"] for e in events if e.get("usage"))
     if route == "/v1/responses":
-        return next(e["response"]["usage"]["output_tokens"] for e in events if e["type"] == "response.completed")
+        ends = ("response.completed", "response.incomplete")  # 64 tokens: incomplete, max_output_tokens
+        return next(e["response"]["usage"]["output_tokens"] for e in events if e["type"] in ends)
     return next(e["usage"]["output_tokens"] for e in events if e["type"] == "message_delta")
 
 
