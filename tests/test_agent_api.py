@@ -370,7 +370,8 @@ def test_a_full_queue_is_529_overloaded(tmp_path):
             "POST", f"{server.url}/v1/messages", headers={"x-api-key": KEY},
             json={"model": "m", "max_tokens": 3000, "stream": True, "messages": ASK}, timeout=60,
         ) as running:  # fmt: skip
-            next(running.iter_lines())  # in flight
+            lines = running.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)  # in flight
             with pytest.raises(anthropic.InternalServerError) as caught:
                 _claude(server).messages.create(model="m", max_tokens=5, messages=ASK)
         assert caught.value.status_code == 529

@@ -215,6 +215,8 @@ def context_params(config: RuntimeConfig, *, embeddings: bool = False) -> Any:
 class Model:
     """The loaded model, its context of ``parallel`` sequences, and one reusable batch."""
 
+    errors = (LlamaError,)  # what decode raises when llama.cpp fails (the engine fails the running requests)
+
     def __init__(self, config: RuntimeConfig) -> None:
         llama_cpp.llama_backend_init()
         self.model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), model_params(config))
@@ -355,6 +357,10 @@ class Model:
         """Make ``target``'s cache a copy of ``source``'s (the whole stream: done before the next decode)."""
         llama_cpp.llama_memory_seq_rm(self.memory, target, 0, -1)
         llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+
+    def sampler(self, sampling: Sampling, seed: int) -> Sampler:
+        """A sampler chain of one sequence's settings (the engine asks the model, so a fake one can answer)."""
+        return Sampler(self, sampling, seed)
 
     def can_rewind(self, seq: int) -> bool:
         """Whether ``seq``'s cache still holds position 0 (a sliding-window cache may have dropped it)."""
