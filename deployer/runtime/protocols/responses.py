@@ -48,9 +48,9 @@ FIELDS = BOOKKEEPING | {
     "previous_response_id",
     "truncation",
 }
-INCLUDES = frozenset(
-    {"reasoning.encrypted_content", "message.output_text.logprobs", "message.input_image.image_url"}
-)  # accepted: reasoning here is plain text (no encrypted form), and nothing else is produced
+# reasoning here is the model's own text, in the clear: there is no encrypted form to include, and
+# Codex asks for it with store: false. Other includes (logprobs, image URLs) are a 400.
+INCLUDES = frozenset({"reasoning.encrypted_content"})
 
 
 @dataclass(frozen=True)
