@@ -1,4 +1,4 @@
-"""Fuzz the chat and completions endpoints with requests OpenAI's own spec allows: no answer may be a 5xx.
+"""Fuzz every generation endpoint with requests the protocol's own spec allows: no answer may be a 5xx.
 
 The requests come from the official ``openai`` package's request types
 (``openai.types.chat.CompletionCreateParams``, ``openai.types.CompletionCreateParams``), which are
@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import collections.abc
 import json
+import os
 import types
 import typing
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import anthropic.types.message_create_params as messages_api
 import httpx
+import openai
 import openai.types as api
 import openai.types.chat as chat_api
+import openai.types.responses.response_create_params as responses_api
+import pydantic
 import pytest
 import typing_extensions
 from hypothesis import HealthCheck, given, settings
@@ -43,6 +49,7 @@ JSON = st.recursive(
 BOUNDED: dict[str, st.SearchStrategy[Any]] = {
     "max_tokens": st.integers(-1, 6) | st.none(),
     "max_completion_tokens": st.integers(-1, 6) | st.none(),
+    "max_output_tokens": st.integers(-1, 6) | st.none(),
     "n": st.integers(-1, 3) | st.sampled_from([None, 129]),
     "best_of": st.integers(0, 2) | st.none(),
     "top_logprobs": st.integers(-1, 21) | st.none(),
@@ -96,6 +103,10 @@ def strategy(tp: Any) -> st.SearchStrategy[Any]:
     }
     if tp in simple:
         return simple[tp]
+    if isinstance(tp, type) and issubclass(tp, pydantic.BaseModel):  # a response object the SDK also accepts
+        return st.nothing()
+    if typing.IO in (tp, origin) or os.PathLike in (tp, origin) or tp is bytes or origin is tuple:
+        return st.nothing()  # a file upload: never part of a JSON body
     raise TypeError(f"no strategy for {tp!r}")
 
 
@@ -189,3 +200,49 @@ def test_the_strategies_reach_the_interesting_shapes():
     collect()
     expected = {"role:user", "role:assistant", "role:tool", "role:system", "role:developer", "tools"}
     assert expected | {"assistant-without-content"} <= seen, seen
+
+
+# ## The agent protocols: Responses (the openai package's types) and Messages (the anthropic package's)
+
+
+def _check_agent(response: httpx.Response, body: dict[str, Any], kind: str) -> None:
+    shown = json.dumps(body)[:2000]
+    assert response.status_code < 500 or response.status_code == 529, (
+        f"{response.status_code} for {shown}:\n{response.text[:2000]}"
+    )
+    if response.status_code >= 400:
+        data = response.json()
+        error = data["error"]
+        assert isinstance(error["message"], str) and error["message"], response.text
+        assert kind == "responses" or data["type"] == "error", response.text
+        return
+    if body.get("stream") is True:
+        events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+        assert events, response.text[-500:]
+        kinds = [event["type"] for event in events]
+        assert "error" not in kinds and "response.failed" not in kinds, f"an error in the stream for {shown}: {events}"
+        last = "message_stop" if kind == "messages" else ("response.completed", "response.incomplete")
+        assert kinds[-1] in last, kinds
+        return
+    if kind == "messages":
+        anthropic.types.Message.model_validate(response.json())
+    else:
+        openai.types.responses.Response.model_validate(response.json())
+
+
+@FUZZ
+@given(body=(strategy(responses_api.ResponseCreateParamsNonStreaming)
+       | strategy(responses_api.ResponseCreateParamsStreaming)).map(
+           lambda b: b if b.get("max_output_tokens") is not None else {**b, "max_output_tokens": 4}))  # fmt: skip
+def test_responses_never_answer_5xx(server, body):
+    with server.http() as http:
+        _check_agent(http.post("/v1/responses", json=body), body, "responses")
+
+
+@FUZZ
+@given(
+    body=strategy(messages_api.MessageCreateParamsNonStreaming) | strategy(messages_api.MessageCreateParamsStreaming)
+)
+def test_messages_never_answer_5xx(server, body):
+    with server.http() as http:
+        _check_agent(http.post("/v1/messages", json=body), body, "messages")

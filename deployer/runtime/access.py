@@ -54,13 +54,30 @@ def log_of(request: Request) -> RequestLog:
     return request.scope["gguf_request"]
 
 
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/metrics")
+ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/models",
+    "/tokenize",
+    "/detokenize",
+    "/metrics",
+)
 
 
 def _route_label(path: str) -> str:
     """A path as a metrics label: one of the routes, never what a client made up (unbounded series)."""
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/{id}"
     return path if path in ROUTES else "other"
 
 

@@ -1,27 +1,31 @@
-"""The ASGI app: OpenAI's routes over the engine, with what a production endpoint needs.
+"""The ASGI app: four wire protocols over one engine, with what a production endpoint needs.
 
-    GET  /health                503 while loading, 200 when ready (no auth: Modal's readiness)
-    GET  /v1/models             the manifest name as the one model id
-    POST /v1/chat/completions   chat, streaming or not
-    POST /v1/completions        legacy completions (text or token-array prompt)
-    POST /v1/embeddings         when the manifest enables them, else 400
+    GET  /health                    503 while loading, 200 when ready (no auth: Modal's readiness)
+    GET  /v1/models                 the manifest name as the one model id
+    POST /v1/chat/completions       OpenAI chat, streaming or not
+    POST /v1/completions            legacy completions (text or token-array prompt)
+    POST /v1/embeddings             when the manifest enables them, else 400
+    POST /v1/responses              OpenAI's Responses API (GET / DELETE /v1/responses/{id}: the store)
+    POST /v1/messages               Anthropic's Messages API (and /v1/messages/count_tokens)
+    POST /tokenize, /detokenize     llama-server's: text <-> this model's token ids
+    the OpenAI routes without /v1   as llama-server answers them
 
-Every ``/v1`` route checks ``Authorization: Bearer <key>`` when a key is configured (constant-time
-comparison). Every error, including 404/405/413/429, has OpenAI's shape. Request bodies are
-capped, parsed strictly and checked before they reach the model; a client that goes away
-cancels its generation. One JSON log line per request (see :mod:`deployer.runtime.logs`).
+Each protocol's decoder (``deployer.runtime.protocols``) makes one internal request; below it the
+rendering, the engine, tool-call parsing and reasoning separation are shared; each protocol's
+encoder writes the answer, its stream and its errors in the protocol's shape. Every API route
+checks the key (``Authorization: Bearer <key>`` or ``x-api-key``, constant-time) when one is
+configured. Request bodies are capped, parsed strictly and checked before they reach the model; a
+client that goes away cancels its generation. One JSON log line per request (``deployer.runtime.logs``).
 
 Why not llama-cpp-python's ``create_app``: it loads the model before it can answer anything (no
 "loading" state), and its routes share module-global locks that either serialise requests with
-no bound or cut off a running stream for a newer one. What is right in it is reused: its
-request types (``llama_cpp.server.types``), its ``Llama`` calls and chat formats.
+no bound or cut off a running stream for a newer one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -35,19 +39,18 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from deployer.runtime import logs
 from deployer.runtime.access import CLIENT_CLOSED, AccessLog, RequestLog, log_of
-from deployer.runtime.calls import Responder, completion_prompt, generation, json_grammar, run_embedding, usage
+from deployer.runtime.calls import Responder, completion_prompt, generation, json_grammar, run_embedding
 from deployer.runtime.config import RuntimeConfig
 from deployer.runtime.engine import Engine, Job
-from deployer.runtime.protocol import (
-    ApiError,
-    Call,
-    bad_request,
-    normalize_chat,
-    normalize_completion,
-    normalize_embedding,
-    parse_json,
-)
+from deployer.runtime.protocol import ApiError, bad_request, normalize_embedding, parse_json
+from deployer.runtime.protocols import messages, openai, responses
+from deployer.runtime.protocols.request import GenerationRequest
+from deployer.runtime.sampling import Generation
+
+ErrorEncoder = Callable[[ApiError], Response]
+Handler = Callable[[Request], Awaitable[Response]]
 
 # ## Building the app
 
@@ -55,13 +58,23 @@ from deployer.runtime.protocol import (
 def build_app(config: RuntimeConfig, engine: Engine) -> ASGIApp:
     """The ASGI app serving ``engine`` with the settings of ``config`` (its API key included)."""
     api = _Api(config, engine)
-    routes = [
-        Route("/health", api.health, methods=["GET", "HEAD"]),
-        Route("/v1/models", api.openai(api.models), methods=["GET"]),
-        Route("/v1/models/{model:path}", api.openai(api.model), methods=["GET"]),
-        Route("/v1/chat/completions", api.openai(api.chat), methods=["POST"]),
-        Route("/v1/completions", api.openai(api.completions), methods=["POST"]),
-        Route("/v1/embeddings", api.openai(api.embeddings), methods=["POST"]),
+    anthropic = partial(api.route, errors=messages.error_response)
+    routes = [Route("/health", api.health, methods=["GET", "HEAD"])]
+    for prefix in ("/v1", ""):  # llama-server answers the OpenAI routes without /v1 too
+        routes += [
+            Route(f"{prefix}/models", api.route(api.models), methods=["GET"]),
+            Route(f"{prefix}/models/{{model:path}}", api.route(api.model), methods=["GET"]),
+            Route(f"{prefix}/chat/completions", api.route(api.chat), methods=["POST"]),
+            Route(f"{prefix}/completions", api.route(api.completions), methods=["POST"]),
+            Route(f"{prefix}/embeddings", api.route(api.embeddings), methods=["POST"]),
+        ]
+    routes += [
+        Route("/v1/responses", api.route(api.responses), methods=["POST"]),
+        Route("/v1/responses/{id}", api.route(api.stored_response), methods=["GET", "DELETE"]),
+        Route("/v1/messages", anthropic(api.messages), methods=["POST"]),
+        Route("/v1/messages/count_tokens", anthropic(api.count_tokens), methods=["POST"]),
+        Route("/tokenize", api.route(api.tokenize), methods=["POST"]),
+        Route("/detokenize", api.route(api.detokenize), methods=["POST"]),
         Route("/metrics", api.authenticated(api.metrics), methods=["GET"]),
     ]
     app = Starlette(
@@ -83,13 +96,18 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
         error = ApiError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
     else:
         error = ApiError(exc.status_code, str(exc.detail))
-    return _error_response(request, error)
+    anthropic = request.url.path.startswith("/v1/messages")
+    return _error_response(request, error, messages.error_response if anthropic else _openai_error)
 
 
-def _error_response(request: Request | None, error: ApiError) -> JSONResponse:
+def _openai_error(error: ApiError) -> Response:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _error_response(request: Request | None, error: ApiError, errors: ErrorEncoder = _openai_error) -> Response:
     if request is not None:
         log_of(request).error = error.code or error.type
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    return errors(error)
 
 
 class _Api:
@@ -97,25 +115,25 @@ class _Api:
         self.config = config
         self.engine = engine
         self._key = config.api_key.encode() if config.api_key else None
+        self.store = responses.ResponseStore()
 
-    def openai(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        """An OpenAI route: authenticated, errors in OpenAI's shape."""
+    def route(self, handler: Handler, errors: ErrorEncoder = _openai_error) -> Handler:
+        """An API route: authenticated, errors in the protocol's shape (``errors``)."""
 
         async def endpoint(request: Request) -> Response:
+            request.state.errors = errors
             try:
                 self._authenticate(request)
                 return await handler(request)
             except ApiError as error:
-                return _error_response(request, error)
+                return _error_response(request, error, errors)
             except ClientDisconnect:  # gone while sending its body
                 log_of(request).status = CLIENT_CLOSED
                 return Response(status_code=CLIENT_CLOSED)
 
         return endpoint
 
-    def authenticated(
-        self, handler: Callable[[Request], Awaitable[Response]]
-    ) -> Callable[[Request], Awaitable[Response]]:
+    def authenticated(self, handler: Handler) -> Handler:
         """A route that needs the API key when the endpoint has one (errors in OpenAI's shape)."""
 
         async def endpoint(request: Request) -> Response:
@@ -132,12 +150,14 @@ class _Api:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(
-                401,
-                "You didn't provide an API key: send it as 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            token = request.headers.get("x-api-key", "")  # Anthropic's header
+            if not token.strip():
+                raise ApiError(
+                    401,
+                    "You didn't provide an API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         if not hmac.compare_digest(token.strip().encode(), self._key):
             raise ApiError(
                 401, "Incorrect API key provided", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
@@ -189,47 +209,96 @@ class _Api:
 
     async def chat(self, request: Request) -> Response:
         self._require_ready()
-        call = normalize_chat(await self._json(request))
-        template = self.engine.chat_template
-        if template is None:
-            raise bad_request(
-                "this model has no chat template: set [server] chat_format in its manifest, or use /v1/completions",
-                "messages",
-                "no_chat_template",
-            )
-        from llama_cpp.server.types import CreateChatCompletionRequest
-
-        # the messages were checked by normalize_chat, in OpenAI's shapes the stock type does not know
-        body = _validated(CreateChatCompletionRequest, {**call.params, "messages": []})
-        params = call.params
-        rendered = template.render(
-            params["messages"],
-            tools=params.get("tools"),
-            tool_choice=params.get("tool_choice"),
-            parallel_tool_calls=params.get("parallel_tool_calls", True),
+        decoded = openai.decode_chat(await self._json(request))
+        work, parsers = self._chat_generation(decoded)
+        return await self._generate(
+            request, decoded.stream, work, Responder(decoded, self.config.model_name, parsers=parsers)
         )
-        model = self.engine.model
-        prompt = model.tokenize(rendered.prompt, add_special=rendered.add_bos)
-        grammar = rendered.grammar or json_grammar(call) or body.grammar
-        work = generation(
-            model, call, body, n_ctx=self.config.n_ctx, prompt=prompt, grammar=grammar, extra_stop=rendered.stop
-        )
-        parsers = [rendered.parser() for _ in range(call.n)]
-        return await self._generate(request, call, work, Responder(call, self.config.model_name, parsers=parsers))
 
     async def completions(self, request: Request) -> Response:
         self._require_ready()
-        call = normalize_completion(await self._json(request))
-        from llama_cpp.server.types import CreateCompletionRequest
-
-        body = _validated(CreateCompletionRequest, call.params)
+        decoded = openai.decode_completion(await self._json(request))
         model = self.engine.model
-        prompt = completion_prompt(model, call)
-        work = generation(
-            model, call, body, n_ctx=self.config.n_ctx, prompt=prompt, grammar=json_grammar(call) or body.grammar
+        prompt = completion_prompt(model, decoded)
+        grammar = json_grammar(decoded) or decoded.grammar
+        work = generation(model, decoded, n_ctx=self.config.n_ctx, prompt=prompt, grammar=grammar)
+        echo = decoded.prompt if decoded.echo and isinstance(decoded.prompt, str) else ""
+        return await self._generate(
+            request, decoded.stream, work, Responder(decoded, self.config.model_name, echo=echo)
         )
-        echo = call.params.get("prompt", "") if body.echo else ""
-        return await self._generate(request, call, work, Responder(call, self.config.model_name, echo=echo))
+
+    async def responses(self, request: Request) -> Response:
+        self._require_ready()
+        call = responses.decode(await self._json(request), self.store)
+        if call.dropped:  # Codex's default web_search: left out, and said so (here and in a header)
+            logs.event("hosted_tools_left_out", tools=list(call.dropped), route="/v1/responses")
+        work, parsers = self._chat_generation(call.request)
+        encoder = responses.ResponsesEncoder(
+            call, parsers[0], self.config.model_name, self._count_tokens, self.store.put if call.store else None
+        )
+        response = await self._generate(request, call.request.stream, work, encoder)
+        if call.dropped:
+            response.headers["x-gguf-deploy-dropped-tools"] = ",".join(call.dropped)
+        return response
+
+    async def stored_response(self, request: Request) -> Response:
+        response_id = request.path_params["id"]
+        if request.method == "DELETE":
+            if not self.store.delete(response_id):
+                self.store.get(response_id)  # the 404
+            return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        return JSONResponse(self.store.get(response_id)[0])
+
+    async def messages(self, request: Request) -> Response:
+        self._require_ready()
+        decoded = messages.decode(await self._json(request))
+        work, parsers = self._chat_generation(decoded)
+        tally_holder: list[Job] = []
+        encoder = messages.MessagesEncoder(
+            parsers[0], self.config.model_name, tuple(decoded.stop), _LazyTally(tally_holder)
+        )
+        return await self._generate(request, decoded.stream, work, encoder, tally_holder)
+
+    async def count_tokens(self, request: Request) -> Response:
+        self._require_ready()
+        decoded = messages.decode(await self._json(request), counting=True)
+        rendered = self._render(decoded)
+        prompt = self.engine.model.tokenize(rendered.prompt, add_special=rendered.add_bos)
+        return JSONResponse({"input_tokens": len(prompt)})
+
+    async def tokenize(self, request: Request) -> Response:
+        self._require_ready()
+        body = await self._json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("content"), str):
+            raise bad_request('the body must be {"content": "text"} (add_special, with_pieces: optional)', "content")
+        for key in ("add_special", "with_pieces"):
+            if not isinstance(body.get(key, False), bool):
+                raise bad_request(f"{key} must be true or false", key)
+        unknown = sorted(body.keys() - {"content", "add_special", "with_pieces", "model"})
+        if unknown:
+            raise bad_request(f"unknown field '{unknown[0]}'", unknown[0])
+        model = self.engine.model
+        tokens = model.tokenize(body["content"], add_special=body.get("add_special", False)) if body["content"] else []
+        shown: list[Any] = list(tokens)
+        if body.get("with_pieces"):
+            shown = [{"id": t, "piece": model.piece(t).decode("utf-8", errors="replace")} for t in tokens]
+        return JSONResponse({"tokens": shown, "count": len(tokens), "max_model_len": self.config.n_ctx})
+
+    async def detokenize(self, request: Request) -> Response:
+        self._require_ready()
+        body = await self._json(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise bad_request('the body must be {"tokens": [token ids]}', "tokens")
+        unknown = sorted(body.keys() - {"tokens", "model"})
+        if unknown:
+            raise bad_request(f"unknown field '{unknown[0]}'", unknown[0])
+        model = self.engine.model
+        bad = next((t for t in tokens if not 0 <= t < model.n_vocab), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary (0..{model.n_vocab - 1})", "tokens")
+        text = b"".join(model.piece(t) for t in tokens).decode("utf-8", errors="replace")
+        return JSONResponse({"content": text})
 
     async def embeddings(self, request: Request) -> Response:
         if not self.config.embeddings:
@@ -242,6 +311,39 @@ class _Api:
         call = normalize_embedding(await self._json(request))
         job = self.engine.submit(work=partial(run_embedding, call=call, model_name=self.config.model_name))
         return await self._result(request, job)
+
+    # -- chat: one rendering for every protocol
+
+    def _render(self, decoded: GenerationRequest) -> Any:
+        template = self.engine.chat_template
+        if template is None:
+            raise bad_request(
+                "this model has no chat template: set [server] chat_format in its manifest, or use /v1/completions",
+                "messages",
+                "no_chat_template",
+            )
+        return template.render(
+            decoded.messages,
+            tools=decoded.tools or None,
+            tool_choice=decoded.tool_choice,
+            parallel_tool_calls=decoded.parallel_tool_calls,
+            variables=decoded.template_kwargs or None,
+            continue_final=decoded.continue_final,
+        )
+
+    def _chat_generation(self, decoded: GenerationRequest) -> tuple[Generation, list[Any]]:
+        """The engine's generation of a chat request, and a parser per choice."""
+        rendered = self._render(decoded)
+        model = self.engine.model
+        prompt = model.tokenize(rendered.prompt, add_special=rendered.add_bos)
+        grammar = rendered.grammar or json_grammar(decoded) or decoded.grammar
+        work = generation(
+            model, decoded, n_ctx=self.config.n_ctx, prompt=prompt, grammar=grammar, extra_stop=rendered.stop
+        )
+        return work, [rendered.parser() for _ in range(decoded.n)]
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.engine.model.tokenize(text, add_special=False)) if text else 0
 
     # -- request bodies
 
@@ -259,16 +361,21 @@ class _Api:
 
     # -- running jobs
 
-    async def _generate(self, request: Request, call: Call, work: Any, responder: Responder) -> Response:
-        log_of(request).stream = call.stream
+    async def _generate(
+        self, request: Request, stream: bool, work: Generation, encoder: Any, jobs: list[Job] | None = None
+    ) -> Response:
+        log_of(request).stream = stream
         job = self.engine.submit(work)
-        if call.stream:
-            return await self._stream(request, job, responder)
-        return await self._result(request, job, responder)
+        if jobs is not None:
+            jobs.append(job)
+        if stream:
+            return await self._stream(request, job, encoder)
+        return await self._result(request, job, encoder)
 
-    async def _result(self, request: Request, job: Job, responder: Responder | None = None) -> Response:
+    async def _result(self, request: Request, job: Job, encoder: Any = None) -> Response:
         """The whole answer of ``job`` as one JSON response (an error, or a 503 when a shutdown cut it)."""
         log = log_of(request)
+        errors = getattr(request.state, "errors", _openai_error)
         error: ApiError | None = None
         result: Any = None
         while True:
@@ -276,8 +383,8 @@ class _Api:
             if item is None:
                 return await self._abandoned(request, job)
             kind, value = item
-            if kind == "pieces" and responder is not None:
-                responder.add(value)
+            if kind == "pieces" and encoder is not None:
+                encoder.add(value)
             elif kind == "result":
                 result = value
             elif kind == "error":
@@ -287,12 +394,12 @@ class _Api:
         await job.done
         log.record(job)
         if error is not None:
-            return _error_response(request, error)
+            return _error_response(request, error, errors)
         if job.tally.cut or job.state == "cancelled":  # cancelled by a shutdown: never a truncated answer as a 200
-            return _error_response(request, _stopping())
-        return JSONResponse(result if responder is None else responder.result(job.tally))
+            return _error_response(request, _stopping(), errors)
+        return JSONResponse(result if encoder is None else encoder.result(job.tally))
 
-    async def _stream(self, request: Request, job: Job, responder: Responder) -> Response:
+    async def _stream(self, request: Request, job: Job, encoder: Any) -> Response:
         # headers wait for the first piece, so an error before it (a shutdown) is still a plain status
         item = await _unless_disconnected(request, job.next())
         if item is None:
@@ -301,8 +408,9 @@ class _Api:
         if kind != "pieces":
             await job.done
             log_of(request).record(job)
-            return _error_response(request, value if kind == "error" else _stopping())
-        return _EventStream(job, responder.chunks(value), responder, log_of(request))
+            errors = getattr(request.state, "errors", _openai_error)
+            return _error_response(request, value if kind == "error" else _stopping(), errors)
+        return _EventStream(job, encoder.events(value), encoder, log_of(request))
 
     async def _abandoned(self, request: Request, job: Job) -> Response:
         job.cancel()
@@ -312,6 +420,16 @@ class _Api:
         log.record(job)
         log.status = CLIENT_CLOSED
         return Response(status_code=CLIENT_CLOSED)
+
+
+class _LazyTally:
+    """The tally of the job a request is about to submit (the Messages encoder reads it as the stream starts)."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self._jobs = jobs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._jobs[0].tally, name)
 
 
 async def _unless_disconnected(request: Request, waiting: Awaitable[Any]) -> Any:
@@ -332,31 +450,33 @@ async def _disconnect(receive: Receive) -> None:
 
 
 class _EventStream(StreamingResponse):
-    """Server-sent events of a job; cancels the job when the client goes away."""
+    """Server-sent events of a job, written by the protocol's encoder; cancels the job when the client goes away."""
 
-    def __init__(self, job: Job, first: list[dict[str, Any]], responder: Responder, log: RequestLog) -> None:
-        self.job, self.responder, self.log = job, responder, log
+    def __init__(self, job: Job, first: bytes, encoder: Any, log: RequestLog) -> None:
+        self.job, self.encoder, self.log = job, encoder, log
         self._complete = False
         super().__init__(self._events(first), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _events(self, first: list[dict[str, Any]]) -> Any:
-        yield b"".join(map(_sse, first))
+    async def _events(self, first: bytes) -> Any:
+        yield first
+        failed = False
         while True:
             kind, value = await self.job.next()
             if kind == "pieces":
-                yield b"".join(map(_sse, self.responder.chunks(value)))
-            elif kind == "error":  # after the headers: an error event, as OpenAI's SDKs expect
+                yield self.encoder.events(value)
+            elif kind == "error":
                 self.log.error = value.code or value.type
-                yield _sse(value.body())
+                failed = True
+                yield self.encoder.error_event(value)
             elif kind == "end":
                 break
         if self.job.tally.cut:  # a shutdown cut it: say so, rather than end as if complete
             error = _stopping()
             self.log.error = error.code
-            yield _sse(error.body())
-        if self.responder.call.include_usage:
-            yield _sse({**self.responder.head(), "choices": [], "usage": usage(self.job.tally)})
-        yield b"data: [DONE]\n\n"
+            failed = True
+            yield self.encoder.error_event(error)
+        if not failed or isinstance(self.encoder, Responder):  # OpenAI's chat streams still end with [DONE]
+            yield self.encoder.end(self.job.tally)
         self._complete = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -370,22 +490,7 @@ class _EventStream(StreamingResponse):
             self.log.record(self.job)
 
 
-def _sse(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-
-
-# ## Parsing and validation
-
-
-def _validated(model: Any, params: dict[str, Any]) -> Any:
-    from pydantic import ValidationError
-
-    try:
-        return model.model_validate(params)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-"))
-        raise bad_request(f"{where}: {first['msg']}" if where else first["msg"], where or None) from exc
+# ## Errors
 
 
 def _stopping() -> ApiError:

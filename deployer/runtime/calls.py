@@ -18,34 +18,30 @@ import uuid
 from typing import Any
 
 from deployer.runtime.engine import Job, Tally
-from deployer.runtime.protocol import ApiError, Call, EmbeddingCall, bad_request
+from deployer.runtime.protocol import ApiError, EmbeddingCall, bad_request
+from deployer.runtime.protocols.request import GenerationRequest
 from deployer.runtime.sampling import Generation, Piece, Sampling, TokenLogprob
-
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit (chat); completions allow 5
-
 
 # ## Requests
 
 
 def generation(
     model: Any,
-    call: Call,
-    body: Any,
+    request: GenerationRequest,
     *,
     n_ctx: int,
     prompt: list[int],
     grammar: str | None,
     extra_stop: tuple[str, ...] = (),
 ) -> Generation:
-    """The engine's :class:`Generation` of a validated request (``body``: llama_cpp.server.types)."""
+    """The engine's :class:`Generation` of a decoded request, its prompt tokenized."""
+    what = "messages" if request.kind == "chat" else "prompt"
     if not prompt:
-        raise bad_request("the prompt is empty", "prompt" if call.kind == "completion" else "messages")
+        raise bad_request("the prompt is empty", what)
     bad = next((t for t in prompt if t >= model.n_vocab), None)
     if bad is not None:
         raise bad_request(f"prompt token id {bad} is outside the vocabulary (0..{model.n_vocab - 1})", "prompt")
-    max_tokens = body.max_tokens if body.max_tokens and body.max_tokens > 0 else None  # clamped to the context
     if len(prompt) >= n_ctx:  # not even one token would fit after it
-        what = "messages" if call.kind == "chat" else "prompt"
         raise ApiError(
             400,
             f"This model's maximum context length is {n_ctx} tokens, and the {what} came to {len(prompt)}: "
@@ -58,76 +54,50 @@ def generation(
 
         if not check_grammar(model, grammar):
             raise bad_request("grammar could not be parsed by llama.cpp (GBNF with a 'root' rule expected)", "grammar")
-    stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
+    r = request
     sampling = Sampling(
-        temperature=body.temperature,
-        top_k=body.top_k,
-        top_p=body.top_p,
-        min_p=body.min_p,
-        # llama-cpp-python's types default to 1.1; OpenAI's API (and llama-server) penalize nothing unless asked
-        repeat_penalty=body.repeat_penalty if "repeat_penalty" in call.params else 1.0,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        mirostat_mode=body.mirostat_mode,
-        mirostat_tau=body.mirostat_tau,
-        mirostat_eta=body.mirostat_eta,
-        seed=body.seed,
-        logit_bias=_logit_bias(model, body.logit_bias, body.logit_bias_type) if body.logit_bias else (),
+        temperature=r.temperature,
+        top_k=r.top_k,
+        top_p=r.top_p,
+        min_p=r.min_p,
+        repeat_penalty=r.repeat_penalty,
+        presence_penalty=r.presence_penalty,
+        frequency_penalty=r.frequency_penalty,
+        mirostat_mode=r.mirostat_mode,
+        mirostat_tau=r.mirostat_tau,
+        mirostat_eta=r.mirostat_eta,
+        seed=r.seed,
+        logit_bias=_logit_bias(model, r.logit_bias, r.logit_bias_type) if r.logit_bias else (),
         grammar=grammar,
     )
     return Generation(
         prompt=prompt,
         sampling=sampling,
-        n=call.n,
-        max_tokens=max_tokens,
-        min_tokens=body.min_tokens,
-        stop=(*stop, *extra_stop),
-        logprobs=_logprobs(call, body),
+        n=r.n,
+        max_tokens=r.max_tokens,
+        min_tokens=r.min_tokens,
+        stop=(*r.stop, *extra_stop),
+        logprobs=r.logprobs,
     )
 
 
-def _logprobs(call: Call, body: Any) -> int | None:
-    if call.kind == "chat":
-        top = body.top_logprobs
-        if top is not None and not body.logprobs:
-            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise bad_request(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top}", "top_logprobs")
-        return (top or 0) if body.logprobs else None
-    if body.logprobs is None:
-        return None
-    if not 0 <= body.logprobs <= 5:
-        raise bad_request(f"logprobs must be between 0 and 5, got {body.logprobs}", "logprobs")
-    if body.echo:
-        raise bad_request(
-            "echo with logprobs (the prompt's logprobs) is not supported: the server does not keep the logits "
-            "of prompt positions",
-            "echo",
-            "echo_logprobs_not_supported",
-        )
-    return body.logprobs
-
-
-def completion_prompt(model: Any, call: Call) -> list[int]:
+def completion_prompt(model: Any, request: GenerationRequest) -> list[int]:
     """The tokens of a ``/v1/completions`` prompt (text with BOS as the model wants it, or token ids)."""
-    if call.prompt_tokens is not None:
-        return list(call.prompt_tokens)
-    text = call.params.get("prompt") or ""
-    return model.tokenize(text, add_special=True) if text else [model.bos]
+    if isinstance(request.prompt, list):
+        return list(request.prompt)
+    return model.tokenize(request.prompt, add_special=True) if request.prompt else [model.bos]
 
 
-def json_grammar(call: Call) -> str | None:
-    """The grammar of ``response_format`` (json_schema, or json_object: any JSON)."""
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+def json_grammar(request: GenerationRequest) -> str | None:
+    """The grammar of the answer's JSON format (a schema, or any JSON object), if the request has one."""
+    if request.json_schema is None and not request.json_object:
+        return None
+    from deployer.runtime.llama import json_grammar as grammar_of
 
-    if call.json_schema is not None:
-        try:
-            return json_schema_to_gbnf(json.dumps(call.json_schema))
-        except Exception as exc:  # the converter raises plain exceptions on schemas it cannot express
-            raise bad_request(
-                f"response_format json_schema cannot be turned into a grammar: {exc}", "response_format"
-            ) from exc
-    return JSON_GBNF if call.json_object else None
+    try:
+        return grammar_of(request.json_schema)
+    except ValueError as exc:
+        raise bad_request(f"the JSON schema cannot be turned into a grammar: {exc}", "response_format") from exc
 
 
 def _logit_bias(model: Any, bias: dict[str, float], kind: str | None) -> tuple[tuple[int, float], ...]:
@@ -155,7 +125,9 @@ class Responder:
     without them the text is the content.
     """
 
-    def __init__(self, call: Call, model_name: str, *, parsers: list[Any] | None = None, echo: str = "") -> None:
+    def __init__(
+        self, call: GenerationRequest, model_name: str, *, parsers: list[Any] | None = None, echo: str = ""
+    ) -> None:
         self.call = call
         self.chat = call.kind == "chat"
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -238,6 +210,18 @@ class Responder:
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
 
+    # -- server-sent events (the encoder interface every protocol's encoder has)
+
+    def events(self, pieces: list[Piece]) -> bytes:
+        return b"".join(map(sse, self.chunks(pieces)))
+
+    def error_event(self, error: ApiError) -> bytes:
+        return sse(error.body())  # after the headers: an error event, as OpenAI's SDKs expect
+
+    def end(self, tally: Tally) -> bytes:
+        tail = sse({**self.head(), "choices": [], "usage": usage(tally)}) if self.call.include_usage else b""
+        return tail + b"data: [DONE]\n\n"
+
     # -- the whole result
 
     def add(self, pieces: list[Piece]) -> None:
@@ -286,8 +270,7 @@ class Responder:
 
     @property
     def _wants_logprobs(self) -> bool:
-        params = self.call.params
-        return bool(params.get("logprobs")) if self.chat else params.get("logprobs") is not None
+        return self.call.logprobs is not None
 
     @staticmethod
     def _chat_logprobs(tokens: Any) -> dict[str, Any]:
@@ -316,6 +299,11 @@ class Responder:
             "top_logprobs": [{s: lp for s, _b, lp in t.top} for t in tokens],
             "text_offset": offsets,
         }
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event of JSON data (OpenAI's streams: no event names)."""
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
 def usage(tally: Tally) -> dict[str, Any]:

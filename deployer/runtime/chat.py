@@ -21,6 +21,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from deployer.runtime.chat_families import (
@@ -160,12 +161,20 @@ class ChatTemplate:
             return False
         return PROBE_TOOL in text
 
-    def _render_jinja(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+    def _render_jinja(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        variables: dict[str, Any] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> str:
         return str(
             self._compiled.render(
+                **(variables or {}),  # the request's template variables (enable_thinking, ...) never win over ours
                 messages=messages,
                 tools=tools,
-                add_generation_prompt=True,
+                add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos,
                 eos_token=self._eos,
             )
@@ -178,8 +187,14 @@ class ChatTemplate:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
         parallel_tool_calls: bool = True,
+        variables: dict[str, Any] | None = None,
+        continue_final: bool = False,
     ) -> RenderedChat:
-        """The prompt of a request (messages as ``protocol.normalize_chat`` leaves them); ApiError 400."""
+        """The prompt of a request (messages as ``protocol.normalize_chat`` leaves them); ApiError 400.
+
+        ``variables`` are extra template variables (``enable_thinking``, ``reasoning_effort``, ...);
+        ``continue_final``: the last (assistant) message is left open, so the answer continues it.
+        """
         choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
         use_tools = bool(tools) and choice != "none"
         if use_tools and self._formatter is not None:
@@ -199,19 +214,23 @@ class ChatTemplate:
         named = _named(choice, tools or []) if use_tools else None
         plain = [_template_message(m) for m in messages]
         if self._formatter is not None:
+            if continue_final or variables:
+                what = "continuing an assistant message" if continue_final else "template variables"
+                raise bad_request(f"chat_format '{self.family}' does not support {what}", "messages")
             return self._render_format(plain)
+        render = partial(self._render_jinja, variables=variables, add_generation_prompt=not continue_final)
         shown = (tools or None) if use_tools else None  # a named choice still shows the model every tool
         offered = [t for t in tools or [] if t["function"]["name"] == named] if named else (shown or [])
         try:
             try:
-                prompt = self._render_jinja(plain, shown)
+                prompt = render(plain, shown)
             except TemplateRaised:
                 raise
             except Exception:
                 if plain == messages:
                     raise
                 # a few templates (functionary) write the arguments as the string they came as
-                prompt = self._render_jinja([_template_message(m, objects=False) for m in messages], shown)
+                prompt = render([_template_message(m, objects=False) for m in messages], shown)
         except TemplateRaised as exc:
             raise bad_request(f"the model's chat template refused these messages: {exc}", "messages") from exc
         except Exception as exc:  # a real template's error is about the request, never a server fault
@@ -220,6 +239,8 @@ class ChatTemplate:
                 "messages",
                 "chat_template_error",
             ) from exc
+        if continue_final:
+            prompt = _open_final(prompt, messages[-1].get("content") or "")
         think_open = self.thinks and prompt.rstrip().endswith(THINK_OPEN)
         family = self.family_info or GENERIC
         grammar = None
@@ -267,6 +288,20 @@ def _formatter(name: str) -> Any:
     if formatter is None:
         raise ValueError(f"chat_format '{name}' has its own handler, not a prompt format this server can use")
     return formatter
+
+
+def _open_final(prompt: str, text: str) -> str:
+    """The prompt cut right after the last assistant message's text: the answer continues it
+    (as vLLM's ``continue_final_message`` does; the template closed the turn after it)."""
+    for written in (text, text.strip()):  # some templates trim the content
+        at = prompt.rfind(written) if written else -1
+        if at >= 0:
+            return prompt[: at + len(written)]
+    raise bad_request(
+        "the model's chat template does not write the final assistant message as given, so it cannot be "
+        "continued (end the conversation with a user message, or send add_generation_prompt: true)",
+        "messages",
+    )
 
 
 def _named(choice: str | dict[str, Any], tools: list[dict[str, Any]]) -> str | None:

@@ -165,8 +165,16 @@ class _Choice:
 class Engine:
     """Loads the model on its own thread, then runs the batching loop there."""
 
-    def __init__(self, config: RuntimeConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        metrics: Metrics | None = None,
+        *,
+        load_model: Callable[[RuntimeConfig], Any] | None = None,
+    ) -> None:
+        """``load_model``: another model than llama.cpp's (the tests' fake one), with the same interface."""
         self.config = config
+        self._load_model = load_model
         self.metrics = metrics or Metrics()
         self.state = "loading"  # -> ready | failed; -> closed
         self.error: str | None = None
@@ -286,10 +294,13 @@ class Engine:
         started = time.monotonic()
         logs.event("loading", model=self.config.model_name, path=self.config.model_path)
         try:
-            route_llama_logs(self.config.verbose)
-            from deployer.runtime.llama import Model
+            if self._load_model is not None:
+                self.model = self._load_model(self.config)
+            else:
+                route_llama_logs(self.config.verbose)
+                from deployer.runtime.llama import Model
 
-            self.model = Model(self.config)
+                self.model = Model(self.config)
         except Exception as exc:  # llama.cpp reports a bad file through LlamaError/ValueError/OSError
             self.error = f"{self.config.model_path}: llama.cpp could not load the model ({exc})"
             self.state = "failed"
@@ -371,18 +382,15 @@ class Engine:
             self.model.forget(admission.slot.id, admission.keep)
             generation = job.generation
             seed = random.getrandbits(32) if generation.sampling.seed is None else generation.sampling.seed + seq.index
-            from deployer.runtime.llama import Sampler
-
-            self._choices[seq] = _Choice(Sampler(self.model, generation.sampling, seed), TextStream(generation.stop))
+            sampler = self.model.sampler(generation.sampling, seed)
+            self._choices[seq] = _Choice(sampler, TextStream(generation.stop))
 
     def _decode(self, entries: list[Entry], out: dict[Job, list[Piece]]) -> bool:
         """Decode one batch and sample what it computed; False when llama.cpp failed (the requests got a 500)."""
-        from deployer.runtime.llama import LlamaError
-
         assert self.model is not None
         try:
             rows = self.model.decode([(e.seq.slot.id, e.tokens, e.pos, e.logits) for e in entries])
-        except LlamaError as exc:  # nothing a request did: fail the running ones, start again clean
+        except self.model.errors as exc:  # nothing a request did: fail the running ones, start again clean
             self._fail_all(classify(exc))
             return False
         self.scheduler.fed(entries)
@@ -423,7 +431,7 @@ class Engine:
             elif self.scheduler.must_stop(seq):
                 text, finish = text + choice.text.flush(), "length"
         if text or logprobs or finish is not None:  # text held back (a possible stop string) waits for the next
-            out.setdefault(job, []).append(Piece(seq.index, text, logprobs, finish))
+            out.setdefault(job, []).append(Piece(seq.index, text, logprobs, finish, choice.text.matched))
         if finish is not None:
             self._end_seq(seq)
 

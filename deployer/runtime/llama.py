@@ -154,6 +154,23 @@ def check_grammar(model: Model, text: str) -> bool:
     return True
 
 
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """GBNF for JSON valid for ``schema`` (any JSON when None), by llama-cpp-python's converter.
+
+    ValueError naming what the converter cannot express (it raises plain exceptions on such schemas).
+    """
+    import json
+
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if schema is None:
+        return JSON_GBNF
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:
+        raise ValueError(str(exc)) from exc
+
+
 def model_params(config: RuntimeConfig) -> Any:
     """``llama_model_params`` of ``config`` (the memory benchmark loads models with the same)."""
     params = llama_cpp.llama_model_default_params()
@@ -183,6 +200,8 @@ def context_params(config: RuntimeConfig, *, embeddings: bool = False) -> Any:
 
 class Model:
     """The loaded model, its context of ``parallel`` sequences, and one reusable batch."""
+
+    errors = (LlamaError,)  # what decode raises when llama.cpp fails (the engine fails the running requests)
 
     def __init__(self, config: RuntimeConfig) -> None:
         llama_cpp.llama_backend_init()
@@ -324,6 +343,10 @@ class Model:
         """Make ``target``'s cache a copy of ``source``'s (the whole stream: done before the next decode)."""
         llama_cpp.llama_memory_seq_rm(self.memory, target, 0, -1)
         llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+
+    def sampler(self, sampling: Sampling, seed: int) -> Sampler:
+        """A sampler chain of one sequence's settings (the engine asks the model, so a fake one can answer)."""
+        return Sampler(self, sampling, seed)
 
     def can_rewind(self, seq: int) -> bool:
         """Whether ``seq``'s cache still holds position 0 (a sliding-window cache may have dropped it)."""

@@ -2,10 +2,11 @@
 
 Pure functions of JSON values (no llama.cpp, no I/O), so they are tested without a model.
 
-Today's SDKs send shapes llama-cpp-python's request types reject or misread: the ``developer``
-role, message content as a list of parts, ``max_completion_tokens``, ``stream_options``,
-``response_format: {type: json_schema}``, token-array prompts. ``normalize_*`` turns each request
-into the plain form the stock types accept, or raises :class:`ApiError` (a 4xx) naming the field.
+Today's SDKs send many shapes of one request: the ``developer`` role, message content as a list of
+parts, ``max_completion_tokens``, ``stream_options``, ``response_format: {type: json_schema}``,
+token-array prompts. ``normalize_*`` makes each request plain, or raises :class:`ApiError` (a 4xx)
+naming the field; ``deployer.runtime.protocols.openai`` maps the plain form onto the one typed
+request of every protocol.
 """
 
 from __future__ import annotations
@@ -54,8 +55,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 class Call:
     """One generation request, made plain.
 
-    ``params`` is the body the stock request types (``llama_cpp.server.types``) accept; the rest is
-    what the runtime handles itself.
+    ``params`` is the rest of the body, for ``deployer.runtime.protocols.openai`` to map.
     """
 
     kind: Literal["chat", "completion"]

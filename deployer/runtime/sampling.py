@@ -54,6 +54,7 @@ class Piece:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None  # "stop" | "length" when this is the choice's last piece
+    stop: str | None = None  # the stop string that ended the choice (Anthropic's stop_sequence)
 
 
 class TextStream:
@@ -66,6 +67,7 @@ class TextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = tuple(s for s in stops if s)
         self._held = ""
+        self.matched: str | None = None  # the stop string found, once one is
 
     def feed(self, data: bytes) -> tuple[str, bool]:
         """The text that may be released now, and whether a stop string ended the generation."""
@@ -73,10 +75,11 @@ class TextStream:
         if not self._stops:
             self._held = ""
             return held, False
-        hits = [i for i in (held.find(stop) for stop in self._stops) if i >= 0]
+        hits = [(i, stop) for stop in self._stops if (i := held.find(stop)) >= 0]
         if hits:
+            at, self.matched = min(hits)
             self._held = ""
-            return held[: min(hits)], True
+            return held[:at], True
         keep = 0
         for stop in self._stops:  # the longest tail of the text that begins some stop string
             for k in range(min(len(stop) - 1, len(held)), keep, -1):
