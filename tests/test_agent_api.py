@@ -433,9 +433,9 @@ def test_tokenize_and_detokenize(hermes):
     with hermes.http() as http:
         tokens = http.post("/tokenize", json={"content": "Hello there."}).json()
         assert tokens["count"] == len(tokens["tokens"]) > 0
-        text = http.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["content"]
+        round_trip = http.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["content"]
         # the tiny vocabulary has no token for SentencePiece's space marker: its bytes come back as they are
-        assert text.replace("\u2581", " ").strip() == "Hello there."
+        assert round_trip.replace("\u2581", " ").strip() == "Hello there."
         assert http.post("/detokenize", json={"tokens": [10**9]}).status_code == 400
         assert http.post("/tokenize", json={"text": "x"}).status_code == 400
 
