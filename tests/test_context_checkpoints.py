@@ -120,3 +120,32 @@ def test_no_checkpoints_when_the_limit_is_zero():
     kept = Checkpoints(slots=1, limit=0)
     kept.put(0, 32, "state")
     assert kept.count() == 0 and kept.nearest(0, 32) == 0
+
+
+@pytest.mark.model
+def test_a_checkpoint_is_the_size_the_estimate_counts_in_container_ram(gemma_file):
+    """The planner's container RAM counts ctx_checkpoints × slots checkpoints of checkpoint_bytes each."""
+    from deployer.estimate import EstimateSettings, checkpoint_bytes, estimate
+    from deployer.gguf_header import read_header
+    from deployer.runtime.llama import Model
+
+    config = replace(gemma_config(gemma_file, **GEMMA_TEST_SETTINGS), parallel=2, n_threads=2)
+    model = Model(config)
+    try:
+        assert model.windowed
+        for start in range(0, 2 * WINDOW, N_BATCH):  # more than a window of positions in sequence 1
+            model.decode([(1, list(range(1000, 1000 + N_BATCH)), start, False)])
+        size = ctypes_size(model.save_window(1))
+    finally:
+        model.close()
+    header = read_header(gemma_file)
+    settings = EstimateSettings(config.n_ctx, parallel=2, backend="cpu")
+    assert abs(checkpoint_bytes(header, settings) - size) <= 64, (checkpoint_bytes(header, settings), size)
+    counted = estimate(header, settings).host - estimate(header, replace(settings, ctx_checkpoints=0)).host
+    assert counted == 2 * 8 * checkpoint_bytes(header, settings)
+
+
+def ctypes_size(state: object) -> int:
+    import ctypes
+
+    return ctypes.sizeof(state)  # type: ignore[arg-type]
