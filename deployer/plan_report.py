@@ -54,6 +54,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
             "concurrency": plan.slots.concurrency,
             "reason": plan.slots.reason,
         },
+        "kv_cache": _kv_json(plan),
         "estimate_bytes": {
             "weights": est.weights,
             "kv": est.kv,
@@ -74,6 +75,21 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "usd_per_hour": plan.gpu.usd_per_hour,
         "cheapest": _choice_json(plan.cheapest),
         "policy": plan.policy,
+    }
+
+
+def _kv_json(plan: Plan) -> dict[str, Any] | None:
+    layout = plan.estimate.kv_layout
+    if layout is None:
+        return None
+    return {
+        "swa_full": plan.manifest.manifest.server.swa_full,
+        "global_layers": layout.global_layers,
+        "global_tokens": layout.global_cells,
+        "windowed_layers": layout.windowed_layers,
+        "windowed_tokens": layout.windowed_cells,
+        "slots": layout.slots,
+        "bytes": plan.estimate.kv,
     }
 
 
@@ -169,6 +185,27 @@ def _estimate_words(plan: Plan) -> str:
     return f"{gib(est.total)}{per_gpu} = {breakdown(est)}; container RAM {gib(est.host)}"
 
 
+def _kv_words(plan: Plan) -> list[tuple[str, str]]:
+    """``10 global layers × 32,768 tokens + 52 windowed layers × 1,536 tokens, × 8 slots``."""
+    layout = plan.estimate.kv_layout
+    if layout is None:
+        return []
+    parts = []
+    if layout.global_layers:
+        kind = "global " if layout.windowed_layers else ""
+        parts.append(f"{_count(layout.global_layers, kind + 'layer')} × {layout.global_cells:,} tokens")
+    if layout.windowed_layers:
+        parts.append(f"{_count(layout.windowed_layers, 'windowed layer')} × {layout.windowed_cells:,} tokens")
+    words = " + ".join(parts) + f", × {_count(layout.slots, 'slot')} = {gib(plan.estimate.kv)}"
+    if layout.windowed_layers and plan.manifest.manifest.server.swa_full:
+        words += " ([server] swa_full: the windowed layers cache the whole context)"
+    return [("KV", words)]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _headroom_words(plan: Plan) -> str:
     return f"{gib(plan.headroom_bytes)} of {gib(plan.gpu.usable_bytes)} usable per GPU"
 
@@ -225,6 +262,7 @@ def _details(plan: Plan) -> list[tuple[str, str]]:
         ("slots", _slots_words(plan)),
         ("concurrency", _concurrency_words(plan)),
         ("estimate", _estimate_words(plan)),
+        *_kv_words(plan),
         ("GPU", f"{_gpu_words(plan.gpu)}: {plan.reason}"),
         ("fallbacks", ", ".join(_gpu_words(f) for f in plan.fallbacks) or "none"),
         ("headroom", _headroom_words(plan)),

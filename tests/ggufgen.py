@@ -38,7 +38,7 @@ class ModelSpec:
     """One architecture and size. A llama with ``n_expert > 0`` is a Mixtral-style MoE."""
 
     name: str
-    arch: str  # "llama" | "qwen2" | "gemma3"
+    arch: str  # "llama" | "qwen2" | "gemma3" | "gpt-oss" (header-only: llama.cpp needs its real tokenizer)
     n_layer: int
     n_embd: int
     n_head: int
@@ -79,6 +79,8 @@ def _type_for(spec: ModelSpec, name: str, shape: tuple[int, ...]) -> Q:
     """The GGML type llama.cpp's quantizer would give this tensor for ``spec.quant``."""
     if len(shape) == 1:
         return Q.F32  # norms and biases stay F32
+    if spec.quant == "MXFP4_MOE":  # gpt-oss as published: experts in MXFP4, the rest in Q8_0
+        return Q.MXFP4 if "_exps." in name else Q.Q8_0
     if name == "ffn_gate_inp.weight" or name.endswith("ffn_gate_inp.weight"):
         return Q.F32 if spec.quant not in ("F16", "BF16") else _main_type(spec.quant)
     main = _main_type(spec.quant)
@@ -116,17 +118,27 @@ def tensor_shapes(spec: ModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
             yield b + "attn_k.bias", (kv,)
             yield b + "attn_v.bias", (kv,)
         yield b + "attn_output.weight", (q, e)
+        if spec.arch == "gpt-oss":  # biases everywhere, attention sinks, a post-attention norm
+            yield from ((b + f"attn_{x}.bias", (n,)) for x, n in (("q", q), ("k", kv), ("v", kv), ("output", e)))
+            yield b + "attn_sinks.weight", (spec.n_head,)
+            yield b + "post_attention_norm.weight", (e,)
         if spec.arch == "gemma3":
             yield b + "attn_q_norm.weight", (hd,)
             yield b + "attn_k_norm.weight", (hd,)
             yield b + "post_attention_norm.weight", (e,)
             yield b + "post_ffw_norm.weight", (e,)
-        yield b + "ffn_norm.weight", (e,)
+        if spec.arch != "gpt-oss":  # its post_attention_norm is the FFN's input norm
+            yield b + "ffn_norm.weight", (e,)
         if spec.n_expert:
             yield b + "ffn_gate_inp.weight", (e, spec.n_expert)
             yield b + "ffn_gate_exps.weight", (e, ff, spec.n_expert)
             yield b + "ffn_up_exps.weight", (e, ff, spec.n_expert)
             yield b + "ffn_down_exps.weight", (ff, e, spec.n_expert)
+            if spec.arch == "gpt-oss":
+                yield b + "ffn_gate_inp.bias", (spec.n_expert,)
+                yield from (
+                    (b + f"ffn_{x}_exps.bias", (n, spec.n_expert)) for x, n in (("gate", ff), ("up", ff), ("down", e))
+                )
         else:
             yield b + "ffn_gate.weight", (e, ff)
             yield b + "ffn_up.weight", (e, ff)
@@ -318,6 +330,17 @@ LLAMA_70B_Q4KM = ModelSpec(
 MISTRAL_LARGE_123B_Q4KM = ModelSpec(
     "Mistral-Large-Instruct-2411", "llama", 88, 12288, 96, 8, 28672, 32768, 131072, quant="Q4_K_M", tokenizer="gpt2"
 )
+# Sliding-window models at real size (planning: issue 20). Gemma 3 27B: 62 layers, every 6th global,
+# the others over 1,024 tokens; gpt-oss: every other layer over 128 tokens, experts in MXFP4.
+GEMMA3_27B_Q4KM = ModelSpec(
+    "gemma-3-27b-it", "gemma3", 62, 5376, 32, 16, 21504, 262208, 131072,
+    head_dim=128, sliding_window=1024, tied_embeddings=True, quant="Q4_K_M", tokenizer="gpt2",
+)  # fmt: skip
+GPT_OSS_20B = ModelSpec(
+    "gpt-oss-20b", "gpt-oss", 24, 2880, 64, 8, 2880, 201088, 131072,
+    head_dim=64, n_expert=32, n_expert_used=4, sliding_window=128, quant="MXFP4_MOE", tokenizer="gpt2",
+)  # fmt: skip
+GPT_OSS_120B = replace(GPT_OSS_20B, name="gpt-oss-120b", n_layer=36, n_expert=128)
 # ~1.3 trillion parameters in F16 (~2.7 TB): more than 8 x B200 can hold.
 TOO_BIG_1T_F16 = ModelSpec("too-big-1t", "llama", 200, 20480, 160, 16, 81920, 32768, 32768, quant="F16")
 

@@ -123,7 +123,10 @@ def est(header: GgufHeader, context: int, **kw: object) -> MemoryEstimate:
         # 15 sliding-window layers x min(32768, 512 + 512) cells + 3 global layers x 32768 cells,
         # 1 KV head x 256 x (K + V) x 2 bytes
         pytest.param(GEMMA_270M, 32768, {"swa_full": False}, (15 * 1024 + 3 * 32768) * 1024, id="swa-layers-capped"),
-        pytest.param(GEMMA_270M, 32768, {}, 18 * 32768 * 1024, id="swa-full-by-default-like-llama-cpp"),
+        pytest.param(
+            GEMMA_270M, 32768, {}, (15 * 1024 + 3 * 32768) * 1024, id="swa-capped-by-default-like-llama-server"
+        ),
+        pytest.param(GEMMA_270M, 32768, {"swa_full": True}, 18 * 32768 * 1024, id="swa-full-caches-the-whole-context"),
         pytest.param(
             GEMMA_270M,
             32768,

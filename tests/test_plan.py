@@ -84,6 +84,9 @@ def test_escalates_beyond_a_single_h100(facts_of, spec, context):
         pytest.param(ggufgen.QWEN_0_5B, 32768, ("L4", 1, 8), id="0.5b-32k-l4-8-slots-the-cap"),
         pytest.param(ggufgen.LLAMA_70B_Q4KM, 32768, ("H100", 1, 2), id="70b-q4-32k-h100-2-slots-memory-bound"),
         pytest.param(ggufgen.LLAMA_8B, 131072, ("L40S", 1, 1), id="8b-131k-l40s-one-slot"),
+        # issue 20: sliding-window layers cache their window (1,536 cells), not 32k: 3 slots became 8
+        pytest.param(ggufgen.GEMMA3_27B_Q4KM, 32768, ("H100", 1, 8), id="gemma3-27b-q4-32k-h100-8-slots"),
+        pytest.param(ggufgen.GPT_OSS_20B, 131072, ("H100", 1, 8), id="gpt-oss-20b-131k-h100-8-slots"),
     ],
 )
 def test_slots_fill_the_chosen_gpu(facts_of, spec, context, expected):
@@ -104,6 +107,49 @@ def test_slots_fill_the_chosen_gpu(facts_of, spec, context, expected):
     assert result.slots.concurrency == 2 * result.slots.parallel
     for fallback in result.fallbacks:  # Modal may start any of them: each holds the slots too
         assert result.estimate.per_gpu <= fallback.usable_bytes
+
+
+@pytest.mark.parametrize(
+    ("spec", "context", "full", "capped"),
+    [
+        pytest.param(ggufgen.GEMMA3_27B_Q4KM, 32768, 3, 8, id="gemma3-27b-32k"),
+        pytest.param(ggufgen.GEMMA3_27B_Q4KM, 131072, 0, 4, id="gemma3-27b-131k"),
+        pytest.param(ggufgen.GPT_OSS_120B, 32768, 3, 7, id="gpt-oss-120b-32k"),
+    ],
+)
+def test_window_sized_swa_cache_gives_more_slots_on_an_h100(facts_of, spec, context, full, capped):
+    """[server] swa_full = true keeps every layer's cache at the whole context: fewer slots (0: no fit)."""
+    facts = facts_of(spec)
+
+    def slots_on_h100(swa_full: bool) -> int:
+        loaded = manifest(spec, context=context, server={"swa_full": swa_full}, gpu="H100")
+        try:
+            return plan(loaded, facts, CATALOGUE).slots.parallel
+        except PlanError:
+            return 0
+
+    assert (slots_on_h100(True), slots_on_h100(False)) == (full, capped)
+
+
+def test_the_kv_line_names_the_windowed_layers(facts_of):
+    from deployer.plan_report import plan_json, plan_markdown
+
+    spec = ggufgen.GEMMA3_27B_Q4KM
+    result = plan(manifest(spec, context=32768), facts_of(spec), CATALOGUE)
+    words = "10 global layers × 32,768 tokens + 52 windowed layers × 1,536 tokens, × 8 slots = "
+    assert f"**KV**: {words}" in plan_markdown([result])
+    kv = plan_json([result])[0]["kv_cache"]
+    assert kv == {
+        "swa_full": False,
+        "global_layers": 10,
+        "global_tokens": 32768,
+        "windowed_layers": 52,
+        "windowed_tokens": 1536,
+        "slots": 8,
+        "bytes": result.estimate.kv,
+    }
+    # K and V of 16 heads × 128 in f16: 8 KiB a cell per layer
+    assert result.estimate.kv == 8 * (10 * 32768 + 52 * 1536) * 8 * 1024
 
 
 def test_the_target_manifest_plans_to_an_h100_with_8_slots(facts_of):

@@ -126,10 +126,27 @@ def test_only_whole_chunks_are_remembered():
 
 
 def test_a_sliding_window_cache_that_lost_position_0_is_never_reused():
-    s = Scheduler(parallel=1, n_ctx=8192, n_batch=4, can_rewind=lambda slot: False)
+    s = Scheduler(parallel=1, n_ctx=8192, n_batch=4, resumable=lambda slot, keep: 0)
     s.add(seqs("a", list(range(10)), max_new=1))
     drain(s)
     assert s.reusable(s.slots[0], list(range(10))) == 0
+
+
+def test_a_sliding_window_cache_resumes_at_its_latest_checkpoint():
+    checkpoints = {0: {4}}  # the engine kept the window's state at position 4 only
+    s = Scheduler(
+        parallel=1,
+        n_ctx=8192,
+        n_batch=4,
+        resumable=lambda slot, keep: max(p for p in {0} | checkpoints[slot] if p <= keep),
+    )
+    s.add(seqs("a", list(range(14)), max_new=1))
+    drain(s)
+    assert s.slots[0].cache == list(range(12))  # three whole chunks could be reused...
+    assert s.reusable(s.slots[0], list(range(14))) == 4  # ...but only the checkpointed one is
+    s.add(seqs("b", list(range(14)), max_new=1))
+    (admission,) = s.admit()
+    assert admission.keep == admission.seq.cached == 4 and admission.slot.cache == list(range(4))
 
 
 def test_finishing_a_leader_early_lets_its_followers_evaluate_the_prompt():

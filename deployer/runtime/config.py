@@ -43,6 +43,8 @@ class RuntimeConfig:
     n_ubatch: int = 512
     flash_attn: bool = True
     kv_cache_type: str = "f16"
+    swa_full: bool = False  # sliding-window layers cache the whole context (llama.cpp's default is their window)
+    ctx_checkpoints: int = 8  # per slot, with a window-sized SWA cache: see deployer.runtime.checkpoints
     chat_format: str | None = None  # None: the GGUF's own chat template
     embeddings: bool = False
     n_gpu_layers: int = -1  # every layer on the GPU (ignored by a CPU-only build)
@@ -136,6 +138,8 @@ def runtime_config(
         n_ubatch=server.n_ubatch,
         flash_attn=server.flash_attn,
         kv_cache_type=server.kv_cache_type,
+        swa_full=server.swa_full,
+        ctx_checkpoints=server.ctx_checkpoints,
         chat_format=server.chat_format,
         embeddings=server.embeddings,
         reasoning_format=server.reasoning_format,

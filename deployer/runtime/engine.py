@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deployer.runtime import logs
+from deployer.runtime.checkpoints import Checkpoints
 from deployer.runtime.config import KV_TYPES, RuntimeConfig
 from deployer.runtime.metrics import Metrics
 from deployer.runtime.protocol import ApiError
@@ -183,6 +184,7 @@ class Engine:
         self.has_chat_template = True
         self.chat_template: Any = None  # deployer.runtime.chat.ChatTemplate, once loaded
         self.scheduler = Scheduler(config.parallel, config.n_ctx, config.n_batch)
+        self.checkpoints = Checkpoints(config.parallel, config.ctx_checkpoints)
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -261,13 +263,39 @@ class Engine:
         if not self._load():
             return
         assert self.model is not None
-        self.scheduler = Scheduler(self.config.parallel, self.model.n_ctx, self.config.n_batch, self.model.can_rewind)
+        self.scheduler = Scheduler(self.config.parallel, self.model.n_ctx, self.config.n_batch, self._resumable)
         while not self._stop:
             try:
                 self._iterate()
             except Exception as exc:  # a bug: the requests in flight get a 500, the server goes on
                 self._fail_all(classify(exc))
         self._fail_all(_stopping_error())
+
+    def _resumable(self, slot: int, keep: int) -> int:
+        """Where a slot's cache can be cut back to, at most ``keep``: anywhere, unless windowed layers
+        cache only their window; then at a context checkpoint (none: 0, the prompt is evaluated whole)."""
+        assert self.model is not None
+        if self.model.windowed:
+            return self.checkpoints.nearest(slot, keep)
+        return keep if self.model.can_rewind(slot) else 0
+
+    def _checkpoint(self, entries: list[Entry]) -> None:
+        """After a decode: a prompt that completed a whole chunk (a position the prompt cache may reuse)
+        keeps a checkpoint of its windowed layers there.
+
+        The sequence is also restored from it at once, so that a fresh evaluation goes on from the
+        very cache state (the same cells, in the same order) that a later prompt restoring the same
+        checkpoint starts from: the rest of the prompt is computed alike, and a cached prefix never
+        changes a result.
+        """
+        model = self.model
+        assert model is not None
+        for entry in entries:
+            seq, end = entry.seq, entry.pos + len(entry.tokens)
+            if len(entry.tokens) == self.config.n_batch and seq.trusted == end and seq.slot is not None:
+                state = model.save_window(seq.slot.id)
+                model.restore_window(seq.slot.id, state)
+                self.checkpoints.put(seq.slot.id, end, state)
 
     def _iterate(self) -> None:
         """One turn of the loop: take new requests, drop cancelled ones, fill free slots, decode one step."""
@@ -380,6 +408,12 @@ class Engine:
             if seq.index == 0:  # the prompt is counted once, as the first choice found it
                 job.tally.cached_tokens = admission.keep
             self.model.forget(admission.slot.id, admission.keep)
+            if self.model.windowed:  # the windowed layers' cells before `keep` come from its checkpoint
+                self.checkpoints.keep_until(admission.slot.id, admission.keep)
+                if admission.keep:
+                    self.model.restore_window(
+                        admission.slot.id, self.checkpoints.get(admission.slot.id, admission.keep)
+                    )
             generation = job.generation
             seed = random.getrandbits(32) if generation.sampling.seed is None else generation.sampling.seed + seq.index
             sampler = self.model.sampler(generation.sampling, seed)
@@ -394,6 +428,8 @@ class Engine:
             self._fail_all(classify(exc))
             return False
         self.scheduler.fed(entries)
+        if self.model.windowed:  # before sampling: a sequence that stops now still leaves its checkpoints
+            self._checkpoint(entries)
         now = time.monotonic()
         for entry, row in zip((e for e in entries if e.logits), rows, strict=True):
             seq = entry.seq
@@ -401,6 +437,7 @@ class Engine:
                 for follower in [f for f in seq.followers if f.state is State.FOLLOWING]:
                     assert seq.slot is not None and follower.slot is not None
                     self.model.copy(seq.slot.id, follower.slot.id)
+                    self.checkpoints.copy(seq.slot.id, follower.slot.id)
                     self._advance(follower, row, out, now)
             self._advance(seq, row, out, now)
         return True
@@ -475,6 +512,7 @@ class Engine:
             for slot in self.scheduler.slots:
                 self.model.forget(slot.id)
                 slot.cache = []
+            self.checkpoints.clear()
 
     def _run_other(self, job: Job) -> None:
         if job.cancel_event.is_set() or self._closing:

@@ -25,6 +25,7 @@ from deployer.runtime.config import KV_TYPES, RuntimeConfig
 from deployer.runtime.cpu import cpu_flags, physical_cores, repack_weights
 from deployer.runtime.sampling import Sampling
 
+_SWA_ONLY = llama_cpp.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY  # a sequence's state: only the sliding-window layers' cache
 PENALTY_LAST_N = 64  # llama-cpp-python's (and llama.cpp's) default window for repeat/presence/frequency penalties
 
 
@@ -194,6 +195,9 @@ def context_params(config: RuntimeConfig, *, embeddings: bool = False) -> Any:
         llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     )
     params.type_k = params.type_v = KV_TYPES[config.kv_cache_type]
+    # llama-cpp-python defaults to true; llama-server (and so the runtime) to false: sliding-window
+    # layers keep their window only, and the engine's context checkpoints keep the prompt cache
+    params.swa_full = config.swa_full
     params.no_perf = True
     return params
 
@@ -227,6 +231,9 @@ class Model:
         if not self.ctx:
             raise LlamaError(f"llama.cpp could not create a context of {config.parallel} x {config.n_ctx} tokens")
         self.n_ctx = config.n_ctx  # per sequence: the scheduler keeps every sequence inside it
+        # sliding-window (or chunked-attention) layers that cache only their window: their state at
+        # an earlier position comes back only from a context checkpoint
+        self.windowed = llama_cpp.llama_model_n_swa(self.model) > 0 and not config.swa_full
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch_capacity = max(config.n_batch, config.parallel)  # a prompt chunk, or one decode token per slot
         self.batch = llama_cpp.llama_batch_init(self.batch_capacity, 0, 1)
@@ -351,6 +358,20 @@ class Model:
     def can_rewind(self, seq: int) -> bool:
         """Whether ``seq``'s cache still holds position 0 (a sliding-window cache may have dropped it)."""
         return llama_cpp.llama_memory_seq_pos_min(self.memory, seq) <= 0
+
+    def save_window(self, seq: int) -> Any:
+        """A context checkpoint: the windowed layers' cache of ``seq`` (a host buffer, opaque above)."""
+        size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, seq, _SWA_ONLY)
+        state = (ctypes.c_uint8 * size)()
+        if size == 0 or llama_cpp.llama_state_seq_get_data_ext(self.ctx, state, size, seq, _SWA_ONLY) != size:
+            raise LlamaError(f"llama.cpp could not save the sliding-window cache of sequence {seq}")
+        return state
+
+    def restore_window(self, seq: int, state: Any) -> None:
+        """Put back a checkpoint of :meth:`save_window`: ``seq``'s windowed layers hold exactly its cells
+        again, contiguous from the start of the stream (whatever cells they held before)."""
+        if llama_cpp.llama_state_seq_set_data_ext(self.ctx, state, ctypes.sizeof(state), seq, _SWA_ONLY) == 0:
+            raise LlamaError(f"llama.cpp could not restore the sliding-window cache of sequence {seq}")
 
     # -- embeddings
 

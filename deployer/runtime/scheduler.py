@@ -14,6 +14,9 @@ with :meth:`Scheduler.fed` and :meth:`Scheduler.finish`; this module never sees 
   from position 0, each whole chunk is decoded in a batch of its own, and only whole chunks are
   remembered for reuse. Those are exactly the batches a fresh evaluation computes, so a reused
   prefix leaves the rest of the prompt evaluated in the same batches, whatever else is running.
+* **A cache of sliding windows resumes at its checkpoints.** The engine says where a slot's cache
+  can be cut back to (``resumable``): anywhere for full attention, at a context checkpoint (taken
+  at whole-chunk boundaries) when windowed layers cache only their window.
 * **No request fails for want of cache.** Each slot has a KV stream of ``n_ctx`` cells of its own
   and no sequence is ever longer than ``n_ctx``.
 * **``n`` choices share their prompt**: a request's other choices wait beside its first (the
@@ -83,14 +86,16 @@ class Admission:
 
 class Scheduler:
     def __init__(
-        self, parallel: int, n_ctx: int, n_batch: int, can_rewind: Callable[[int], bool] | None = None
+        self, parallel: int, n_ctx: int, n_batch: int, resumable: Callable[[int, int], int] | None = None
     ) -> None:
         self.slots = [Slot(i) for i in range(parallel)]
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.waiting: deque[Sequence] = deque()
         self._arrivals = 0
-        self._can_rewind = can_rewind or (lambda _slot: True)
+        # resumable(slot, keep): the latest position at or before `keep` the slot's cache can be cut
+        # back to (the engine's context checkpoints, for a cache of sliding windows); `keep` by default
+        self._resumable = resumable or (lambda _slot, keep: keep)
 
     # -- queries
 
@@ -148,7 +153,7 @@ class Scheduler:
                 break
             common += 1
         keep = min(common, len(prompt) - 1) // self.n_batch * self.n_batch
-        return keep if keep > 0 and self._can_rewind(slot.id) else 0
+        return self._resumable(slot.id, keep) if keep > 0 else 0
 
     def _best_slot(self, prompt: list[int]) -> tuple[Slot, int]:
         free = [slot for slot in self.slots if slot.seq is None]
