@@ -38,6 +38,7 @@ class FakeModel:
         self.metadata = {"tokenizer.chat_template": TEMPLATE}
         self.reply = list(reply.encode())
         self.endless, self.delay_s = endless, delay_s
+        self.windowed = False  # no sliding-window layers: no context checkpoints
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
         return ([BOS] if add_special else []) + [b + OFFSET for b in text.encode()]
