@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from deployer.runtime.chat import ChatTemplate
-from deployer.runtime.chat_families import FAMILIES, GENERIC, detect_family
+from deployer.runtime.chat_families import GENERIC, HAND_WRITTEN, hand_written
 from deployer.runtime.protocol import ApiError, normalize_chat
 from tests.test_chat_parse import ASK, TOOLS, WEATHER, template
 
@@ -19,29 +19,48 @@ TOOL_TEMPLATES = ["hermes", "qwen3", "qwen3_xml", "llama3", "mistral", "devstral
 
 
 @pytest.mark.parametrize(
-    ("name", "family", "tools", "thinks"),
+    ("name", "family", "call", "thinks"),
     [
-        pytest.param("hermes", "hermes", True, False, id="hermes"),
-        pytest.param("qwen3", "hermes", True, True, id="qwen3-hermes-with-think"),
-        pytest.param("qwen3_xml", "qwen3-xml", True, False, id="qwen3-coder-xml"),
-        pytest.param("llama3", "llama3", True, False, id="llama3"),
-        pytest.param("mistral", "mistral", True, False, id="mistral-nemo"),
-        pytest.param("devstral", "mistral-v11", True, False, id="devstral"),
-        pytest.param("generic", "generic", True, False, id="generic-json-fallback"),
-        pytest.param("deepseek_r1", "no-tools", False, True, id="r1-distill"),
-        pytest.param("notools", "no-tools", False, False, id="gemma-like"),
+        pytest.param("hermes", "learned:json", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                     "</tool_call>", False, id="hermes"),
+        pytest.param("qwen3", "learned:json", '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+                     "\n</tool_call>", True, id="qwen3-hermes-with-think"),
+        pytest.param("qwen3_xml", "learned:tagged", "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+                     "</parameter>\n</function>\n</tool_call>", False, id="qwen3-coder-xml"),
+        pytest.param("llama3", "learned:json", '{"name": "get_weather", "parameters": {"city": "Paris"}}', False,
+                     id="llama3"),
+        pytest.param("mistral", "learned:json", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+                     False, id="mistral-nemo"),
+        pytest.param("devstral", "learned:name-json", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', False,
+                     id="devstral"),
+        pytest.param("generic", "learned:json", '{"name": "get_weather", "arguments": {"city": "Paris"}}', False,
+                     id="generic-json"),
+        pytest.param("deepseek_r1", "no-tools", None, True, id="r1-distill"),
+        pytest.param("notools", "no-tools", None, False, id="gemma-like"),
     ],
-)
-def test_family_detected_from_the_template(name, family, tools, thinks):
+)  # fmt: skip
+def test_syntax_learned_from_the_template(name, family, call, thinks):
+    from deployer.runtime.chat_families import write_calls
+
     loaded = template(name)
-    assert (loaded.family, loaded.supports_tools, loaded.thinks) == (family, tools, thinks)
+    assert (loaded.family, loaded.supports_tools, loaded.thinks) == (family, call is not None, thinks)
+    if call is not None:
+        assert write_calls(loaded.syntax, [("get_weather", {"city": "Paris"})]) == call
 
 
-def test_detection_table_order_matters_and_falls_back_to_generic():
-    assert detect_family("... [TOOL_CALLS] ... [ARGS] ...").name == "mistral-v11"
-    assert detect_family("... [TOOL_CALLS] ...").name == "mistral"
-    assert detect_family("{{ messages }}") is GENERIC
-    assert len({f.name for f in FAMILIES}) == len(FAMILIES)
+def test_hand_written_syntaxes_and_the_generic_fallback():
+    assert hand_written("... <|channel|> ... <|constrain|> ...").layout == "harmony"
+    assert hand_written("{{ messages }}") is None
+    assert len({e.syntax.origin for e in HAND_WRITTEN}) == len(HAND_WRITTEN) and all(e.why for e in HAND_WRITTEN)
+    # shows tools, but an earlier call renders as nothing: nothing to learn from, JSON at the start
+    shows = ChatTemplate.load(
+        template="{% for t in tools or [] %}{{ t.function.name }}{% endfor %}{% for m in messages %}{{ m.content }}"
+        "{% endfor %}",
+        chat_format=None,
+        bos_token="",
+        eos_token="",
+    )
+    assert shows.syntax == GENERIC and "without its name" in shows.learned_error
 
 
 @pytest.mark.parametrize("name", TOOL_TEMPLATES)
