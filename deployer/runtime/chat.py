@@ -25,7 +25,15 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from deployer.runtime.chat_families import GENERIC, Syntax, amend, hand_written
+from deployer.runtime.chat_families import (
+    GENERIC,
+    TEMPLATE_VARIABLES,
+    TOOL_SHAPES,
+    Syntax,
+    amend,
+    hand_written,
+    write_calls,
+)
 from deployer.runtime.chat_learn import PROBE_TOOL as LEARN_TOOL
 from deployer.runtime.chat_learn import NotLearned, learn, learn_reasoning
 from deployer.runtime.chat_parser import THINK_CLOSE, THINK_OPEN, ChatParser, ParseSpec
@@ -124,15 +132,21 @@ class ChatTemplate:
         self._add_bos_token = add_bos_token
         self._compiled: Any = None
         self.thinks = False
-        self.supports_tools = False
+        self.supports_tools = False  # the model can be given tools (its template writes calls, or shows tools)
+        self.shows_tools = False  # the template itself writes the tool definitions into the prompt
+        self._reads: set[str] = set()  # the variables the template reads
         self.family = name
         if source is not None:
             try:
                 self._compiled = _environment().from_string(source)
             except Exception as exc:  # jinja2.TemplateSyntaxError, or a sandbox refusal
                 raise ValueError(f"the model's chat template is not valid Jinja: {exc}") from exc
-            self.supports_tools = self._renders_tools()
-            self.syntax = self._learn() if self.supports_tools else None
+            import jinja2.meta
+
+            self._reads = jinja2.meta.find_undeclared_variables(self._compiled.environment.parse(source))
+            self.shows_tools = self._renders_tools()
+            self.syntax = self._learn()
+            self.supports_tools = self.syntax is not None
             if self.syntax is not None and self.syntax.reasoning_close:
                 self.reasoning = (self.syntax.reasoning_open, self.syntax.reasoning_close)
             else:
@@ -180,17 +194,18 @@ class ChatTemplate:
             return False
         return PROBE_TOOL in text
 
-    def _learn(self) -> Syntax:
-        """The template's syntax: hand-written where rendering cannot reveal it, else learned, else generic."""
+    def _learn(self) -> Syntax | None:
+        """The template's syntax: hand-written where rendering cannot reveal it, else learned; generic for a
+        template that shows tools but no call; None for one that does neither."""
         assert self.source is not None
         written = hand_written(self.source)
-        if written is not None:
+        if written is not None and self.shows_tools:
             return written
         try:
             return amend(learn(lambda m, gen, v: self._probe(m, gen, v)), self.source)
         except NotLearned as exc:
             self.learned_error = str(exc)
-            return GENERIC
+            return GENERIC if self.shows_tools else None
 
     def _reasoning_probe(self, messages: list[dict[str, Any]], **variables: Any) -> str:
         try:
@@ -217,9 +232,14 @@ class ChatTemplate:
         generation: bool = True,
         variables: dict[str, Any] | None = None,
     ) -> str:
+        assert self.source is not None
+        extra = {k: make(tools or []) for k, make in TEMPLATE_VARIABLES.items() if k in self._reads}
+        for marker, shape in TOOL_SHAPES:
+            if tools and marker in self.source:
+                tools = shape(tools)
         return str(
             self._compiled.render(
-                **(variables or {}),
+                **{**extra, **(variables or {})},
                 messages=messages,
                 tools=tools,
                 add_generation_prompt=generation,
@@ -265,6 +285,7 @@ class ChatTemplate:
         offered = [t for t in tools or [] if t["function"]["name"] == named] if named else (shown or [])
         try:
             try:
+                plain = self._with_definitions(plain, shown)
                 prompt = self._render_jinja(plain, shown, True, variables)
             except TemplateRaised:
                 raise
@@ -304,6 +325,18 @@ class ChatTemplate:
         add_bos = self._add_bos_token and bool(self._bos) and not prompt.startswith(self._bos)
         preserved = (*(syntax.markers if use_tools or harmony else ()), *(r for r in self.reasoning if r and self.thinks))
         return RenderedChat(prompt, add_bos, stop, grammar, spec, tuple(dict.fromkeys(preserved)))
+
+    def _with_definitions(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """Messages with the tool definitions in the system message, for a template that writes calls but never
+        shows the tools (DeepSeek V3.1): as llama.cpp's polyfill, the model reads them there."""
+        if not tools or self.shows_tools or self.syntax is None:
+            return messages
+        example = write_calls(self.syntax, [("tool_name", {"argument": "value"})]).strip()
+        listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+        text = f"You can call these tools:\n{listing}\n\nTo call one, answer with:\n{example}"
+        if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+            return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+        return [{"role": "system", "content": text}, *messages]
 
     def _opens_reasoning(self, prompt: str) -> bool:
         """The generation prompt leaves the reasoning open (the model starts inside it)."""

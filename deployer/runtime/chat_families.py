@@ -22,6 +22,7 @@ wrapped in ``block_open`` ... ``block_close``):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -160,7 +161,13 @@ class HandWritten:
 
 HAND_WRITTEN: tuple[HandWritten, ...] = (
     HandWritten(
-        ("<|channel|>", "<|constrain|>"),
+        (">>>all",),
+        Syntax("functionary-v3.2", "name-json", call_open=">>>", name_suffix="\n"),
+        "Functionary v3.2: every message starts with >>>recipient, text with >>>all, so the first call's >>> "
+        "is the same as the text's and no diff shows it",
+    ),
+    HandWritten(
+        ("<|channel|>", "<|message|>", "namespace functions"),
         Syntax("harmony", "harmony", reasoning_open="<|channel|>analysis<|message|>", reasoning_close="<|end|>",
                stop=("<|call|>",)),
         "gpt-oss: the recipient (to=functions.NAME) sits in the channel header, the analysis channel is the "
@@ -168,7 +175,7 @@ HAND_WRITTEN: tuple[HandWritten, ...] = (
         "there is no call to learn the channels from",
     ),
     HandWritten(
-        ("<|tool_call_start|>", "<|tool_list_start|>"),
+        ("<|tool_list_start|>", "<|tool_response_start|>"),
         Syntax("lfm2", "json", block_open="<|tool_call_start|>[", block_close="]<|tool_call_end|>", separator=", ",
                reasoning_open="<think>", reasoning_close="</think>"),
         "LFM2: its template writes earlier calls back as the content the model wrote, so a call in "
@@ -207,3 +214,47 @@ def amend(syntax: Syntax, template: str) -> Syntax:
         if all(s in template for s in detect) and syntax.layout == "json" and not syntax.trigger:
             syntax = replace(syntax, **changes)
     return syntax
+
+
+# ## What some templates read besides messages and tools
+
+
+def _now(fmt: str) -> str:
+    from datetime import datetime
+
+    return datetime.now().strftime(fmt)
+
+
+# Variables a template reads that transformers does not pass: given only where the template reads them
+# and the request did not set them (llama.cpp's handlers pass the same).
+TEMPLATE_VARIABLES: dict[str, Callable[[list[dict[str, Any]]], Any]] = {
+    # firefunction v2: the tools as a JSON text, and the date
+    "functions": lambda tools: json.dumps([t["function"] for t in tools], indent=4) if tools else "",
+    "datetime": lambda tools: _now("%b %d %Y %H:%M:%S GMT"),
+}
+
+
+def cohere_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tools the way Command R+'s template reads them (name, description, parameter_definitions), beside OpenAI's."""
+    out = []
+    for tool in tools:
+        function = tool.get("function") or {}
+        parameters = function.get("parameters") or {}
+        required = set(parameters.get("required") or ())
+        definitions = {
+            key: {
+                "type": str(spec.get("type", "object")) if isinstance(spec, dict) else "object",
+                "description": str(spec.get("description", "")) if isinstance(spec, dict) else "",
+                "required": key in required,
+            }
+            for key, spec in (parameters.get("properties") or {}).items()
+        }
+        shaped = {"name": function.get("name", ""), "description": function.get("description", "")}
+        out.append({**tool, **shaped, "parameter_definitions": definitions})
+    return out
+
+
+# Templates that read tools in another shape than OpenAI's: (a string only such templates contain, the converter).
+TOOL_SHAPES: tuple[tuple[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]], ...] = (
+    ("parameter_definitions", cohere_tools),
+)

@@ -306,9 +306,11 @@ def _marker_after(text: str, at: int) -> str:
 
 def learn_reasoning(r: Callable[..., str]) -> tuple[str, str]:
     """(opening, closing) reasoning markers written around ``reasoning_content`` ("", "" when none)."""
-    for variables in ({}, {"enable_thinking": True, "thinking": True}):
+    thinking = {"enable_thinking": True, "thinking": True}
+    probes = [(CONTENT, None, {}), (CONTENT, None, thinking), ("", [_call(NAME_A, {KEY: VALUE})], {})]
+    for content, calls, variables in probes:  # some write reasoning only before calls (Command R7B)
         try:
-            text = r(_conversation(CONTENT, reasoning_content=REASON), **variables)
+            text = r(_conversation(content, calls, reasoning_content=REASON), **variables)
         except NotLearned:
             continue
         at = text.find(REASON)

@@ -1,0 +1,95 @@
+"""Every chat template of llama.cpp's ``models/templates`` (pinned 0.3.36 release, tests/llama_templates/):
+the syntax learned from it writes calls the template itself writes, which parse back whole and streamed;
+tools and a tool-result turn render; a template that cannot show tools refuses them with a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from deployer.runtime.chat import ChatTemplate
+from deployer.runtime.chat_families import write_calls
+from deployer.runtime.protocol import ApiError, normalize_chat
+from tests.test_chat_parse import TOOLS, assert_deltas_add_up, calls_of, parse_pieces, parse_whole
+
+LLAMA = Path(__file__).parent / "llama_templates"
+NAMES = sorted(p.stem for p in LLAMA.glob("*.jinja"))
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+# The templates with no place for tools: they neither show tool definitions nor write a call back.
+NO_TOOLS = {
+    "HuggingFaceTB-SmolLM3-3B",  # this (Unsloth) version has no tools at all
+    "deepseek-ai-DeepSeek-R1-Distill-Llama-8B",
+    "google-gemma-2-2b-it",
+    "llama-cpp-rwkv-world",
+    "microsoft-Phi-3.5-mini-instruct",
+}
+PARIS = ("get_weather", {"city": "Paris"})
+DO_IT = ("do_it", {"n": 42, "tags": ["a", "b"], "note": "two\nlines"})
+
+
+@cache
+def loaded(name: str) -> ChatTemplate:
+    chat = ChatTemplate.load(
+        template=(LLAMA / f"{name}.jinja").read_text(encoding="utf-8"),
+        chat_format=None,
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    assert chat is not None
+    return chat
+
+
+def test_the_templates_are_all_there():
+    assert len(NAMES) == 70
+    assert {n for n in NAMES if not loaded(n).supports_tools} == NO_TOOLS
+
+
+def _squeezed(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_template(name):
+    chat = loaded(name)
+    if not chat.supports_tools:
+        with pytest.raises(ApiError) as caught:
+            chat.render(ASK, tools=TOOLS, tool_choice="required")
+        assert caught.value.status == 400 and caught.value.code == "tools_not_supported"
+        assert chat.render(ASK, tools=TOOLS, tool_choice="none").prompt
+        return
+    syntax = chat.syntax
+    assert syntax is not None
+    rendered = chat.render(ASK, tools=TOOLS, tool_choice="auto")
+    assert "get_weather" in rendered.prompt and "do_it" in rendered.prompt
+    # the template's own call is what the learned syntax writes
+    call = {"id": "call00001", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = normalize_chat({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+                                           {"role": "tool", "tool_call_id": "call00001", "content": "18 degrees"}]})
+    turn = chat.render(history.params["messages"], tools=TOOLS, tool_choice="auto")
+    assert "18 degrees" in turn.prompt, "a tool-result turn renders"
+    if syntax.origin == "learned":
+        own = _squeezed(write_calls(syntax, [PARIS]).replace("\x1f", ""))
+        assert _squeezed(turn.prompt.replace("call00001", "")).find(own) >= 0, (own, turn.prompt)
+    # what the syntax writes parses back, whole and streamed, with reasoning before it
+    text = write_calls(syntax, [PARIS, DO_IT]).replace("\x1f", "abcDEF123")
+    if chat.thinks and not rendered.spec.think_open and syntax.reasoning_open and syntax.layout != "harmony":
+        text = f"{syntax.reasoning_open}Paris first.{syntax.reasoning_close}\n" + text
+    elif rendered.spec.think_open:
+        text = f"Paris first.{syntax.reasoning_close}\n" + text
+    elif syntax.layout == "harmony":
+        text = f"<|channel|>analysis<|message|>Paris first.<|end|><|start|>assistant{text}"
+    message, finish, deltas = parse_whole(rendered, text)
+    assert calls_of(message) == [PARIS, DO_IT], (text, message)
+    assert finish == "tool_calls" and not message["content"], message
+    if chat.thinks:
+        assert message.get("reasoning_content") == "Paris first.", message
+    assert_deltas_add_up(message, deltas)
+    streamed, _, deltas = parse_pieces(rendered, list(text))
+    assert calls_of(streamed) == [PARIS, DO_IT] and streamed.get("content") == message.get("content")
+    assert_deltas_add_up(streamed, deltas)
+    assert json.loads(streamed["tool_calls"][1]["function"]["arguments"]) == DO_IT[1]
