@@ -233,6 +233,7 @@ class ChatTemplate:
         variables: dict[str, Any] | None = None,
     ) -> str:
         assert self.source is not None
+        tools = [_template_tool(t) for t in tools] if tools else tools
         extra = {k: make(tools or []) for k, make in TEMPLATE_VARIABLES.items() if k in self._reads}
         for marker, shape in TOOL_SHAPES:
             if tools and marker in self.source:
@@ -397,6 +398,18 @@ def _template_message(message: dict[str, Any], *, objects: bool = True) -> dict[
     if calls and objects:
         out["tool_calls"] = [_template_call(c) for c in calls]
     return out
+
+
+def _template_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool as templates read it: a description and parameters with properties, even where the request left
+    them out (templates print ``tool.function.description`` and loop over ``parameters.properties``)."""
+    function = tool.get("function")
+    if not isinstance(function, dict):
+        return tool
+    parameters = function.get("parameters")
+    parameters = dict(parameters) if isinstance(parameters, dict) else {"type": "object"}
+    parameters.setdefault("properties", {})
+    return {**tool, "function": {**function, "description": function.get("description") or "", "parameters": parameters}}
 
 
 def _template_call(call: dict[str, Any]) -> dict[str, Any]:

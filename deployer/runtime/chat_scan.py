@@ -176,6 +176,13 @@ class _Reader:
         while self.at < len(self.buf) and self.buf[self.at].isspace():
             self.at += 1
 
+    def peek(self, text: str) -> bool:
+        self.ws()
+        if self.at >= len(self.buf):
+            self.need() if not self.final else None
+            return False
+        return self.buf.startswith(text, self.at)
+
     def need(self) -> None:
         if self.final:
             raise _Cut(len(self.buf))
@@ -242,6 +249,8 @@ class _Reader:
             elif s.call_open.strip() and self.lit(s.call_open, optional=True):
                 self.at -= len(s.call_open.strip())
                 continue
+            elif not s.call_open.strip() and s.layout == "json" and self.peek("{"):
+                continue  # objects one after another (MiniMax M1: one per line)
             break
         self.lit(s.block_close)
 
@@ -275,6 +284,23 @@ class _Reader:
             raise _Broken(obj.end)
         text, self.at = self.buf[self.at : obj.end], obj.end
         return text, True
+
+    def json_any(self) -> str:
+        """One JSON value at the reading position."""
+        self.ws()
+        if self.at >= len(self.buf):
+            self.need()
+        if self.buf[self.at] == "{":
+            return self.json_value()[0]
+        try:
+            _, end = json.JSONDecoder().raw_decode(self.buf, self.at)
+        except json.JSONDecodeError:
+            self.need()  # more text may complete it (at the end: broken)
+            raise _Broken(self.at) from None
+        if end == len(self.buf) and not self.final:  # a number may go on
+            self.need()
+        text, self.at = self.buf[self.at : end], end
+        return text
 
     def json_core(self, call: CallScan) -> None:
         s = self.syntax
@@ -342,8 +368,11 @@ class _Reader:
             if as_json:
                 self.lit(s.key_close_json)
             value_close = (s.value_close_json if as_json else s.value_close).strip()
-            stops = [value_close] if value_close else [s.param_separator.strip(), close, s.key_open.strip()]
-            text = self.until(stops)
+            if as_json and not value_close:  # a JSON value ends where the JSON does (Python-call syntax)
+                text = self.json_any()
+            else:
+                stops = [value_close] if value_close else [s.param_separator.strip(), close, s.key_open.strip()]
+                text = self.until(stops)
             self.lit(value_close)
             call.params.append((key, text.removeprefix("\n").removesuffix("\n"), as_json))
 
