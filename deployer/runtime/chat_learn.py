@@ -139,7 +139,11 @@ def learn(render: Render) -> Syntax:
         empty = re.match(r"\s*" + re.escape(reasoning[0]) + r"\s*" + re.escape(reasoning[1]) + r"\s*", block_open)
         if reasoning[0] and empty:
             block_open = block_open[empty.end() :]
-    syntax = replace(syntax, block_open=block_open, block_close=_turn_cut(syntax.block_close, base),
+    block_close = _turn_cut(syntax.block_close, base)
+    stop: tuple[str, ...] = ()
+    if not block_open.strip() and block_close.strip():  # nothing opened it: the turn's end after calls
+        block_close, stop = "", (block_close.strip(),)
+    syntax = replace(syntax, block_open=block_open, block_close=block_close, stop=stop,
                      reasoning_open=reasoning[0], reasoning_close=reasoning[1])  # fmt: skip
     return _with_ids(syntax, r)
 
@@ -295,7 +299,7 @@ def _learn_tagged(r1: str, r2: str, region: Callable[[str], str], r: Callable[..
 
 
 def _marker_before(text: str, at: int) -> str:
-    found = re.search(r"(<[^<>\n]+>|\[[A-Z_/]+\])\s*$", text[:at])
+    found = re.search(r"(<[^<>\n]+>\w*|\[[A-Z_/]+\])\s*$", text[:at])  # Gemma 4: <|channel>thought
     return found[1] if found else ""
 
 

@@ -176,6 +176,14 @@ class _Reader:
         while self.at < len(self.buf) and self.buf[self.at].isspace():
             self.at += 1
 
+    def ahead(self, marker: str) -> bool:
+        """``marker`` comes next (the reading position stays)."""
+        mark = self.at
+        try:
+            return self.lit(marker, optional=True)
+        finally:
+            self.at = mark
+
     def peek(self, text: str) -> bool:
         self.ws()
         if self.at >= len(self.buf):
@@ -246,8 +254,7 @@ class _Reader:
             if s.separator.strip():
                 if self.lit(s.separator, optional=True):
                     continue
-            elif s.call_open.strip() and self.lit(s.call_open, optional=True):
-                self.at -= len(s.call_open.strip())
+            elif s.call_open.strip() and self.ahead(s.call_open):
                 continue
             elif not s.call_open.strip() and s.layout == "json" and self.peek("{"):
                 continue  # objects one after another (MiniMax M1: one per line)
