@@ -109,3 +109,65 @@ def test_a_template(name):
     assert calls_of(streamed) == [PARIS, DO_IT] and streamed.get("content") == message.get("content")
     assert_deltas_add_up(streamed, deltas)
     assert json.loads(streamed["tool_calls"][1]["function"]["arguments"]) == DO_IT[1]
+
+
+# ## Grammars: a tiny random model under each template's grammar writes calls that parse back
+
+SMALL = [
+    {
+        "type": "function",
+        "function": {
+            "name": "alarm",
+            "parameters": {
+                "type": "object",
+                "properties": {"on": {"type": "boolean"}, "label": {"type": "string", "maxLength": 8}},
+                "required": ["on"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "stop_all", "parameters": {"type": "object", "properties": {}}}},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    import llama_cpp
+
+    from tests import ggufgen
+
+    path = ggufgen.write_gguf(tmp_path_factory.mktemp("templates") / "tiny.gguf", ggufgen.TINY_LLAMA)
+    llama = llama_cpp.Llama(str(path), n_ctx=4096, n_batch=512, verbose=False, seed=7)
+    yield llama
+    llama.close()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in NO_TOOLS])
+def test_required_and_named_grammars_write_calls_that_parse(tiny_llama, name):
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    chat = loaded(name)
+    for choice, parallel in (("required", False), ({"type": "function", "function": {"name": "alarm"}}, False)):
+        rendered = chat.render(ASK, tools=SMALL, tool_choice=choice, parallel_tool_calls=parallel)
+        assert rendered.grammar is not None
+        close = rendered.spec.reasoning[1][:1]  # a random model must be nudged to end its reasoning
+        bias = {tiny_llama.tokenize(close.encode(), add_bos=False)[-1]: 8.0} if chat.thinks and close else None
+        out = tiny_llama.create_completion(
+            tiny_llama.tokenize(rendered.prompt.encode(), add_bos=rendered.add_bos, special=True)[-3000:],
+            max_tokens=600,
+            temperature=1.0,
+            seed=3,
+            grammar=LlamaGrammar.from_string(rendered.grammar, verbose=False),
+            logit_bias=bias,
+        )
+        text = out["choices"][0]["text"]
+        message, finish, deltas = parse_whole(rendered, text)
+        calls = message.get("tool_calls", [])
+        assert calls and finish == "tool_calls", (choice, text, rendered.grammar)
+        assert isinstance(choice, str) or [c["function"]["name"] for c in calls] == ["alarm"], text
+        for call in calls:
+            json.loads(call["function"]["arguments"])
+        streamed, _, deltas = parse_pieces(rendered, list(text))
+        assert streamed.get("tool_calls") and len(streamed["tool_calls"]) == len(calls)
+        assert_deltas_add_up(streamed, deltas)

@@ -37,11 +37,12 @@ def _seq(text: str, id_rule: str, index_rule: str = "") -> str:
     return " ".join(p for p in parts if p)
 
 
-def _text_rule(value_close: str) -> str:
-    """Free text of a string value: anything but the first character of its closing marker."""
+def _text_rule(value_close: str, spec: dict[str, Any]) -> str:
+    """Free text of a string value: anything but the first character of its closing marker (at most maxLength)."""
     stop = (value_close.strip() or "<")[0]
     escaped = stop.replace("\\", "\\\\").replace("]", "\\]").replace("^", "\\^").replace("-", "\\-")
-    return f"[^{escaped}]*"
+    most = spec.get("maxLength")
+    return f"[^{escaped}]{{0,{most}}}" if isinstance(most, int) and most >= 0 else f"[^{escaped}]*"
 
 
 def tool_grammar(syntax: Syntax, tools: list[dict[str, Any]], parallel: bool, think_opened: bool) -> str:
@@ -66,7 +67,9 @@ def tool_grammar(syntax: Syntax, tools: list[dict[str, Any]], parallel: bool, th
     call = " ".join(p for p in (_seq(syntax.call_open, "tc-id"), "tc-core", _seq(syntax.call_close, "tc-id")) if p)
     more = f"( {_seq(syntax.separator, 'tc-id') or ''} tc-call )*" if parallel and syntax.layout != "harmony" else ""
     calls = " ".join(p for p in (_seq(syntax.block_open, "tc-id"), "tc-call", more, _seq(syntax.block_close, "tc-id")) if p)
-    rules = [converter.format_grammar(), f"tc-core ::= {' | '.join(alternatives)}", f"tc-call ::= {call}"]
+    # llama-cpp-python's JSON string lets raw control characters through, which no JSON parser takes back
+    grammar = converter.format_grammar().replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x00-\\x1F\\x7F] |')
+    rules = [grammar, f"tc-core ::= {' | '.join(alternatives)}", f"tc-call ::= {call}"]
     rules.append(f"tc-calls ::= {calls}")
     close = gbnf_literal(syntax.reasoning_close) if syntax.reasoning_close else ""
     if syntax.layout == "harmony":
@@ -93,12 +96,11 @@ def _core(converter: Any, syntax: Syntax, name: str, schema: dict[str, Any], arg
         return f"{head} {args_rule}"
     properties = schema.get("properties") or {}
     required = set(schema.get("required") or ())
-    text_rule = f"tc-text-{i}"
-    converter._add_rule(text_rule, _text_rule(syntax.value_close))
     parts = [head]
     for j, (key, spec) in enumerate(properties.items()):
         is_text = isinstance(spec, dict) and spec.get("type") == "string" and not spec.get("enum")
         if is_text:
+            text_rule = converter._add_rule(f"tc-text-{i}-{j}", _text_rule(syntax.value_close, spec))
             param = f"{gbnf_literal(syntax.key_open + key + syntax.key_close)} {text_rule}"
             closing = syntax.value_close
         else:
