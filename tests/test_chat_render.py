@@ -49,7 +49,7 @@ def test_syntax_learned_from_the_template(name, family, call, thinks):
 
 
 def test_hand_written_syntaxes_and_the_generic_fallback():
-    assert hand_written("<|channel|> ... <|message|> ... namespace functions").layout == "harmony"
+    assert hand_written("<|channel|> ... <|message|> ... <|call|>").layout == "harmony"
     assert hand_written("{{ messages }}") is None
     assert len({e.syntax.origin for e in HAND_WRITTEN}) == len(HAND_WRITTEN) and all(e.why for e in HAND_WRITTEN)
     # shows tools, but an earlier call renders as nothing: nothing to learn from, JSON at the start

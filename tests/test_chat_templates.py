@@ -77,9 +77,20 @@ def test_a_template(name):
     rendered = chat.render(ASK, tools=TOOLS, tool_choice="auto")
     assert "get_weather" in rendered.prompt and "do_it" in rendered.prompt
     # the template's own call is what the learned syntax writes
-    call = {"id": "call00001", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-    history = normalize_chat({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
-                                           {"role": "tool", "tool_call_id": "call00001", "content": "18 degrees"}]})
+    call = {
+        "id": "call00001",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    history = normalize_chat(
+        {
+            "messages": [
+                *ASK,
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call00001", "content": "18 degrees"},
+            ]
+        }
+    )
     turn = chat.render(history.params["messages"], tools=TOOLS, tool_choice="auto")
     assert "18 degrees" in turn.prompt, "a tool-result turn renders"
     if syntax.origin == "learned":  # the template's own call parses back (outside any reasoning)

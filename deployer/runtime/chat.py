@@ -157,8 +157,10 @@ class ChatTemplate:
             self.thinks = reasoning_format == "auto" and bool(self.reasoning[1])
             if self.syntax is not None:
                 self.syntax = replace(self.syntax, reasoning_open=self.reasoning[0], reasoning_close=self.reasoning[1])
-            self.family = "no-tools" if self.syntax is None else self.syntax.origin + (
-                f":{self.syntax.layout}" if self.syntax.origin == "learned" else ""
+            self.family = (
+                "no-tools"
+                if self.syntax is None
+                else self.syntax.origin + (f":{self.syntax.layout}" if self.syntax.origin == "learned" else "")
             )
 
     @classmethod
@@ -294,7 +296,9 @@ class ChatTemplate:
                 if plain == messages:
                     raise
                 # a few templates (functionary) write the arguments as the string they came as
-                prompt = self._render_jinja([_template_message(m, objects=False) for m in messages], shown, True, variables)
+                prompt = self._render_jinja(
+                    [_template_message(m, objects=False) for m in messages], shown, True, variables
+                )
         except TemplateRaised as exc:
             raise bad_request(f"the model's chat template refused these messages: {exc}", "messages") from exc
         except Exception as exc:  # a real template's error is about the request, never a server fault
@@ -324,10 +328,15 @@ class ChatTemplate:
             harmony,
         )
         add_bos = self._add_bos_token and bool(self._bos) and not prompt.startswith(self._bos)
-        preserved = (*(syntax.markers if use_tools or harmony else ()), *(r for r in self.reasoning if r and self.thinks))
+        preserved = (
+            *(syntax.markers if use_tools or harmony else ()),
+            *(r for r in self.reasoning if r and self.thinks),
+        )
         return RenderedChat(prompt, add_bos, stop, grammar, spec, tuple(dict.fromkeys(preserved)))
 
-    def _with_definitions(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    def _with_definitions(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[dict[str, Any]]:
         """Messages with the tool definitions in the system message, for a template that writes calls but never
         shows the tools (DeepSeek V3.1): as llama.cpp's polyfill, the model reads them there."""
         if not tools or self.shows_tools or self.syntax is None:
@@ -409,7 +418,10 @@ def _template_tool(tool: dict[str, Any]) -> dict[str, Any]:
     parameters = function.get("parameters")
     parameters = dict(parameters) if isinstance(parameters, dict) else {"type": "object"}
     parameters.setdefault("properties", {})
-    return {**tool, "function": {**function, "description": function.get("description") or "", "parameters": parameters}}
+    return {
+        **tool,
+        "function": {**function, "description": function.get("description") or "", "parameters": parameters},
+    }
 
 
 def _template_call(call: dict[str, Any]) -> dict[str, Any]:

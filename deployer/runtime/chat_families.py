@@ -100,7 +100,9 @@ def _marker_tokens(text: str) -> list[str]:
 
 def write_calls(syntax: Syntax, calls: list[tuple[str, dict[str, Any]]]) -> str:
     """The text of ``calls`` as the model writes them (what the grammar forces, and what the parser reads)."""
-    parts = [syntax.call_open + write_core(syntax, name, args, i) + syntax.call_close for i, (name, args) in enumerate(calls)]
+    parts = [
+        syntax.call_open + write_core(syntax, name, args, i) + syntax.call_close for i, (name, args) in enumerate(calls)
+    ]
     return syntax.block_open + syntax.separator.join(parts) + syntax.block_close
 
 
@@ -167,17 +169,31 @@ HAND_WRITTEN: tuple[HandWritten, ...] = (
         "is the same as the text's and no diff shows it",
     ),
     HandWritten(
-        ("<|channel|>", "<|message|>", "namespace functions"),
-        Syntax("harmony", "harmony", reasoning_open="<|channel|>analysis<|message|>", reasoning_close="<|end|>",
-               stop=("<|call|>",)),
+        ("<|channel|>", "<|message|>", "<|call|>"),
+        Syntax(
+            "harmony",
+            "harmony",
+            call_close="<|call|>",
+            separator="<|start|>assistant",
+            reasoning_open="<|channel|>analysis<|message|>",
+            reasoning_close="<|end|>",
+            stop=("<|call|>",),
+        ),
         "gpt-oss: the recipient (to=functions.NAME) sits in the channel header, the analysis channel is the "
         "reasoning and the final channel the answer; its template drops the analysis of earlier turns, so "
         "there is no call to learn the channels from",
     ),
     HandWritten(
         ("<|tool_list_start|>", "<|tool_response_start|>"),
-        Syntax("lfm2", "json", block_open="<|tool_call_start|>[", block_close="]<|tool_call_end|>", separator=", ",
-               reasoning_open="<think>", reasoning_close="</think>"),
+        Syntax(
+            "lfm2",
+            "json",
+            block_open="<|tool_call_start|>[",
+            block_close="]<|tool_call_end|>",
+            separator=", ",
+            reasoning_open="<think>",
+            reasoning_close="</think>",
+        ),
         "LFM2: its template writes earlier calls back as the content the model wrote, so a call in "
         "tool_calls renders as nothing; the markers come from the model card",
     ),

@@ -66,7 +66,9 @@ def tool_grammar(syntax: Syntax, tools: list[dict[str, Any]], parallel: bool, th
             ) from exc
     call = " ".join(p for p in (_seq(syntax.call_open, "tc-id"), "tc-core", _seq(syntax.call_close, "tc-id")) if p)
     more = f"( {_seq(syntax.separator, 'tc-id') or ''} tc-call )*" if parallel and syntax.layout != "harmony" else ""
-    calls = " ".join(p for p in (_seq(syntax.block_open, "tc-id"), "tc-call", more, _seq(syntax.block_close, "tc-id")) if p)
+    calls = " ".join(
+        p for p in (_seq(syntax.block_open, "tc-id"), "tc-call", more, _seq(syntax.block_close, "tc-id")) if p
+    )
     # llama-cpp-python's JSON string lets raw control characters through, which no JSON parser takes back
     grammar = converter.format_grammar().replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x00-\\x1F\\x7F] |')
     rules = [grammar, f"tc-core ::= {' | '.join(alternatives)}", f"tc-call ::= {call}"]

@@ -48,13 +48,9 @@ def _inside_marker(text: str, end: int) -> int | None:
     lt, gt = text.rfind("<", 0, end), text.rfind(">", 0, end)
     if lt > gt and text.find(">", end) >= 0 and "\n" not in text[lt:end]:
         return lt
-    m = None
-    for m in re.finditer(r"\[[A-Z_/]*", text[max(0, end - 40) : end]):
-        pass
-    if m is not None and m.end() == min(end, len(text)) - max(0, end - 40) and text[end : end + 1] not in ("", "]"):
-        start = max(0, end - 40) + m.start()
-        if re.match(r"\[[A-Z_/]+\]", text[start:]):
-            return start
+    start = text.rfind("[", max(0, end - 40), end)
+    if start >= 0 and re.fullmatch(r"\[[A-Z_/]*", text[start:end]) and re.match(r"\[[A-Z_/]+\]", text[start:]):
+        return start if start < end else None
     return None
 
 

@@ -9,14 +9,16 @@ settle yet (a marker half written, a call still open), so streaming and the whol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import string
 from dataclasses import dataclass
 from typing import Any
 
+from deployer.runtime import chat_scan
 from deployer.runtime.chat_families import GENERIC, Syntax
-from deployer.runtime.chat_scan import CallScan, Memo, Reasoning, Unit, held_back, scan, scan_harmony
+from deployer.runtime.chat_scan import CallScan, Memo, Reasoning, Unit, held_back
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -146,7 +148,7 @@ class ChatParser:
             self._content += self._buf[self._pos :]
             self._pos = len(self._buf)
             return
-        scanner = scan_harmony if self._spec.harmony else scan
+        scanner = chat_scan.scan_harmony if self._spec.harmony else chat_scan.scan
         pieces, open_unit, self._pos, self._fresh = scanner(
             family or GENERIC, self._buf, self._pos, self._fresh, final, self._memo
         )
@@ -209,7 +211,11 @@ class ChatParser:
     # -- what has been shown
 
     def _shown_content(self) -> str:
-        text = self._content.lstrip() if self._think is not None or self._spec.family or self._spec.harmony else self._content
+        text = (
+            self._content.lstrip()
+            if self._think is not None or self._spec.family or self._spec.harmony
+            else self._content
+        )
         return text.rstrip() if self._spec.family is not None or self._spec.harmony else text
 
     def _shown_reasoning(self) -> str:
@@ -238,13 +244,20 @@ class ChatParser:
         return out
 
 
+_PYTHON_LITERALS = {"True": "true", "False": "false", "None": "null"}  # Python-call syntax (LFM2)
+
+
 def tagged_arguments(params: list[tuple[str, str, bool]], schema: Any) -> str:
     """The JSON arguments of tagged parameters: text where the tool's schema wants a string, else JSON when it parses."""
     properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
     out: dict[str, Any] = {}
-    for key, text, _as_json in params:
+    for key, text, as_json in params:
         spec = properties.get(key) if isinstance(properties, dict) else None
         kind = spec.get("type") if isinstance(spec, dict) else None
+        if as_json:  # written as a JSON value (a quoted string too: LFM2's city="Paris")
+            with contextlib.suppress(json.JSONDecodeError):
+                out[key] = json.loads(_PYTHON_LITERALS.get(text.strip(), text))
+                continue
         if kind == "string" or (isinstance(kind, list) and "string" in kind and text.strip() != "null"):
             out[key] = text
             continue

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from deployer.runtime.chat_families import Syntax
 
@@ -136,7 +135,6 @@ def scan_object(buf: str, start: int, memo: Memo, limit: int | None = None) -> O
     if o.end is None:
         o.at = len(buf) if limit is None else limit
     return o
-
 
 
 class _Need(Exception):
@@ -299,6 +297,10 @@ class _Reader:
             self.need()
         if self.buf[self.at] == "{":
             return self.json_value()[0]
+        literal = re.match(r"(True|False|None)\b", self.buf[self.at :])  # Python-call syntax (LFM2)
+        if literal and (self.final or literal.end() < len(self.buf) - self.at):
+            self.at += literal.end()
+            return literal[1]
         try:
             _, end = json.JSONDecoder().raw_decode(self.buf, self.at)
         except json.JSONDecodeError:
@@ -440,6 +442,9 @@ def scan_harmony(syntax: Syntax, buf: str, pos: int, fresh: bool, final: bool, m
         k = buf.find("<|channel|>", pos)
         if k < 0:
             end = len(buf) if final else len(buf) - held_back(buf[pos:], ("<|channel|>", "<|start|>"))
+            header = buf.rfind("<|start|>", pos)
+            if header >= 0 and not final:  # a header whose channel is still to come
+                end = min(end, header)
             if end > pos:
                 pieces.append(buf[pos:end])
             return pieces, None, max(end, pos), fresh
