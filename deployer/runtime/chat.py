@@ -163,6 +163,18 @@ class ChatTemplate:
                 else self.syntax.origin + (f":{self.syntax.layout}" if self.syntax.origin == "learned" else "")
             )
 
+    def summary(self) -> str:
+        """What was learned, in one line (``gguf-deploy plan``, the README's table)."""
+        if self.syntax is None:
+            text = "no tools (the template has no place for them)"
+        else:
+            text = "tools: " + self.syntax.describe().replace("\x1f", "<id>").replace("\n", "\\n")
+            if self.syntax.origin == "generic":
+                text += f" (generic: {self.learned_error})"
+        if self.reasoning[1] and (self.syntax is None or self.syntax.layout != "harmony"):
+            text += f"; reasoning {self.reasoning[0] or '(opened by the prompt)'}...{self.reasoning[1]}"
+        return text
+
     @classmethod
     def load(
         cls,

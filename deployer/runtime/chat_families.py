@@ -84,10 +84,7 @@ class Syntax:
     def describe(self) -> str:
         """One line: how a call is written (and reasoning), for the plan and the README."""
         call = write_calls(self, [("get_weather", {"city": "Paris"})])
-        text = f"{self.layout}: {call}"
-        if self.thinks:
-            text += f"; reasoning {self.reasoning_open or '(opened by the prompt)'}...{self.reasoning_close}"
-        return text
+        return f"{self.origin if self.origin != 'learned' else self.layout}: {call.strip()}"
 
 
 def _marker_tokens(text: str) -> list[str]:
