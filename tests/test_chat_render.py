@@ -387,3 +387,28 @@ def test_templates_that_want_string_arguments_get_them():
     )
     messages = _conversation("abcDEF123")
     assert stringly.render(messages).prompt == 'args={"city": "Paris"}'
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_the_manifest_thinking_default_reaches_the_template(value):
+    from deployer.loading import parse_manifest
+    from deployer.runtime import runtime_config
+
+    text = f'repo = "org/m-GGUF"\nfile = "m-Q8_0.gguf"\nquant = "Q8_0"\ncontext = 4096\n[server]\nthinking = {str(value).lower()}\n'
+    config = runtime_config(parse_manifest(text.encode(), "manifests/m.toml"), "/m.gguf")
+    assert config.thinking is value
+    qwen3 = (Path(__file__).parent / "llama_templates" / "Qwen-Qwen3-0.6B.jinja").read_text(encoding="utf-8")
+    chat = ChatTemplate.load(template=qwen3, chat_format=None, bos_token="", eos_token="", thinking=config.thinking)
+    closed = chat.render(ASK).prompt.endswith("<think>\n\n</think>\n\n")
+    assert closed is not value, "enable_thinking false closes the think block in the prompt"
+    overridden = chat.render(ASK, variables={"enable_thinking": not value}).prompt
+    assert overridden.endswith("<think>\n\n</think>\n\n") is value, "a request's own variable wins"
+
+
+def test_a_thinking_default_that_is_not_a_boolean_is_a_clear_error():
+    from deployer.errors import GgufDeployError
+    from deployer.loading import parse_manifest
+
+    text = b'repo = "org/m-GGUF"\nfile = "m-Q8_0.gguf"\nquant = "Q8_0"\ncontext = 4096\n[server]\nthinking = "yes"\n'
+    with pytest.raises(GgufDeployError, match="thinking"):
+        parse_manifest(text, "manifests/m.toml")

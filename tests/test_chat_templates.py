@@ -182,3 +182,31 @@ def test_required_and_named_grammars_write_calls_that_parse(tiny_llama, name):
         streamed, _, deltas = parse_pieces(rendered, list(text))
         assert streamed.get("tool_calls") and len(streamed["tool_calls"]) == len(calls)
         assert_deltas_add_up(streamed, deltas)
+
+
+# ## The README's table: what is learned from each template, generated here
+
+TABLE_START, TABLE_END = "<!-- learned-syntax:start -->", "<!-- learned-syntax:end -->"
+
+
+def readme_table() -> str:
+    """The README's table of every template's learned syntax (``python -m tests.test_chat_templates`` prints it)."""
+    rows = ["| template | what the server learns (one call to `get_weather(city=\"Paris\")`, reasoning markers) |",
+            "|---|---|"]  # fmt: skip
+    for name in NAMES:
+        summary = loaded(name).summary().replace("|", "\\|")
+        wrong = f" — **wrong**: {KNOWN_WRONG[name]}" if name in KNOWN_WRONG else ""
+        rows.append(f"| `{name}` | ```` {summary} ````{wrong} |")  # four backticks: summaries may hold three
+    return "\n".join(rows)
+
+
+def test_the_readme_table_is_current():
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split(TABLE_START)[1].split(TABLE_END)[0].strip()
+    assert block == readme_table(), "README's learned-syntax table is stale: run `python -m tests.test_chat_templates`"
+
+
+if __name__ == "__main__":
+    print(readme_table())

@@ -122,8 +122,11 @@ class ChatTemplate:
         eos_token: str,
         reasoning_format: str,
         add_bos_token: bool,
+        thinking: bool | None = None,
     ) -> None:
         self.source = source
+        # the manifest's default for thinking, as the variables templates read it (a request's own win)
+        self.defaults: dict[str, Any] = {} if thinking is None else {"enable_thinking": thinking, "thinking": thinking}
         self.syntax: Syntax | None = None  # how the model writes calls (None: the template shows no tools)
         self.reasoning: tuple[str, str] = ("", "")  # its reasoning markers, learned ("", "": none)
         self.learned_error = ""  # why no syntax could be learned (the generic one is used)
@@ -185,13 +188,15 @@ class ChatTemplate:
         eos_token: str,
         reasoning_format: str = "auto",
         add_bos_token: bool = True,
+        thinking: bool | None = None,
     ) -> ChatTemplate | None:
         """The model's chat formatting; None when it has none. A ``chat_format`` wins over the template.
 
         ``add_bos_token`` is the model's ``tokenizer.ggml.add_bos_token`` (llama.cpp's default: true).
         ValueError for an unknown chat_format or a template that does not compile.
         """
-        common = {"bos_token": bos_token, "eos_token": eos_token, "reasoning_format": reasoning_format}
+        common = {"bos_token": bos_token, "eos_token": eos_token, "reasoning_format": reasoning_format,
+                  "thinking": thinking}  # fmt: skip
         if chat_format is not None:
             formatter = _formatter(chat_format)
             return cls(source=None, formatter=formatter, name=chat_format, add_bos_token=add_bos_token, **common)
@@ -274,8 +279,10 @@ class ChatTemplate:
     ) -> RenderedChat:
         """The prompt of a request (messages as ``protocol.normalize_chat`` leaves them); ApiError 400.
 
-        ``variables``: more template variables (``enable_thinking``, ``reasoning_effort``, ...).
+        ``variables``: more template variables (``enable_thinking``, ``reasoning_effort``, ...), over the
+        manifest's defaults.
         """
+        variables = {**self.defaults, **(variables or {})}
         choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
         use_tools = bool(tools) and choice != "none"
         if use_tools and self._formatter is not None:
