@@ -45,6 +45,12 @@ CASES = [
                  None, CALL, THOUGHT, id="gpt-oss-call"),
     pytest.param("openai-gpt-oss-120b", {}, '<|channel|>analysis to=functions.special_function<|message|>{"arg1": 1}',
                  None, CALL, None, id="gpt-oss-recipient-in-channel-header"),
+    pytest.param("openai-gpt-oss-120b", {}, ' to=functions.special_function<|channel|>analysis<|message|>{"arg1": 1}',
+                 None, CALL, None, id="gpt-oss-recipient-in-role-header"),
+    pytest.param("meetkai-functionary-medium-v3.2", {}, 'special_function\n{"arg1": 1}', None, CALL, None,
+                 id="functionary-v3.2-prompt-opened"),
+    pytest.param("meetkai-functionary-medium-v3.2", {}, 'get_time\n{"city": "Tokyo"}>>>special_function\n{"arg1": 1}',
+                 None, [*TOKYO, *CALL], None, id="functionary-v3.2-two-calls"),
     pytest.param("deepseek-ai-DeepSeek-V3.1", OFF, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>"
                  '{"city": "Tokyo"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>', None, TOKYO, None, id="deepseek-v3.1"),
     pytest.param("deepseek-ai-DeepSeek-V3.1", ON, "REASONING</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_time"

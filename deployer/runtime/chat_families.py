@@ -160,12 +160,6 @@ class HandWritten:
 
 HAND_WRITTEN: tuple[HandWritten, ...] = (
     HandWritten(
-        (">>>all",),
-        Syntax("functionary-v3.2", "name-json", call_open=">>>", name_suffix="\n"),
-        "Functionary v3.2: every message starts with >>>recipient, text with >>>all, so the first call's >>> "
-        "is the same as the text's and no diff shows it",
-    ),
-    HandWritten(
         ("<|channel|>", "<|message|>", "<|call|>"),
         Syntax(
             "harmony",

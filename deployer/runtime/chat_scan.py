@@ -247,7 +247,7 @@ class _Reader:
             self.calls.append(call)
             self.core(call, len(self.calls) - 1)
             self.lit(s.call_close)
-            if not s.block_open.strip():  # calls without a block around them: one unit each
+            if not s.block_open.strip() and not s.separator.strip():  # calls with no block or separator: one unit each
                 break
             if s.separator.strip():
                 if self.lit(s.separator, optional=True):
@@ -396,7 +396,9 @@ def scan(syntax: Syntax, buf: str, pos: int, fresh: bool, final: bool, memo: Mem
         if fresh:
             while i < len(buf) and (buf[i].isspace() or buf[i] == ";"):
                 i += 1
-        at_start = fresh and not trigger and i < len(buf) and buf[i] in "{["
+        # no marker opens the calls: an answer that starts with one (JSON, or a name where the prompt opened
+        # the block: Functionary v3.2's >>>)
+        at_start = fresh and not trigger and i < len(buf) and (buf[i] in "{[" or syntax.layout != "json")
         found = [k for k in (buf.find(m, i) for m in openers) if k >= 0]
         if at_start or found:
             k = i if at_start else min(found)
@@ -441,14 +443,17 @@ def scan_harmony(syntax: Syntax, buf: str, pos: int, fresh: bool, final: bool, m
     while True:
         k = buf.find("<|channel|>", pos)
         if k < 0:
-            end = len(buf) if final else len(buf) - held_back(buf[pos:], ("<|channel|>", "<|start|>"))
-            header = buf.rfind("<|start|>", pos)
+            end = len(buf) if final else len(buf) - held_back(buf[pos:], ("<|channel|>", "<|start|>", "to=functions."))
+            header = max(buf.rfind("<|start|>", pos), buf.rfind("to=functions.", pos))
             if header >= 0 and not final:  # a header whose channel is still to come
+                while header > pos and buf[header - 1].isspace():
+                    header -= 1
                 end = min(end, header)
             if end > pos:
                 pieces.append(buf[pos:end])
             return pieces, None, max(end, pos), fresh
-        lead = re.search(r"<\|start\|>assistant[^<]*$", buf[pos:k])
+        # the header before the channel: <|start|>assistant, and a recipient may be in it
+        lead = re.search(r"(<\|start\|>assistant[^<]*|\s*to=functions\.[^<]*)$", buf[pos:k])
         before = lead.start() + pos if lead else k
         if before > pos:
             pieces.append(buf[pos:before])
