@@ -316,7 +316,14 @@ def learn_reasoning(r: Callable[..., str]) -> tuple[str, str]:
         at = text.find(REASON)
         if at < 0:
             continue
-        close = _marker_after(text, at + len(REASON))
-        if close:
-            return _marker_before(text, at), close
+        close, opening = _marker_after(text, at + len(REASON)), _marker_before(text, at)
+        if not close:
+            continue
+        try:  # a marker that also opens a turn's plain text is the turn's, not the reasoning's (muse, Kimi K3)
+            plain = r(_conversation(CONTENT), **variables)
+        except NotLearned:
+            plain = ""
+        if opening and _marker_before(plain, plain.find(CONTENT)) == opening:
+            continue
+        return opening, close
     return "", ""

@@ -463,6 +463,7 @@ def scan_harmony(syntax: Syntax, buf: str, pos: int, fresh: bool, final: bool, m
             partial = Unit([], buf[before:], False)
             if head_end >= 0 and (recipient := _RECIPIENT.search(buf, before, head_end)):
                 body = buf[head_end + len("<|message|>") :]
+                body = body[: len(body) - held_back(body, _HARMONY_ENDS)]  # an end marker half written
                 partial.calls = [CallScan(recipient[1], body.strip() or None)]
             return pieces, partial, before, fresh
         body_end = min(ends) if ends else len(buf)
