@@ -412,3 +412,28 @@ def test_a_thinking_default_that_is_not_a_boolean_is_a_clear_error():
     text = b'repo = "org/m-GGUF"\nfile = "m-Q8_0.gguf"\nquant = "Q8_0"\ncontext = 4096\n[server]\nthinking = "yes"\n'
     with pytest.raises(GgufDeployError, match="thinking"):
         parse_manifest(text, "manifests/m.toml")
+
+
+def test_the_sandbox_lets_templates_build_lists_but_not_reach_outside():
+    builds = ChatTemplate.load(
+        template="{% set seen = [] %}{% for m in messages %}{% set _ = seen.append(m.role) %}{% endfor %}"
+        "{{ seen | join(',') }}",
+        chat_format=None,
+        bos_token="",
+        eos_token="",
+    )
+    assert builds.render(ASK).prompt == "user", "Kimi K2's tool-result turn appends to a list of its own"
+    for sneaky in (
+        "{{ cycler.__init__.__globals__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ raise_exception.__globals__ }}",
+        "{% include '/etc/passwd' %}",
+        "{{ messages.__class__ }}",
+    ):
+        loaded = ChatTemplate.load(template=sneaky, chat_format=None, bos_token="", eos_token="")
+        try:
+            leaked = loaded.render(ASK).prompt  # an unsafe attribute reads as undefined: nothing
+        except ApiError as refused:
+            assert refused.status == 400, sneaky
+        else:
+            assert leaked == "", (sneaky, leaked)
