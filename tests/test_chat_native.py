@@ -102,6 +102,9 @@ CASES = [
     pytest.param("CohereForAI-c4ai-command-r7b-12-2024-tool_use", {}, "<|START_THINKING|>I'm\nthinking<|END_THINKING|>"
                  '<|START_ACTION|>[\n    {"tool_call_id": "0", "tool_name": "special_function", "parameters": '
                  '{"arg1": 1}}\n]<|END_ACTION|>', None, CALL, THOUGHT, id="command-r7b"),
+    pytest.param("CohereForAI-c4ai-command-r7b-12-2024-tool_use", {}, "<|START_THINKING|>I'm\nthinking<|END_THINKING|>"
+                 "<|START_RESPONSE|>Hello, world!\nWhat's up?<|END_RESPONSE|>", "Hello, world!\nWhat's up?", [], THOUGHT,
+                 id="command-r7b-response"),
     pytest.param("meetkai-functionary-medium-v3.1", {}, '<function=special_function>{"arg1": 1}</function>', None, CALL,
                  None, id="functionary-v3.1"),
     pytest.param("ByteDance-Seed-OSS", {}, "<seed:think>I'm thinking about the answer</seed:think>\nHello, world!",

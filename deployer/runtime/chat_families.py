@@ -51,6 +51,8 @@ class Syntax:
     optional_open: str = ""  # a marker the model may write before its calls (Llama's <|python_tag|>)
     reasoning_open: str = ""
     reasoning_close: str = ""
+    content_open: str = ""  # markers around the answer's text (Command R7B's <|START_RESPONSE|>)
+    content_close: str = ""
     stop: tuple[str, ...] = ()
     call_id_length: int = 24  # random alphanumerics after call_id_prefix
     call_id_prefix: str = "call_"

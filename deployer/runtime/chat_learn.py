@@ -141,7 +141,20 @@ def learn(render: Render) -> Syntax:
         block_close, stop = "", (block_close.strip(),)
     syntax = replace(syntax, block_open=block_open, block_close=block_close, stop=stop,
                      reasoning_open=reasoning[0], reasoning_close=reasoning[1])  # fmt: skip
-    return _with_ids(syntax, r)
+    content = _content_markers(base, start, len(base) - end)
+    if set(content.values()) & set(reasoning):  # a reasoning block the template opens around text: not a wrapper
+        content = {}
+    return _with_ids(replace(syntax, **content), r)
+
+
+def _content_markers(base: str, begin: int, end: int) -> dict[str, str]:
+    """Markers the template writes around an answer's text only (not around calls): Command R7B's
+    <|START_RESPONSE|>...<|END_RESPONSE|>."""
+    at = base.find(CONTENT)
+    opening, closing = _marker_before(base, at), _marker_after(base, at + len(CONTENT))
+    if opening and closing and base.rfind(opening, begin, at) >= 0 and base.find(closing, at, end) >= 0:
+        return {"content_open": opening, "content_close": closing}
+    return {}
 
 
 def _turn_cut(block_close: str, base: str) -> str:

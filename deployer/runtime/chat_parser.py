@@ -100,6 +100,7 @@ class ChatParser:
         self._sent_content = self._sent_reasoning = ""
         self._sent_calls: list[int] = []  # characters of arguments sent, per call index
         self._ids: list[str] = []
+        self._final = False
 
     @property
     def _passthrough(self) -> bool:
@@ -117,6 +118,7 @@ class ChatParser:
     def finish(self) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
         """(deltas still held back, the message, "tool_calls" when the answer is complete calls, else None)."""
         deltas: list[dict[str, Any]] = []
+        self._final = True
         if not self._passthrough:
             self._advance("", final=True)
             deltas = self._deltas()
@@ -211,6 +213,11 @@ class ChatParser:
     # -- what has been shown
 
     def _shown_content(self) -> str:
+        family = self._spec.family
+        if family is not None and family.content_close:  # the answer's own wrapper is no part of it
+            markers = (family.content_open, family.content_close)
+            text = self._content.replace(family.content_open, "").replace(family.content_close, "")
+            return text[: len(text) - (0 if self._final else held_back(text, markers))].strip()
         text = (
             self._content.lstrip()
             if self._think is not None or self._spec.family or self._spec.harmony
