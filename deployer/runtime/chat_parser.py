@@ -16,7 +16,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from deployer.runtime import chat_scan
+from deployer.runtime import chat_harmony, chat_scan
 from deployer.runtime.chat_families import GENERIC, Syntax
 from deployer.runtime.chat_scan import CallScan, Memo, Reasoning, Unit, held_back
 
@@ -150,7 +150,7 @@ class ChatParser:
             self._content += self._buf[self._pos :]
             self._pos = len(self._buf)
             return
-        scanner = chat_scan.scan_harmony if self._spec.harmony else chat_scan.scan
+        scanner = chat_harmony.scan_harmony if self._spec.harmony else chat_scan.scan
         pieces, open_unit, self._pos, self._fresh = scanner(
             family or GENERIC, self._buf, self._pos, self._fresh, final, self._memo
         )
