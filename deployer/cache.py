@@ -24,7 +24,7 @@ from deployer.errors import HubError
 from deployer.facts import Conversion, GgufHeader, ModelFacts, ShardFacts, TensorInfo
 
 CACHE_ENV = "GGUF_DEPLOY_CACHE"
-FORMAT = 1  # bump when the stored shape of ModelFacts changes: old entries become misses
+FORMAT = 2  # bump when the stored shape of ModelFacts changes: old entries become misses
 
 
 def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:

@@ -53,6 +53,7 @@ class GgufHeader:
     expert_count: int = 0
     expert_used_count: int = 0
     has_chat_template: bool = False
+    chat_template: str = ""  # tokenizer.chat_template: the plan learns the model's chat syntax from it
     tensors: tuple[TensorInfo, ...] = ()
     data_offset: int = 0  # where tensor data begins (the header's size, alignment included)
     split_count: int = 1  # split.count; 1 for a single-file model

@@ -300,6 +300,7 @@ def header_from(first: RawGguf, *others: RawGguf) -> GgufHeader:
         expert_count=_int(md, f"{arch}.expert_count", 0),
         expert_used_count=_int(md, f"{arch}.expert_used_count", 0),
         has_chat_template="tokenizer.chat_template" in md,
+        chat_template=template if isinstance(template := md.get("tokenizer.chat_template"), str) else "",
         tensors=tensors,
         data_offset=first.data_offset,
         split_count=split_count,

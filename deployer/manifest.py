@@ -324,11 +324,19 @@ class ServerSettings(_Strict):
     reasoning_format: Annotated[
         Literal["auto", "none"],
         Field(
-            description="auto: a model that thinks in <think>...</think> (detected from its chat template) returns "
-            "the thinking in message.reasoning_content; none: the raw text stays in content (llama-server's "
-            "--reasoning-format)."
+            description="auto: a model whose chat template shows reasoning markers (learned from it: "
+            "<think>...</think>, gpt-oss's analysis channel, ...) returns the thinking in "
+            "message.reasoning_content; none: the raw text stays in content (llama-server's --reasoning-format)."
         ),
     ] = "auto"
+    thinking: Annotated[
+        bool | None,
+        Field(
+            description="Whether a model that can think does, unless a request says otherwise (its "
+            "chat_template_kwargs): the chat template's enable_thinking (and thinking) variable. Omitted: the "
+            "template's own default."
+        ),
+    ] = None
 
     @model_validator(mode="after")
     def _coherent(self) -> ServerSettings:

@@ -48,7 +48,11 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "quant": manifest.quant,
         "context": manifest.context,
         "trained_context": header.context_length,
-        "chat": {"chat_format": manifest.server.chat_format, "template_in_gguf": header.has_chat_template},
+        "chat": {
+            "chat_format": manifest.server.chat_format,
+            "template_in_gguf": header.has_chat_template,
+            "learned": _learned(plan),
+        },
         "slots": {
             "parallel": plan.slots.parallel,
             "concurrency": plan.slots.concurrency,
@@ -157,12 +161,26 @@ def _tools(quant: str) -> str:
     return "converter and quantizer" if quant in QUANTIZER_QUANTS else "converter"
 
 
+def _learned(plan: Plan) -> str | None:
+    """What the runtime will learn from the GGUF's chat template: tool-call syntax and reasoning markers."""
+    header = plan.facts.header
+    if plan.manifest.manifest.server.chat_format or not header.chat_template:
+        return None
+    from deployer.runtime.chat import ChatTemplate
+
+    try:
+        chat = ChatTemplate.load(template=header.chat_template, chat_format=None, bos_token="", eos_token="")
+    except ValueError as exc:  # not valid Jinja: the server will say the same when it loads the model
+        return f"the template does not compile ({exc})"
+    return chat.summary() if chat is not None else None
+
+
 def _chat_words(plan: Plan) -> str:
     chat_format = plan.manifest.manifest.server.chat_format
     if chat_format:
         return f"chat_format '{chat_format}' (the manifest's)"
     if plan.facts.header.has_chat_template:
-        return "the GGUF's own chat template"
+        return f"the GGUF's own chat template; {_learned(plan)}"
     return "none: /v1/chat/completions will answer 400 (no template in the GGUF; set [server] chat_format)"
 
 

@@ -25,6 +25,7 @@ from tests.test_chat_render import SMALL_TOOLS
 pytestmark = pytest.mark.model
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
+LLAMA_TEMPLATES = Path(__file__).parent / "llama_templates"  # llama.cpp's real templates
 FAMILIES = ["hermes", "qwen3", "qwen3_xml", "llama3", "mistral", "devstral", "generic"]
 ASK = [{"role": "user", "content": "Is it warm tomorrow?"}]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in SMALL_TOOLS}
@@ -36,11 +37,16 @@ ROOM = 1000
 CLOSE_THINKING = {"qwen3": {str(3 + ord("<")): 8.0}}
 
 
+def _template_path(name: str) -> Path:
+    path = TEMPLATES / f"{name}.jinja"
+    return path if path.exists() else LLAMA_TEMPLATES / f"{name}.jinja"
+
+
 def _serve(folder: Path, template: str | None, **changes: Any) -> Server:
     path = ggufgen.write_gguf(
         folder / "tiny.gguf",
         ggufgen.TINY_LLAMA,
-        chat_template=None if template is None else (TEMPLATES / f"{template}.jinja").read_text(encoding="utf-8"),
+        chat_template=None if template is None else _template_path(template).read_text(encoding="utf-8"),
     )
     config = RuntimeConfig(model_name=MODEL, model_path=str(path), n_ctx=4096, n_threads=2, **changes)
     return launch(config, folder)
@@ -265,3 +271,49 @@ def test_assistant_turns_are_served_with_a_template(servers, family, history):
     messages = [*ASK, history, {"role": "user", "content": "Again?"}]
     reply = _chat(servers[family], messages=messages, max_tokens=4)
     assert reply.choices[0].message.refusal is None
+
+
+# ## A sample of llama.cpp's real templates, served: the syntax learned from each, through the SDK
+
+REAL = [
+    "Qwen3.5-4B",
+    "GLM-4.7-Flash",
+    "MiniMax-M2",
+    "Kimi-K2-Thinking",
+    "openai-gpt-oss-120b",
+    "deepseek-ai-DeepSeek-V3.1",
+    "Mistral-Small-3.2-24B-Instruct-2506",
+    "google-gemma-4-31B-it",
+]
+NUDGE = {str(3 + ord("<")): 8.0}  # a random model under a thinking template's grammar: towards its closing marker
+
+
+@pytest.mark.parametrize("template", REAL)
+def test_real_templates_stream_required_calls_and_take_a_tool_result(servers, template):
+    client = servers[template].client()
+    request = {"model": MODEL, "messages": ASK, "max_tokens": ROOM, "seed": 2, "tools": SMALL_TOOLS,
+               "logit_bias": NUDGE, "parallel_tool_calls": False}  # fmt: skip
+    with client.chat.completions.stream(**request, tool_choice="required") as stream:
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    _check_calls(choice.message.tool_calls)
+    call = choice.message.tool_calls[0]
+    messages = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "abcDEF123", "type": "function",
+         "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": "abcDEF123", "content": "21 degrees"},
+    ]  # fmt: skip
+    reply = _chat(servers[template], messages=messages, tools=SMALL_TOOLS, max_tokens=8,
+                  extra_body={"grammar": 'root ::= "Warm."'})  # fmt: skip
+    message = reply.choices[0].message
+    # where the prompt opens the reasoning (Qwen 3.5, GLM 4.7, MiniMax M2), the forced text is reasoning
+    said = (message.content or "") + (message.model_extra or {}).get("reasoning_content", "")
+    assert said == "Warm.", message
+
+
+def test_a_real_template_without_tools_refuses_them(servers):
+    with pytest.raises(openai.BadRequestError) as caught:
+        _chat(servers["deepseek-ai-DeepSeek-R1-Distill-Llama-8B"], tools=SMALL_TOOLS)
+    assert "no place for tools" in caught.value.message

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from deployer.runtime.chat import ChatTemplate
-from deployer.runtime.chat_families import FAMILIES, GENERIC, detect_family
+from deployer.runtime.chat_families import GENERIC, HAND_WRITTEN, hand_written
 from deployer.runtime.protocol import ApiError, normalize_chat
 from tests.test_chat_parse import ASK, TOOLS, WEATHER, template
 
@@ -19,29 +19,48 @@ TOOL_TEMPLATES = ["hermes", "qwen3", "qwen3_xml", "llama3", "mistral", "devstral
 
 
 @pytest.mark.parametrize(
-    ("name", "family", "tools", "thinks"),
+    ("name", "family", "call", "thinks"),
     [
-        pytest.param("hermes", "hermes", True, False, id="hermes"),
-        pytest.param("qwen3", "hermes", True, True, id="qwen3-hermes-with-think"),
-        pytest.param("qwen3_xml", "qwen3-xml", True, False, id="qwen3-coder-xml"),
-        pytest.param("llama3", "llama3", True, False, id="llama3"),
-        pytest.param("mistral", "mistral", True, False, id="mistral-nemo"),
-        pytest.param("devstral", "mistral-v11", True, False, id="devstral"),
-        pytest.param("generic", "generic", True, False, id="generic-json-fallback"),
-        pytest.param("deepseek_r1", "no-tools", False, True, id="r1-distill"),
-        pytest.param("notools", "no-tools", False, False, id="gemma-like"),
+        pytest.param("hermes", "learned:json", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                     "</tool_call>", False, id="hermes"),
+        pytest.param("qwen3", "learned:json", '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+                     "\n</tool_call>", True, id="qwen3-hermes-with-think"),
+        pytest.param("qwen3_xml", "learned:tagged", "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+                     "</parameter>\n</function>\n</tool_call>", False, id="qwen3-coder-xml"),
+        pytest.param("llama3", "learned:json", '{"name": "get_weather", "parameters": {"city": "Paris"}}', False,
+                     id="llama3"),
+        pytest.param("mistral", "learned:json", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+                     False, id="mistral-nemo"),
+        pytest.param("devstral", "learned:name-json", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', False,
+                     id="devstral"),
+        pytest.param("generic", "learned:json", '{"name": "get_weather", "arguments": {"city": "Paris"}}', False,
+                     id="generic-json"),
+        pytest.param("deepseek_r1", "no-tools", None, True, id="r1-distill"),
+        pytest.param("notools", "no-tools", None, False, id="gemma-like"),
     ],
-)
-def test_family_detected_from_the_template(name, family, tools, thinks):
+)  # fmt: skip
+def test_syntax_learned_from_the_template(name, family, call, thinks):
+    from deployer.runtime.chat_families import write_calls
+
     loaded = template(name)
-    assert (loaded.family, loaded.supports_tools, loaded.thinks) == (family, tools, thinks)
+    assert (loaded.family, loaded.supports_tools, loaded.thinks) == (family, call is not None, thinks)
+    if call is not None:
+        assert write_calls(loaded.syntax, [("get_weather", {"city": "Paris"})]) == call
 
 
-def test_detection_table_order_matters_and_falls_back_to_generic():
-    assert detect_family("... [TOOL_CALLS] ... [ARGS] ...").name == "mistral-v11"
-    assert detect_family("... [TOOL_CALLS] ...").name == "mistral"
-    assert detect_family("{{ messages }}") is GENERIC
-    assert len({f.name for f in FAMILIES}) == len(FAMILIES)
+def test_hand_written_syntaxes_and_the_generic_fallback():
+    assert hand_written("<|channel|> ... <|message|> ... <|call|>").layout == "harmony"
+    assert hand_written("{{ messages }}") is None
+    assert len({e.syntax.origin for e in HAND_WRITTEN}) == len(HAND_WRITTEN) and all(e.why for e in HAND_WRITTEN)
+    # shows tools, but an earlier call renders as nothing: nothing to learn from, JSON at the start
+    shows = ChatTemplate.load(
+        template="{% for t in tools or [] %}{{ t.function.name }}{% endfor %}{% for m in messages %}{{ m.content }}"
+        "{% endfor %}",
+        chat_format=None,
+        bos_token="",
+        eos_token="",
+    )
+    assert shows.syntax == GENERIC and "without its name" in shows.learned_error
 
 
 @pytest.mark.parametrize("name", TOOL_TEMPLATES)
@@ -368,3 +387,53 @@ def test_templates_that_want_string_arguments_get_them():
     )
     messages = _conversation("abcDEF123")
     assert stringly.render(messages).prompt == 'args={"city": "Paris"}'
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_the_manifest_thinking_default_reaches_the_template(value):
+    from deployer.loading import parse_manifest
+    from deployer.runtime import runtime_config
+
+    text = f'repo = "org/m-GGUF"\nfile = "m-Q8_0.gguf"\nquant = "Q8_0"\ncontext = 4096\n[server]\nthinking = {str(value).lower()}\n'
+    config = runtime_config(parse_manifest(text.encode(), "manifests/m.toml"), "/m.gguf")
+    assert config.thinking is value
+    qwen3 = (Path(__file__).parent / "llama_templates" / "Qwen-Qwen3-0.6B.jinja").read_text(encoding="utf-8")
+    chat = ChatTemplate.load(template=qwen3, chat_format=None, bos_token="", eos_token="", thinking=config.thinking)
+    closed = chat.render(ASK).prompt.endswith("<think>\n\n</think>\n\n")
+    assert closed is not value, "enable_thinking false closes the think block in the prompt"
+    overridden = chat.render(ASK, variables={"enable_thinking": not value}).prompt
+    assert overridden.endswith("<think>\n\n</think>\n\n") is value, "a request's own variable wins"
+
+
+def test_a_thinking_default_that_is_not_a_boolean_is_a_clear_error():
+    from deployer.errors import GgufDeployError
+    from deployer.loading import parse_manifest
+
+    text = b'repo = "org/m-GGUF"\nfile = "m-Q8_0.gguf"\nquant = "Q8_0"\ncontext = 4096\n[server]\nthinking = "yes"\n'
+    with pytest.raises(GgufDeployError, match="thinking"):
+        parse_manifest(text, "manifests/m.toml")
+
+
+def test_the_sandbox_lets_templates_build_lists_but_not_reach_outside():
+    builds = ChatTemplate.load(
+        template="{% set seen = [] %}{% for m in messages %}{% set _ = seen.append(m.role) %}{% endfor %}"
+        "{{ seen | join(',') }}",
+        chat_format=None,
+        bos_token="",
+        eos_token="",
+    )
+    assert builds.render(ASK).prompt == "user", "Kimi K2's tool-result turn appends to a list of its own"
+    for sneaky in (
+        "{{ cycler.__init__.__globals__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ raise_exception.__globals__ }}",
+        "{% include '/etc/passwd' %}",
+        "{{ messages.__class__ }}",
+    ):
+        loaded = ChatTemplate.load(template=sneaky, chat_format=None, bos_token="", eos_token="")
+        try:
+            leaked = loaded.render(ASK).prompt  # an unsafe attribute reads as undefined: nothing
+        except ApiError as refused:
+            assert refused.status == 400, sneaky
+        else:
+            assert leaked == "", (sneaky, leaked)

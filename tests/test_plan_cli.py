@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -199,12 +200,34 @@ def test_the_plan_says_how_chat_requests_will_be_formatted(cli, fake_hub, tmp_pa
     result = cli("plan", "--json", cwd=tmp_path)
     assert result.code == 0, result.err
     chats = {plan["name"]: plan["chat"] for plan in json.loads(result.out)}
+    no_tools = "no tools (the template has no place for them)"
     assert chats == {
-        "bare": {"chat_format": None, "template_in_gguf": False},
-        "templated": {"chat_format": None, "template_in_gguf": True},
-        "formatted": {"chat_format": "chatml", "template_in_gguf": False},
+        "bare": {"chat_format": None, "template_in_gguf": False, "learned": None},
+        "templated": {"chat_format": None, "template_in_gguf": True, "learned": no_tools},
+        "formatted": {"chat_format": "chatml", "template_in_gguf": False, "learned": None},
     }
     tables = cli("plan", "manifests/bare.toml", cwd=tmp_path)
     assert "none: /v1/chat/completions will answer 400" in " ".join(tables.out.split())
     assert "chat_format 'chatml' (the manifest's)" in cli("plan", "manifests/formatted.toml", cwd=tmp_path).out
     assert "the GGUF's own chat template" in cli("plan", "manifests/templated.toml", cwd=tmp_path).out
+
+
+def test_the_plan_shows_the_tool_call_syntax_learned_from_the_gguf_template(cli, fake_hub, tmp_path):
+    """A pull request says whether tools will work, and how the model writes them, before any deploy."""
+    llama_templates = Path(__file__).parent / "llama_templates"
+    spec = ggufgen.TINY_LLAMA
+    files = {}
+    for name in ("Qwen3-Coder", "google-gemma-2-2b-it"):
+        template = (llama_templates / f"{name}.jinja").read_text(encoding="utf-8")
+        files[f"{name}.gguf"] = ggufgen.write_gguf(
+            tmp_path / f"{name}.gguf", spec, header_only=True, chat_template=template
+        )
+    fake_hub.add_repo("org/tiny-GGUF", files)
+    for name in ("Qwen3-Coder", "google-gemma-2-2b-it"):
+        _write(tmp_path, name.lower(), name=name.lower(), file=f"{name}.gguf", repo="org/tiny-GGUF", quant="F32",
+               context=1024)  # fmt: skip
+    chats = {plan["name"]: plan["chat"]["learned"] for plan in json.loads(cli("plan", "--json", cwd=tmp_path).out)}
+    assert chats["qwen3-coder"].startswith("tools: tagged: <tool_call>\\n<function=get_weather>"), chats
+    assert chats["google-gemma-2-2b-it"].startswith("no tools"), chats
+    words = " ".join(cli("plan", "manifests/qwen3-coder.toml", cwd=tmp_path).out.split())
+    assert "<parameter=city>" in words, words

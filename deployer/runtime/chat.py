@@ -6,11 +6,13 @@
                                                (deployer.runtime.chat_parser)
 
 A GGUF's Jinja template is rendered the way Hugging Face ``transformers.apply_chat_template`` renders
-it (sandboxed; ``messages``, ``tools``, ``add_generation_prompt``, ``bos_token``, ``eos_token``). Its
-family (:mod:`deployer.runtime.chat_families`) says how the model writes tool calls, which the parser
-reads back into OpenAI's ``tool_calls``, and which grammar forces them for ``tool_choice`` "required"
-or a named function. ``<think>...</think>`` goes to ``reasoning_content``. A llama-cpp-python
-``chat_format`` builds the prompt with its formatter and has no tools.
+it (sandboxed; ``messages``, ``tools``, ``add_generation_prompt``, ``bos_token``, ``eos_token``, and
+the request's template variables). Its syntax (:class:`~deployer.runtime.chat_families.Syntax`, learned
+from the template by :mod:`deployer.runtime.chat_learn`, or hand-written) says how the model writes
+tool calls and reasoning, which the parser reads back into OpenAI's ``tool_calls`` and
+``reasoning_content``, and which grammar (:mod:`deployer.runtime.chat_grammar`) forces them for
+``tool_choice`` "required" or a named function. A llama-cpp-python ``chat_format`` builds the prompt
+with its formatter and has no tools.
 
 Pure: llama_cpp is imported only to look a ``chat_format`` up and to convert JSON schemas to GBNF.
 """
@@ -19,20 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 from deployer.runtime.chat_families import (
     GENERIC,
-    Family,
-    call_rule,
-    calls_rule,
-    detect_family,
-    gbnf_literal,
-    xml_call_rule,
+    TEMPLATE_VARIABLES,
+    TOOL_SHAPES,
+    Syntax,
+    amend,
+    hand_written,
+    write_calls,
 )
+from deployer.runtime.chat_learn import PROBE_TOOL as LEARN_TOOL
+from deployer.runtime.chat_learn import NotLearned, learn, learn_reasoning
 from deployer.runtime.chat_parser import THINK_CLOSE, THINK_OPEN, ChatParser, ParseSpec
 from deployer.runtime.protocol import bad_request
 
@@ -47,16 +50,21 @@ class TemplateRaised(Exception):
 
 
 def _environment() -> Any:
-    """Jinja as ``transformers`` sets it up for chat templates (sandboxed, immutable)."""
+    """Jinja as ``transformers`` sets it up for chat templates, sandboxed.
+
+    Sandboxed but not immutable: real templates build lists and dicts of their own (Kimi K2's tool-result
+    turn appends to a list); attribute access stays limited to the sandbox's safe set, and no file is reachable.
+    """
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import SandboxedEnvironment
 
     def raise_exception(message: str) -> None:
         raise TemplateRaised(message)
 
     def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
                sort_keys: bool = False) -> str:  # fmt: skip
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys,
+                          default=_jsonable)  # fmt: skip
 
     class Generation(jinja2.ext.Extension):
         """``{% generation %}...{% endgeneration %}`` (transformers marks assistant tokens with it): the body as is."""
@@ -69,11 +77,18 @@ def _environment() -> Any:
             return jinja2.nodes.Scope(body, lineno=lineno)
 
     extensions = [jinja2.ext.loopcontrols, Generation]
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
+    env = SandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
+
+
+def _jsonable(value: Any) -> Any:
+    """What ``tojson`` writes for what Jinja makes lazily (``map``/``select`` give generators)."""
+    if hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict)):
+        return list(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 @dataclass(frozen=True)
@@ -107,26 +122,61 @@ class ChatTemplate:
         eos_token: str,
         reasoning_format: str,
         add_bos_token: bool,
+        thinking: bool | None = None,
     ) -> None:
         self.source = source
-        self.family_info: Family | None = None
+        # the manifest's default for thinking, as the variables templates read it (a request's own win)
+        self.defaults: dict[str, Any] = {} if thinking is None else {"enable_thinking": thinking, "thinking": thinking}
+        self.syntax: Syntax | None = None  # how the model writes calls (None: the template shows no tools)
+        self.reasoning: tuple[str, str] = ("", "")  # its reasoning markers, learned ("", "": none)
+        self.learned_error = ""  # why no syntax could be learned (the generic one is used)
         self._formatter = formatter
         self._bos, self._eos = bos_token, eos_token
         self._add_bos_token = add_bos_token
         self._compiled: Any = None
         self.thinks = False
-        self.supports_tools = False
+        self.supports_tools = False  # the model can be given tools (its template writes calls, or shows tools)
+        self.shows_tools = False  # the template itself writes the tool definitions into the prompt
+        self._reads: set[str] = set()  # the variables the template reads
         self.family = name
         if source is not None:
             try:
                 self._compiled = _environment().from_string(source)
             except Exception as exc:  # jinja2.TemplateSyntaxError, or a sandbox refusal
                 raise ValueError(f"the model's chat template is not valid Jinja: {exc}") from exc
-            # the closing tag is what templates strip from earlier turns (some never write the opening one)
-            self.thinks = reasoning_format == "auto" and THINK_CLOSE in source
-            self.supports_tools = self._renders_tools()
-            self.family_info = detect_family(source) if self.supports_tools else None
-            self.family = self.family_info.name if self.family_info else "no-tools"
+            import jinja2.meta
+
+            self._reads = jinja2.meta.find_undeclared_variables(self._compiled.environment.parse(source))
+            self.shows_tools = self._renders_tools()
+            self.syntax = self._learn()
+            self.supports_tools = self.syntax is not None
+            if self.syntax is not None and self.syntax.reasoning_close:
+                self.reasoning = (self.syntax.reasoning_open, self.syntax.reasoning_close)
+            else:
+                self.reasoning = learn_reasoning(self._reasoning_probe)
+            if not self.reasoning[1] and THINK_CLOSE in source:
+                # templates that strip <think> from earlier turns never write it back: the closing tag tells
+                self.reasoning = (THINK_OPEN, THINK_CLOSE)
+            self.thinks = reasoning_format == "auto" and bool(self.reasoning[1])
+            if self.syntax is not None:
+                self.syntax = replace(self.syntax, reasoning_open=self.reasoning[0], reasoning_close=self.reasoning[1])
+            self.family = (
+                "no-tools"
+                if self.syntax is None
+                else self.syntax.origin + (f":{self.syntax.layout}" if self.syntax.origin == "learned" else "")
+            )
+
+    def summary(self) -> str:
+        """What was learned, in one line (``gguf-deploy plan``, the README's table)."""
+        if self.syntax is None:
+            text = "no tools (the template has no place for them)"
+        else:
+            text = "tools: " + self.syntax.describe().replace("\x1f", "<id>").replace("\n", "\\n")
+            if self.syntax.origin == "generic":
+                text += f" (generic: {self.learned_error})"
+        if self.reasoning[1] and (self.syntax is None or self.syntax.layout != "harmony"):
+            text += f"; reasoning {self.reasoning[0] or '(opened by the prompt)'}...{self.reasoning[1]}"
+        return text
 
     @classmethod
     def load(
@@ -138,13 +188,15 @@ class ChatTemplate:
         eos_token: str,
         reasoning_format: str = "auto",
         add_bos_token: bool = True,
+        thinking: bool | None = None,
     ) -> ChatTemplate | None:
         """The model's chat formatting; None when it has none. A ``chat_format`` wins over the template.
 
         ``add_bos_token`` is the model's ``tokenizer.ggml.add_bos_token`` (llama.cpp's default: true).
         ValueError for an unknown chat_format or a template that does not compile.
         """
-        common = {"bos_token": bos_token, "eos_token": eos_token, "reasoning_format": reasoning_format}
+        common = {"bos_token": bos_token, "eos_token": eos_token, "reasoning_format": reasoning_format,
+                  "thinking": thinking}  # fmt: skip
         if chat_format is not None:
             formatter = _formatter(chat_format)
             return cls(source=None, formatter=formatter, name=chat_format, add_bos_token=add_bos_token, **common)
@@ -161,20 +213,56 @@ class ChatTemplate:
             return False
         return PROBE_TOOL in text
 
+    def _learn(self) -> Syntax | None:
+        """The template's syntax: hand-written where rendering cannot reveal it, else learned; generic for a
+        template that shows tools but no call; None for one that does neither."""
+        assert self.source is not None
+        written = hand_written(self.source)
+        if written is not None and self.shows_tools:
+            return written
+        try:
+            return amend(learn(lambda m, gen, v: self._probe(m, gen, v)), self.source)
+        except NotLearned as exc:
+            self.learned_error = str(exc)
+            return GENERIC if self.shows_tools else None
+
+    def _reasoning_probe(self, messages: list[dict[str, Any]], **variables: Any) -> str:
+        try:
+            return self._probe(messages, False, variables)
+        except Exception as exc:  # a template that cannot render the probe shows no reasoning
+            raise NotLearned(str(exc)) from exc
+
+    def _probe(self, messages: list[dict[str, Any]], generation: bool, variables: dict[str, Any]) -> str:
+        try:
+            return self._render_jinja([_template_message(m) for m in messages], [LEARN_TOOL], generation, variables)
+        except TemplateRaised:
+            raise
+        except Exception:  # templates that want the arguments as a string (as they came)
+            plain = [_template_message(m, objects=False) for m in messages]
+            for message in plain:
+                for call in message.get("tool_calls") or []:
+                    call["function"] = {**call["function"], "arguments": json.dumps(call["function"]["arguments"])}
+            return self._render_jinja(plain, [LEARN_TOOL], generation, variables)
+
     def _render_jinja(
         self,
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None,
+        generation: bool = True,
         variables: dict[str, Any] | None = None,
-        *,
-        add_generation_prompt: bool = True,
     ) -> str:
+        assert self.source is not None
+        tools = [_template_tool(t) for t in tools] if tools else tools
+        extra = {k: make(tools or []) for k, make in TEMPLATE_VARIABLES.items() if k in self._reads}
+        for marker, shape in TOOL_SHAPES:
+            if tools and marker in self.source:
+                tools = shape(tools)
         return str(
             self._compiled.render(
-                **(variables or {}),  # the request's template variables (enable_thinking, ...) never win over ours
+                **{**extra, **(variables or {})},
                 messages=messages,
                 tools=tools,
-                add_generation_prompt=add_generation_prompt,
+                add_generation_prompt=generation,
                 bos_token=self._bos,
                 eos_token=self._eos,
             )
@@ -192,9 +280,12 @@ class ChatTemplate:
     ) -> RenderedChat:
         """The prompt of a request (messages as ``protocol.normalize_chat`` leaves them); ApiError 400.
 
-        ``variables`` are extra template variables (``enable_thinking``, ``reasoning_effort``, ...);
-        ``continue_final``: the last (assistant) message is left open, so the answer continues it.
+        ``variables``: more template variables (``enable_thinking``, ``reasoning_effort``, ...), over the
+        manifest's defaults; ``continue_final``: the last (assistant) message is left open, so the
+        answer continues it.
         """
+        requested = variables or {}
+        variables = {**self.defaults, **requested}
         choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
         use_tools = bool(tools) and choice != "none"
         if use_tools and self._formatter is not None:
@@ -214,23 +305,26 @@ class ChatTemplate:
         named = _named(choice, tools or []) if use_tools else None
         plain = [_template_message(m) for m in messages]
         if self._formatter is not None:
-            if continue_final or variables:
+            if continue_final or requested:
                 what = "continuing an assistant message" if continue_final else "template variables"
                 raise bad_request(f"chat_format '{self.family}' does not support {what}", "messages")
             return self._render_format(plain)
-        render = partial(self._render_jinja, variables=variables, add_generation_prompt=not continue_final)
+        generation = not continue_final
         shown = (tools or None) if use_tools else None  # a named choice still shows the model every tool
         offered = [t for t in tools or [] if t["function"]["name"] == named] if named else (shown or [])
         try:
             try:
-                prompt = render(plain, shown)
+                plain = self._with_definitions(plain, shown)
+                prompt = self._render_jinja(plain, shown, generation, variables)
             except TemplateRaised:
                 raise
             except Exception:
                 if plain == messages:
                     raise
                 # a few templates (functionary) write the arguments as the string they came as
-                prompt = render([_template_message(m, objects=False) for m in messages], shown)
+                prompt = self._render_jinja(
+                    [_template_message(m, objects=False) for m in messages], shown, generation, variables
+                )
         except TemplateRaised as exc:
             raise bad_request(f"the model's chat template refused these messages: {exc}", "messages") from exc
         except Exception as exc:  # a real template's error is about the request, never a server fault
@@ -241,23 +335,54 @@ class ChatTemplate:
             ) from exc
         if continue_final:
             prompt = _open_final(prompt, messages[-1].get("content") or "")
-        think_open = self.thinks and prompt.rstrip().endswith(THINK_OPEN)
-        family = self.family_info or GENERIC
+        think_open = self.thinks and self._opens_reasoning(prompt)
+        syntax = self.syntax or GENERIC
         grammar = None
         if use_tools and (choice == "required" or named):
-            grammar = tool_grammar(family, offered, parallel_tool_calls and not named, self.thinks, think_open)
-        stop = tuple(s for s in (self._eos, *family.stop) if s)
+            from deployer.runtime.chat_grammar import tool_grammar
+
+            reasoning = syntax if self.thinks else replace(syntax, reasoning_open="", reasoning_close="")
+            grammar = tool_grammar(reasoning, offered, parallel_tool_calls and not named, think_open)
+        stop = tuple(s for s in (self._eos, *syntax.stop) if s)
+        harmony = syntax.layout == "harmony"
         spec = ParseSpec(
-            family if use_tools else None,
+            syntax if use_tools else None,
             tuple(offered),
             parallel_tool_calls and not named,
             grammar is not None,
             self.thinks,
             think_open,
+            self.reasoning,
+            harmony,
         )
         add_bos = self._add_bos_token and bool(self._bos) and not prompt.startswith(self._bos)
-        preserved = (*(family.markers if use_tools else ()), *((THINK_OPEN, THINK_CLOSE) if self.thinks else ()))
-        return RenderedChat(prompt, add_bos, stop, grammar, spec, preserved)
+        preserved = (
+            *(syntax.markers if use_tools or harmony else ()),
+            *(r for r in self.reasoning if r and self.thinks),
+        )
+        return RenderedChat(prompt, add_bos, stop, grammar, spec, tuple(dict.fromkeys(preserved)))
+
+    def _with_definitions(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[dict[str, Any]]:
+        """Messages with the tool definitions in the system message, for a template that writes calls but never
+        shows the tools (DeepSeek V3.1): as llama.cpp's polyfill, the model reads them there."""
+        if not tools or self.shows_tools or self.syntax is None:
+            return messages
+        example = write_calls(self.syntax, [("tool_name", {"argument": "value"})]).strip()
+        listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+        text = f"You can call these tools:\n{listing}\n\nTo call one, answer with:\n{example}"
+        if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+            return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+        return [{"role": "system", "content": text}, *messages]
+
+    def _opens_reasoning(self, prompt: str) -> bool:
+        """The generation prompt leaves the reasoning open (the model starts inside it)."""
+        opening, closing = self.reasoning
+        tail = prompt.rstrip()
+        if not opening:
+            return bool(closing) and not tail.endswith(closing)
+        return tail.endswith(opening)
 
     def _render_format(self, messages: list[dict[str, Any]]) -> RenderedChat:
         for message in messages:  # the stock formatters read content as text
@@ -326,6 +451,21 @@ def _template_message(message: dict[str, Any], *, objects: bool = True) -> dict[
     return out
 
 
+def _template_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool as templates read it: a description and parameters with properties, even where the request left
+    them out (templates print ``tool.function.description`` and loop over ``parameters.properties``)."""
+    function = tool.get("function")
+    if not isinstance(function, dict):
+        return tool
+    parameters = function.get("parameters")
+    parameters = dict(parameters) if isinstance(parameters, dict) else {"type": "object"}
+    parameters.setdefault("properties", {})
+    return {
+        **tool,
+        "function": {**function, "description": function.get("description") or "", "parameters": parameters},
+    }
+
+
 def _template_call(call: dict[str, Any]) -> dict[str, Any]:
     function = dict(call.get("function") or {})
     arguments = function.get("arguments")
@@ -333,50 +473,3 @@ def _template_call(call: dict[str, Any]) -> dict[str, Any]:
         with contextlib.suppress(json.JSONDecodeError):
             function["arguments"] = json.loads(arguments)
     return {**call, "function": function}
-
-
-# ## Grammars
-
-
-def tool_grammar(family: Family, tools: list[dict[str, Any]], parallel: bool, thinks: bool, think_open: bool) -> str:
-    """GBNF: one (or, when ``parallel``, one or more) calls of ``tools`` in the family's syntax."""
-    from llama_cpp.llama_grammar import SchemaConverter
-
-    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-    alternatives = []
-    for i, tool in enumerate(tools):
-        function = tool["function"]
-        schema = function.get("parameters") or {"type": "object", "properties": {}}
-        try:
-            resolved = converter.resolve_refs(schema, f"tool-{i}")
-            args_rule = converter.visit(resolved, f"tc-args-{i}")
-        except Exception as exc:  # the converter raises plain exceptions on schemas it cannot express
-            raise bad_request(
-                f"the parameters schema of tool '{function['name']}' cannot be turned into a grammar: {exc}", "tools"
-            ) from exc
-        if family.syntax == "xml":
-            alternatives.append(_xml_rule(converter, family, function["name"], resolved, i))
-            continue
-        alternatives.append(call_rule(family, function["name"], args_rule))
-    rules = [converter.format_grammar(), f"tc-call ::= {' | '.join(alternatives)}"]
-    rules.append(f"tc-calls ::= {calls_rule(family, 'tc-call', parallel)}")
-    if think_open:  # the template opened <think>: the model thinks first, then calls
-        rules.append(f"root ::= [^<]* {gbnf_literal(THINK_CLOSE)} [ \\t\\n]* tc-calls")
-    elif thinks:
-        rules.append(f"root ::= ( {gbnf_literal(THINK_OPEN)} [^<]* {gbnf_literal(THINK_CLOSE)} [ \\t\\n]* )? tc-calls")
-    else:
-        rules.append("root ::= tc-calls")
-    return "\n".join(rules) + "\n"
-
-
-def _xml_rule(converter: Any, family: Family, name: str, schema: dict[str, Any], i: int) -> str:
-    """One XML call: strings as plain text, other values as the JSON their schema allows."""
-    properties = schema.get("properties") or {}
-    required = set(schema.get("required") or ())
-    rules = []
-    for j, (key, spec) in enumerate(properties.items()):
-        is_text = isinstance(spec, dict) and spec.get("type") == "string" and not spec.get("enum")
-        value = "tc-text" if is_text else converter.visit(spec if isinstance(spec, dict) else {}, f"tc-{i}-{j}")
-        rules.append((key, value, key in required))
-    converter._add_rule("tc-text", "[^<]*")
-    return xml_call_rule(family, name, rules)

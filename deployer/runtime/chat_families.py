@@ -1,509 +1,269 @@
-"""Chat template families: how each one writes tool calls, and how to find them in generated text.
+"""How a model writes tool calls and reasoning: a :class:`Syntax`, learned from its chat template, or hand-written.
 
-One table, :data:`FAMILIES`, in the spirit of llama.cpp's ``common/chat.cpp``: a family is detected
-from the text of the model's chat template (every string of ``detect`` in it, none of ``absent``),
-and says how the model writes a call (``syntax``), which grammar constrains it, and how its call ids
-look. Adding a family is one more entry (and, for a new way of writing calls, one more scanner).
+Most syntaxes are learned (:mod:`deployer.runtime.chat_learn` renders probe conversations through the
+model's own template and reads the markers off the differences). :data:`HAND_WRITTEN` keeps the few
+that rendering cannot reveal, each with the reason; :data:`AMENDMENTS` adds to a learned syntax what a
+template never writes back (a marker the model may put before its calls, an extra stop token).
 
-Scanners are pure functions of text. They return the pieces of the generated text that are settled
-(plain text, or a complete unit of calls) and at most one unsettled unit (a call still being
-written), so that streaming and the final message always agree.
+A syntax is pure data; :mod:`deployer.runtime.chat_scan` reads text with it and
+:mod:`deployer.runtime.chat_grammar` writes the GBNF that forces it.
+
+Layouts (each call is ``call_open`` + core + ``call_close``; calls are joined by ``separator`` and
+wrapped in ``block_open`` ... ``block_close``):
+
+- ``json``: the core is a JSON object; ``name_path`` / ``args_path`` say where the name and the
+  arguments are (``name_path == ()``: the name is the object's only key, its value the arguments);
+- ``name-json``: NAME ``name_suffix`` {arguments JSON};
+- ``tagged``: NAME ``name_suffix`` then per argument ``key_open`` KEY ``key_close`` VALUE ``value_close``
+  (``key_close_json`` / ``value_close_json`` where the value is JSON, not a string);
+- ``harmony``: gpt-oss's channels (hand-written).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
 @dataclass(frozen=True)
-class Family:
-    """One way of writing tool calls, and how to recognise a template that uses it."""
+class Syntax:
+    """One way of writing tool calls (and reasoning), as the model writes it."""
 
-    name: str
-    syntax: str  # a key of SCANNERS: "tagged", "xml", "json", "mistral-array", "mistral-args"
-    detect: tuple[str, ...] = ()  # every one of these occurs in the template
-    absent: tuple[str, ...] = ()  # none of these does
-    open: str = ""  # the text that starts a call ("tagged", "mistral-*", and "json"'s optional tag)
-    close: str = ""  # the text that ends one ("tagged")
-    args_key: str = "arguments"  # the key the model writes the arguments under
-    separator: str = "\n"  # between two calls, in the grammar
-    stop: tuple[str, ...] = ()  # extra stop strings
-    call_id_length: int = 24  # random alphanumerics after "call_"; 9 alone for Mistral (its templates check)
+    origin: str  # "learned", or the hand-written entry's name
+    layout: str  # "json", "name-json", "tagged", "harmony"
+    block_open: str = ""
+    block_close: str = ""
+    call_open: str = ""
+    call_close: str = ""
+    separator: str = ""
+    name_suffix: str = ""
+    indexed: bool = False  # name_suffix carries the call's index (0, 1, ...) where its first digit is
+    name_path: tuple[str, ...] = ("name",)
+    args_path: tuple[str, ...] = ("arguments",)
+    key_open: str = ""
+    key_close: str = ""
+    value_close: str = ""
+    key_close_json: str = ""
+    value_close_json: str = ""
+    param_separator: str = ""
+    optional_open: str = ""  # a marker the model may write before its calls (Llama's <|python_tag|>)
+    reasoning_open: str = ""
+    reasoning_close: str = ""
+    content_open: str = ""  # markers around the answer's text (Command R7B's <|START_RESPONSE|>)
+    content_close: str = ""
+    stop: tuple[str, ...] = ()
+    call_id_length: int = 24  # random alphanumerics after call_id_prefix
     call_id_prefix: str = "call_"
-    example: str = field(default="", compare=False)  # documentation: one call as the model writes it
+    at_start_only: bool = field(default=False)  # no marker opens the calls: only an answer that starts with one
+
+    @property
+    def trigger(self) -> str:
+        """The text that starts the calls ("" when nothing marks them)."""
+        return (self.block_open.strip() or self.call_open.strip()) if self.layout != "harmony" else "<|channel|>"
 
     @property
     def markers(self) -> tuple[str, ...]:
-        """The family's marker texts (special tokens in most vocabularies)."""
-        extra = ("[ARGS]",) if self.syntax == "mistral-args" else ()
-        return tuple(m for m in (self.open, self.close, *extra) if m)
+        """Marker texts the engine must detokenize as text (special tokens in most vocabularies)."""
+        if self.layout == "harmony":
+            return ("<|start|>", "<|channel|>", "<|constrain|>", "<|message|>", "<|end|>", "<|call|>", "<|return|>")
+        parts = [self.optional_open, self.block_open, self.call_open, self.call_close, self.block_close]
+        if self.layout != "json":
+            parts += [self.name_suffix.split("0")[-1] if self.indexed else self.name_suffix]
+            parts += [self.key_open, self.key_close, self.value_close]
+        out: list[str] = []
+        for part in parts:
+            for token in _marker_tokens(part):
+                if token not in out:
+                    out.append(token)
+        return tuple(out)
+
+    @property
+    def thinks(self) -> bool:
+        return bool(self.reasoning_close)
+
+    def describe(self) -> str:
+        """One line: how a call is written (and reasoning), for the plan and the README."""
+        call = write_calls(self, [("get_weather", {"city": "Paris"})])
+        return f"{self.origin if self.origin != 'learned' else self.layout}: {call.strip()}"
 
 
-FAMILIES: tuple[Family, ...] = (
-    Family(
-        "mistral-v11",  # Devstral, Mistral Small 3.2, Magistral: [TOOL_CALLS]name[ARGS]{...}
-        "mistral-args",
-        detect=("[TOOL_CALLS]", "[ARGS]"),
-        open="[TOOL_CALLS]",
-        separator="",
-        call_id_length=9,
-        call_id_prefix="",
-        example='[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}',
+def _marker_tokens(text: str) -> list[str]:
+    """The ``<...>`` / ``[...]`` tokens of a marker text (or the whole stripped text when it has none)."""
+    import re
+
+    found = re.findall(r"<[^<>\s]*>|\[[A-Z_/]+\]", text)
+    return found or ([text.strip()] if text.strip() and "{" not in text and '"' not in text else [])
+
+
+def write_calls(syntax: Syntax, calls: list[tuple[str, dict[str, Any]]]) -> str:
+    """The text of ``calls`` as the model writes them (what the grammar forces, and what the parser reads)."""
+    parts = [
+        syntax.call_open + write_core(syntax, name, args, i) + syntax.call_close for i, (name, args) in enumerate(calls)
+    ]
+    return syntax.block_open + syntax.separator.join(parts) + syntax.block_close
+
+
+def write_core(syntax: Syntax, name: str, args: dict[str, Any], index: int = 0) -> str:
+    """One call's core (between call_open and call_close)."""
+    if syntax.layout == "harmony":
+        return f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>{json.dumps(args)}"
+    if syntax.layout == "json":
+        return json_core(syntax, json.dumps(name), json.dumps(args, ensure_ascii=False))
+    suffix = syntax.name_suffix.replace("0", str(index), 1) if syntax.indexed else syntax.name_suffix
+    if syntax.layout == "name-json":
+        return name + suffix + json.dumps(args, ensure_ascii=False)
+    params = []
+    for key, value in args.items():
+        if isinstance(value, str):
+            params.append(syntax.key_open + key + syntax.key_close + value + syntax.value_close)
+        else:
+            text = json.dumps(value, ensure_ascii=False)
+            params.append(syntax.key_open + key + syntax.key_close_json + text + syntax.value_close_json)
+    return name + suffix + syntax.param_separator.join(params)
+
+
+def json_core(syntax: Syntax, name_json: str, args_json: str) -> str:
+    """The JSON call object, from the JSON texts of its name and arguments (the grammar passes rule names)."""
+    if not syntax.name_path:
+        return "{" + name_json + ": " + args_json + "}"
+    fields: dict[tuple[str, ...], str] = {syntax.name_path: name_json, syntax.args_path: args_json}
+    return _nest(fields, ())
+
+
+def _nest(fields: dict[tuple[str, ...], str], at: tuple[str, ...]) -> str:
+    keys: list[str] = []
+    for path in fields:
+        if path[: len(at)] == at and len(path) > len(at) and path[len(at)] not in keys:
+            keys.append(path[len(at)])
+    inner = []
+    for key in keys:
+        path = (*at, key)
+        inner.append(json.dumps(key) + ": " + (fields[path] if path in fields else _nest(fields, path)))
+    return "{" + ", ".join(inner) + "}"
+
+
+# ## What rendering cannot reveal
+
+# When no template-specific syntax can be learned but the template shows tools: JSON objects at the
+# start of the answer (what most models write when told about tools in plain text).
+GENERIC = Syntax("generic", "json", at_start_only=True)
+
+
+@dataclass(frozen=True)
+class HandWritten:
+    """A syntax for templates that contain every string of ``detect``, and why it cannot be learned."""
+
+    detect: tuple[str, ...]
+    syntax: Syntax
+    why: str
+
+
+HAND_WRITTEN: tuple[HandWritten, ...] = (
+    HandWritten(
+        ("<|channel|>", "<|message|>", "<|call|>"),
+        Syntax(
+            "harmony",
+            "harmony",
+            call_close="<|call|>",
+            separator="<|start|>assistant",
+            reasoning_open="<|channel|>analysis<|message|>",
+            reasoning_close="<|end|>",
+            stop=("<|call|>",),
+        ),
+        "gpt-oss: the recipient (to=functions.NAME) sits in the channel header, the analysis channel is the "
+        "reasoning and the final channel the answer; its template drops the analysis of earlier turns, so "
+        "there is no call to learn the channels from",
     ),
-    Family(
-        "mistral",  # Mistral 7B v0.3, Nemo, Small 3: [TOOL_CALLS][{"name": ..., "arguments": ...}]
-        "mistral-array",
-        detect=("[TOOL_CALLS]",),
-        open="[TOOL_CALLS]",
-        separator=", ",
-        call_id_length=9,
-        call_id_prefix="",
-        example='[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+    HandWritten(
+        ("<|tool_list_start|>", "<|tool_response_start|>"),
+        Syntax(
+            "lfm2",
+            "json",
+            block_open="<|tool_call_start|>[",
+            block_close="]<|tool_call_end|>",
+            separator=", ",
+            reasoning_open="<think>",
+            reasoning_close="</think>",
+        ),
+        "LFM2: its template writes earlier calls back as the content the model wrote, so a call in "
+        "tool_calls renders as nothing; the markers come from the model card",
     ),
-    Family(
-        "qwen3-xml",  # Qwen3-Coder, Qwen 3.5, Nemotron 3 Nano: <tool_call><function=...><parameter=...>
-        "xml",
-        detect=("<tool_call>", "<function=", "<parameter="),
-        open="<tool_call>",
-        close="</tool_call>",
-        example="<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>",
-    ),
-    Family(
-        "hermes",  # Hermes 2/3, Qwen 2.5, Qwen 3, QwQ: <tool_call>{...}</tool_call>
-        "tagged",
-        detect=("<tool_call>",),
-        absent=("<function=", "<arg_key>", "<invoke"),  # XML-style calls inside <tool_call>: not JSON
-        open="<tool_call>",
-        close="</tool_call>",
-        example='<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
-    ),
-    Family(
-        "llama3",  # Llama 3.1, 3.2, 3.3: a JSON object, optionally after <|python_tag|>
-        "json",
-        detect=("<|start_header_id|>ipython<|end_header_id|>",),
-        absent=("<function=",),  # functionary v3.1
-        open="<|python_tag|>",
-        args_key="parameters",
-        separator="; ",
-        stop=("<|eom_id|>",),
-        example='{"name": "get_weather", "parameters": {"city": "Paris"}}',
+    HandWritten(
+        ("<|tool_call|>", "<|start_of_role|>"),
+        Syntax("granite", "json", block_open="<|tool_call|>[", block_close="]", separator=", "),
+        "Granite 3.x: its template renders no earlier call back; <|tool_call|>[...] is the model card's form",
     ),
 )
-# a template that renders tools in none of the ways above: JSON objects at the start of the answer
-GENERIC = Family("generic", "json", example='{"name": "get_weather", "arguments": {"city": "Paris"}}')
+
+# Added to a learned syntax of bare JSON calls where the template contains every string of the key:
+# what the model may write that its template never writes back.
+AMENDMENTS: tuple[tuple[tuple[str, ...], dict[str, Any], str], ...] = (
+    (
+        ("<|start_header_id|>ipython<|end_header_id|>",),
+        {"optional_open": "<|python_tag|>", "stop": ("<|eom_id|>",)},
+        "Llama 3.x writes <|python_tag|> before a call and ends it with <|eom_id|>; its template writes "
+        "earlier calls back without the tag",
+    ),
+)
 
 
-def detect_family(template: str) -> Family:
-    """The family of a chat template's text (:data:`GENERIC` when no entry matches)."""
-    for family in FAMILIES:
-        if all(s in template for s in family.detect) and not any(s in template for s in family.absent):
-            return family
-    return GENERIC
+def hand_written(template: str) -> Syntax | None:
+    """The hand-written syntax of a template's text, if one applies."""
+    for entry in HAND_WRITTEN:
+        if all(s in template for s in entry.detect):
+            return entry.syntax
+    return None
 
 
-# ## Scanning
+def amend(syntax: Syntax, template: str) -> Syntax:
+    """A learned syntax with the amendments that apply to ``template``."""
+    for detect, changes, _why in AMENDMENTS:
+        if all(s in template for s in detect) and syntax.layout == "json" and not syntax.trigger:
+            syntax = replace(syntax, **changes)
+    return syntax
 
 
-@dataclass
-class CallScan:
-    """One call as far as it has been written. ``args`` is the raw JSON text of the arguments."""
-
-    name: str | None = None  # None until the name is complete (or when it is not a string)
-    args: str | None = None  # None until the arguments start
-    args_done: bool = False
-    valid_shape: bool = True  # False when the call's JSON is not of the family's form
-    params: list[tuple[str, str]] | None = None  # "xml": the parameters as written (typed by the tool's schema)
+# ## What some templates read besides messages and tools
 
 
-@dataclass
-class Unit:
-    """Calls written as one piece of text (one <tool_call>, one [TOOL_CALLS] array, one JSON object)."""
+def _now(fmt: str) -> str:
+    from datetime import datetime
 
-    calls: list[CallScan]
-    raw: str  # the text, so that a unit whose calls are not valid comes back as content
-    done: bool
+    return datetime.now().strftime(fmt)
 
 
-Piece = str | Unit  # settled text, or a settled unit of calls
-Scan = tuple[list[Piece], Unit | None, int, bool]  # settled pieces, unsettled unit, next position, fresh
-
-
-def held_back(buf: str, markers: tuple[str, ...]) -> int:
-    """How many characters at the end of ``buf`` could be the start of one of ``markers``."""
-    longest = 0
-    for marker in markers:
-        for n in range(min(len(marker) - 1, len(buf)), longest, -1):
-            if buf.endswith(marker[:n]):
-                longest = n
-                break
-    return longest
-
-
-def _skip_ws(buf: str, i: int) -> int:
-    while i < len(buf) and buf[i].isspace():
-        i += 1
-    return i
-
-
-@dataclass
-class ObjectScan:
-    """The top-level keys of a JSON object seen so far, with the spans of their values.
-
-    Resumable: text only ever grows at the end, so a scan continues where it stopped (a long
-    argument streamed token by token is read once, not once per token).
-    """
-
-    start: int
-    end: int | None = None  # one past the closing brace; None while the object is open
-    spans: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # key -> value (start, end or None)
-    malformed: bool = False
-    at: int = 0  # where scanning goes on
-    depth: int = 0
-    in_string: bool = False
-    escaped: bool = False
-    expect: str = "key"
-    key: str = ""
-    key_start: int = 0
-    value_start: int = 0
-
-
-Memo = dict[int, ObjectScan]
-
-
-def scan_object(buf: str, start: int, memo: Memo, limit: int | None = None) -> ObjectScan:
-    """Scan the JSON object at ``buf[start] == "{"`` up to ``limit`` (lenient: ``json.loads`` checks values later)."""
-    o = memo.get(start)
-    if o is None:
-        o = memo[start] = ObjectScan(start, at=start)
-    for j in range(o.at, len(buf) if limit is None else limit):
-        if o.end is not None:
-            break
-        c = buf[j]
-        if o.in_string:
-            if o.escaped:
-                o.escaped = False
-            elif c == "\\":
-                o.escaped = True
-            elif c == '"':
-                o.in_string = False
-                if o.depth == 1 and o.expect == "key-string":
-                    o.key, o.expect = buf[o.key_start + 1 : j], "colon"
-            continue
-        if o.depth == 1 and o.expect == "value" and not c.isspace():
-            o.value_start, o.expect = j, "in-value"
-            o.spans[o.key] = (j, None)
-        if c == '"':
-            o.in_string = True
-            if o.depth == 1 and o.expect == "key":
-                o.key_start, o.expect = j, "key-string"
-        elif c in "{[":
-            o.depth += 1
-        elif c in "}]":
-            o.depth -= 1
-            if o.depth == 0:
-                if o.expect == "in-value":
-                    o.spans[o.key] = (o.value_start, j)
-                o.end, o.malformed = j + 1, c != "}"
-        elif o.depth == 1 and c == ":" and o.expect == "colon":
-            o.expect = "value"
-        elif o.depth == 1 and c == ",":
-            if o.expect == "in-value":
-                o.spans[o.key] = (o.value_start, j)
-            o.expect = "key"
-    if o.end is None:
-        o.at = len(buf) if limit is None else limit
-    return o
-
-
-def call_of_object(buf: str, obj: ObjectScan, args_keys: tuple[str, ...]) -> CallScan:
-    """The call written as a JSON object ``{"name": ..., "<args key>": {...}}``, as far as it goes."""
-    call = CallScan()
-    if obj.malformed:
-        call.valid_shape = False
-    if "name" in obj.spans:
-        begin, end = obj.spans["name"]
-        if end is not None:
-            try:
-                name = json.loads(buf[begin:end])
-            except json.JSONDecodeError:
-                name = None
-            if isinstance(name, str):
-                call.name = name
-            else:
-                call.valid_shape = False
-    elif obj.end is not None:
-        call.valid_shape = False
-    key = next((k for k in args_keys if k in obj.spans), None)
-    if key is not None:
-        begin, end = obj.spans[key]
-        call.args = buf[begin : len(buf) if end is None else end].rstrip()
-        call.args_done = end is not None
-    elif obj.end is not None:
-        call.args, call.args_done = "{}", True  # a function without parameters
-    return call
-
-
-def _until_open(family: Family, buf: str, pos: int, final: bool, pieces: list[Piece]) -> tuple[int, bool]:
-    """Text from ``pos`` up to the family's next opening marker goes to ``pieces``: (the marker's position,
-    True), or, with no marker yet, (where the text that might begin one starts, False)."""
-    k = buf.find(family.open, pos)
-    if k < 0:
-        end = len(buf) if final else len(buf) - held_back(buf[pos:], (family.open,))
-        if end > pos:
-            pieces.append(buf[pos:end])
-        return end, False
-    if k > pos:
-        pieces.append(buf[pos:k])
-    return k, True
-
-
-def scan_tagged(family: Family, buf: str, pos: int, fresh: bool, final: bool, memo: Memo) -> Scan:
-    """``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, anywhere in the text."""
-    pieces: list[Piece] = []
-    while True:
-        k, found = _until_open(family, buf, pos, final, pieces)
-        if not found:
-            return pieces, None, k, fresh
-        body = _skip_ws(buf, k + len(family.open))
-        close = buf.find(family.close, body)
-        stop = len(buf) if close < 0 else close
-        obj = (
-            scan_object(buf, body, memo, stop) if body < stop and buf[body] == "{" else ObjectScan(body, malformed=True)
-        )
-        call = call_of_object(buf, obj, (family.args_key, "parameters"))
-        if close < 0:
-            unit = Unit([call], buf[k:], False)
-            if final:
-                unit.calls[0].valid_shape = False
-                pieces.append(unit)
-                return pieces, None, len(buf), False
-            return pieces, unit, k, fresh
-        if obj.end is None or buf[obj.end : close].strip():
-            call.valid_shape = False
-        pieces.append(Unit([call], buf[k : close + len(family.close)], True))
-        pos, fresh = close + len(family.close), True
-
-
-_XML_CALL = re.compile(r"\s*<function=([^>\n]+)>\n?(.*?)</function>\s*", re.S)
-_XML_PARAM = re.compile(r"\s*<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>\s*", re.S)
-
-
-def scan_xml(family: Family, buf: str, pos: int, fresh: bool, final: bool, memo: Memo) -> Scan:
-    """``<tool_call><function=name><parameter=key>value</parameter>...</function></tool_call>``.
-
-    Settled whole: the arguments are made from the parameters once the call is complete.
-    """
-    pieces: list[Piece] = []
-    while True:
-        k, found = _until_open(family, buf, pos, final, pieces)
-        if not found:
-            return pieces, None, k, fresh
-        close = buf.find(family.close, k)
-        if close < 0 and not final:
-            return pieces, Unit([CallScan()], buf[k:], False), k, fresh
-        end = len(buf) if close < 0 else close + len(family.close)
-        call = CallScan(valid_shape=False)
-        found = _XML_CALL.fullmatch(buf, k + len(family.open), close) if close >= 0 else None
-        if found:
-            params, at, body = [], 0, found[2]
-            while (param := _XML_PARAM.match(body, at)) is not None:
-                params.append((param[1].strip(), param[2]))
-                at = param.end()
-            call = CallScan(found[1].strip(), None, False, valid_shape=not body[at:].strip(), params=params)
-        pieces.append(Unit([call], buf[k:end], True))
-        pos, fresh = end, True
-
-
-def xml_arguments(params: list[tuple[str, str]], schema: Any) -> str:
-    """The JSON arguments of XML parameters: text where the tool's schema wants a string, else JSON when it parses."""
-    properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
-    out: dict[str, Any] = {}
-    for key, text in params:
-        spec = properties.get(key) if isinstance(properties, dict) else None
-        kind = spec.get("type") if isinstance(spec, dict) else None
-        if kind == "string" or (isinstance(kind, list) and "string" in kind and text.strip() != "null"):
-            out[key] = text
-            continue
-        try:
-            out[key] = json.loads(text)
-        except json.JSONDecodeError:
-            out[key] = text
-    return json.dumps(out, ensure_ascii=False)
-
-
-def scan_json(family: Family, buf: str, pos: int, fresh: bool, final: bool, memo: Memo) -> Scan:
-    """JSON call objects at the start of the answer (or after ``open``, e.g. ``<|python_tag|>``).
-
-    A ``{`` counts as a possible call only where nothing but blanks and ``;`` came since the start
-    or the previous call; elsewhere it is text.
-    """
-    pieces: list[Piece] = []
-    markers = (family.open,) if family.open else ()
-    while True:
-        i = pos
-        while i < len(buf) and (buf[i].isspace() or buf[i] == ";") and fresh:
-            i += 1
-        tagged = bool(family.open) and buf.startswith(family.open, i)
-        if fresh and (tagged or (i < len(buf) and buf[i] == "{")):
-            begin = _skip_ws(buf, i + len(family.open)) if tagged else i
-            if begin >= len(buf) and not final:
-                return pieces, Unit([CallScan()], buf[pos:], False), pos, fresh
-            if begin < len(buf) and buf[begin] == "{":
-                obj = scan_object(buf, begin, memo)
-                call = call_of_object(buf, obj, (family.args_key, "arguments", "parameters"))
-                if obj.end is None:
-                    unit = Unit([call], buf[pos:], False)
-                    if final:
-                        call.valid_shape = False
-                        return [*pieces, unit], None, len(buf), False
-                    return pieces, unit, pos, fresh
-                pieces.append(Unit([call], buf[pos : obj.end], True))
-                pos = obj.end
-                continue
-            # a tag followed by something else (Llama's built-in tools): text
-            pieces.append(buf[pos:begin])
-            pos, fresh = begin, False
-            continue
-        k = buf.find(family.open, i) if family.open else -1
-        if k >= 0:
-            pieces.append(buf[pos:k])
-            pos, fresh = k, True
-            continue
-        if fresh and i == len(buf) and not final:
-            return pieces, None, pos, fresh  # only blanks so far: a call may still come
-        end = len(buf) if final else len(buf) - held_back(buf[i:], markers)
-        if end > pos:
-            pieces.append(buf[pos:end])
-            fresh = fresh and not buf[pos:end].strip(" \t\r\n;")
-        return pieces, None, max(end, pos), fresh
-
-
-def scan_mistral_array(family: Family, buf: str, pos: int, fresh: bool, final: bool, memo: Memo) -> Scan:
-    """``[TOOL_CALLS][{"name": ..., "arguments": ...}, ...]``."""
-    pieces: list[Piece] = []
-    while True:
-        k, found = _until_open(family, buf, pos, final, pieces)
-        if not found:
-            return pieces, None, k, fresh
-        calls: list[CallScan] = []
-        i = _skip_ws(buf, k + len(family.open))
-        done, broken = False, i < len(buf) and buf[i] != "["
-        i += 1
-        while not done and not broken:
-            i = _skip_ws(buf, i)
-            if i >= len(buf):
-                break
-            if buf[i] == "]" and not calls:
-                done = True
-                i += 1
-                break
-            if buf[i] != "{":
-                broken = True
-                break
-            obj = scan_object(buf, i, memo)
-            calls.append(call_of_object(buf, obj, (family.args_key, "parameters")))
-            if obj.end is None:
-                break
-            i = _skip_ws(buf, obj.end)
-            if i < len(buf) and buf[i] == ",":
-                i += 1
-            elif i < len(buf) and buf[i] == "]":
-                done = True
-                i += 1
-            elif i < len(buf):
-                broken = True
-        if broken or (final and not done):
-            calls = calls or [CallScan()]
-            calls[-1].valid_shape = False
-            end = i if broken else len(buf)
-            pieces.append(Unit(calls, buf[k:end], True))
-            if not final and not broken:
-                return pieces[:-1], Unit(calls, buf[k:], False), k, fresh
-            pos = end
-            continue
-        if not done:
-            return pieces, Unit(calls, buf[k:], False), k, fresh
-        pieces.append(Unit(calls, buf[k:i], True))
-        pos, fresh = i, True
-
-
-def scan_mistral_args(family: Family, buf: str, pos: int, fresh: bool, final: bool, memo: Memo) -> Scan:
-    """``[TOOL_CALLS]name[ARGS]{...}``, one after another."""
-    pieces: list[Piece] = []
-    while True:
-        k, found = _until_open(family, buf, pos, final, pieces)
-        if not found:
-            return pieces, None, k, fresh
-        call = CallScan()
-        marker = buf.find("[ARGS]", k + len(family.open))
-        end: int | None = None
-        if marker >= 0:
-            name = buf[k + len(family.open) : marker].strip()
-            call.name = name
-            call.valid_shape = bool(name) and "[" not in name and "{" not in name
-            begin = _skip_ws(buf, marker + len("[ARGS]"))
-            if begin < len(buf):
-                if buf[begin] == "{":
-                    obj = scan_object(buf, begin, memo)
-                    stop = len(buf) if obj.end is None else obj.end
-                    call.args, call.args_done, end = buf[begin:stop].rstrip(), obj.end is not None, obj.end
-                else:
-                    call.valid_shape, end = False, begin
-        if end is None:
-            if not final:
-                return pieces, Unit([call], buf[k:], False), k, fresh
-            call.valid_shape, end = False, len(buf)
-        pieces.append(Unit([call], buf[k:end], True))
-        pos, fresh = end, True
-
-
-SCANNERS: dict[str, Callable[[Family, str, int, bool, bool, Memo], Scan]] = {
-    "tagged": scan_tagged,
-    "xml": scan_xml,
-    "json": scan_json,
-    "mistral-array": scan_mistral_array,
-    "mistral-args": scan_mistral_args,
+# Variables a template reads that transformers does not pass: given only where the template reads them
+# and the request did not set them (llama.cpp's handlers pass the same).
+TEMPLATE_VARIABLES: dict[str, Callable[[list[dict[str, Any]]], Any]] = {
+    # firefunction v2: the tools as a JSON text, and the date
+    "functions": lambda tools: json.dumps([t["function"] for t in tools], indent=4) if tools else "",
+    "datetime": lambda tools: _now("%b %d %Y %H:%M:%S GMT"),
 }
 
 
-# ## Grammars: the family's own call syntax, as GBNF rules around each tool's argument rule
+def cohere_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tools the way Command R+'s template reads them (name, description, parameter_definitions), beside OpenAI's."""
+    out = []
+    for tool in tools:
+        function = tool.get("function") or {}
+        parameters = function.get("parameters") or {}
+        required = set(parameters.get("required") or ())
+        definitions = {
+            key: {
+                "type": str(spec.get("type", "object")) if isinstance(spec, dict) else "object",
+                "description": str(spec.get("description", "")) if isinstance(spec, dict) else "",
+                "required": key in required,
+            }
+            for key, spec in (parameters.get("properties") or {}).items()
+        }
+        shaped = {"name": function.get("name", ""), "description": function.get("description", "")}
+        out.append({**tool, **shaped, "parameter_definitions": definitions})
+    return out
 
 
-def gbnf_literal(text: str) -> str:
-    """A GBNF string literal."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    return '"' + escaped.replace("\t", "\\t") + '"'
-
-
-def call_rule(family: Family, name: str, args_rule: str) -> str:
-    """The GBNF of one call of ``name``, whose arguments match ``args_rule``."""
-    if family.syntax == "mistral-args":
-        return f"{gbnf_literal(family.open + name + '[ARGS]')} {args_rule}"
-    head = gbnf_literal(f'{{"name": {json.dumps(name)}, "{family.args_key}": ')
-    obj = f'{head} {args_rule} "}}"'
-    if family.syntax == "tagged":
-        return f"{gbnf_literal(family.open + chr(10))} {obj} {gbnf_literal(chr(10) + family.close)}"
-    return obj
-
-
-def xml_call_rule(family: Family, name: str, properties: list[tuple[str, str, bool]]) -> str:
-    """The GBNF of one XML call: each property ``(key, value rule, required)`` in order, optional ones may be left out."""
-    parts = [gbnf_literal(f"{family.open}\n<function={name}>\n")]
-    for key, value_rule, required in properties:
-        param = f"{gbnf_literal(f'<parameter={key}>' + chr(10))} {value_rule} {gbnf_literal(chr(10) + '</parameter>' + chr(10))}"
-        parts.append(param if required else f"( {param} )?")
-    parts.append(gbnf_literal(f"</function>\n{family.close}"))
-    return " ".join(parts)
-
-
-def calls_rule(family: Family, call: str, parallel: bool) -> str:
-    """The GBNF of one call (or, when ``parallel``, one or more) of the rule ``call``."""
-    more = f" ( {gbnf_literal(family.separator)} {call} )*" if family.separator else f" ( {call} )*"
-    body = f"{call}{more if parallel else ''}"
-    if family.syntax == "mistral-array":
-        return f'{gbnf_literal(family.open + "[")} {body} "]"'
-    return body
+# Templates that read tools in another shape than OpenAI's: (a string only such templates contain, the converter).
+TOOL_SHAPES: tuple[tuple[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]], ...] = (
+    ("parameter_definitions", cohere_tools),
+)

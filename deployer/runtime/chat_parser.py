@@ -1,4 +1,4 @@
-"""Reading a model's answer back: ``<think>`` reasoning, tool calls in the family's syntax, and text.
+"""Reading a model's answer back: reasoning, tool calls in the model's syntax, and text.
 
     ChatParser(spec).feed(text) -> deltas       as the text is generated (OpenAI's delta fragments)
     ChatParser(spec).finish() -> (deltas, message, finish_reason)
@@ -9,13 +9,16 @@ settle yet (a marker half written, a call still open), so streaming and the whol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import string
 from dataclasses import dataclass
 from typing import Any
 
-from deployer.runtime.chat_families import GENERIC, SCANNERS, CallScan, Family, Memo, Unit, held_back, xml_arguments
+from deployer.runtime import chat_harmony, chat_scan
+from deployer.runtime.chat_families import GENERIC, Syntax
+from deployer.runtime.chat_scan import CallScan, Memo, Reasoning, Unit, held_back
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -25,40 +28,43 @@ _ID_ALPHABET = string.ascii_letters + string.digits
 class ParseSpec:
     """What a parser needs to know about one rendered request."""
 
-    family: Family | None  # None: no tool calls are parsed
+    family: Syntax | None  # None: no tool calls are parsed
     tools: tuple[dict[str, Any], ...] = ()
     parallel: bool = True
     constrained: bool = False  # a grammar forces the calls: arguments stream as they are written
-    thinking: bool = False  # split <think>...</think> off into reasoning_content
-    think_open: bool = False  # the prompt already opened <think>
+    thinking: bool = False  # split reasoning off into reasoning_content
+    think_open: bool = False  # the prompt already opened the reasoning
+    reasoning: tuple[str, str] = (THINK_OPEN, THINK_CLOSE)  # its markers
+    harmony: bool = False  # gpt-oss: the channels say what is reasoning (the scanner splits it)
 
 
 class _ThinkSplitter:
     """Splits ``<think>...</think>`` (at the start of the answer, or opened by the prompt) off the text."""
 
-    def __init__(self, opened: bool) -> None:
+    def __init__(self, opened: bool, markers: tuple[str, str]) -> None:
         self.state = "think" if opened else "start"
         self.pending = ""
+        self.open, self.close = markers
 
     def feed(self, text: str, final: bool) -> tuple[str, str]:
         """(reasoning, content) settled by ``text``."""
         self.pending += text
         if self.state == "start":
             head = self.pending.lstrip()
-            if head.startswith(THINK_OPEN):
-                self.state, self.pending = "think", head[len(THINK_OPEN) :]
-            elif THINK_OPEN.startswith(head) and not final:
+            if self.open and head.startswith(self.open):
+                self.state, self.pending = "think", head[len(self.open) :]
+            elif self.open and self.open.startswith(head) and not final:
                 return "", ""
             else:
                 self.state, out, self.pending = "content", self.pending, ""
                 return "", out
         if self.state == "think":
-            k = self.pending.find(THINK_CLOSE)
+            k = self.pending.find(self.close)
             if k >= 0:
-                reasoning, rest = self.pending[:k], self.pending[k + len(THINK_CLOSE) :]
+                reasoning, rest = self.pending[:k], self.pending[k + len(self.close) :]
                 self.state, self.pending = "content", ""
                 return reasoning, rest
-            keep = 0 if final else held_back(self.pending, (THINK_CLOSE,))
+            keep = 0 if final else held_back(self.pending, (self.close,))
             reasoning, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
             return reasoning, ""
         out, self.pending = self.pending, ""
@@ -82,7 +88,7 @@ class ChatParser:
 
     def __init__(self, spec: ParseSpec) -> None:
         self._spec = spec
-        self._think = _ThinkSplitter(spec.think_open) if spec.thinking else None
+        self._think = _ThinkSplitter(spec.think_open, spec.reasoning) if spec.thinking and not spec.harmony else None
         self._reasoning = ""  # raw reasoning text so far
         self._buf = ""  # raw answer text (after the reasoning)
         self._pos, self._fresh = 0, True  # where the settled part of _buf ends
@@ -94,10 +100,11 @@ class ChatParser:
         self._sent_content = self._sent_reasoning = ""
         self._sent_calls: list[int] = []  # characters of arguments sent, per call index
         self._ids: list[str] = []
+        self._final = False
 
     @property
     def _passthrough(self) -> bool:
-        return self._think is None and self._spec.family is None
+        return self._think is None and self._spec.family is None and not self._spec.harmony
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         """Deltas (``{"content"}``, ``{"reasoning_content"}``, ``{"tool_calls"}``) settled by ``text``."""
@@ -111,6 +118,7 @@ class ChatParser:
     def finish(self) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
         """(deltas still held back, the message, "tool_calls" when the answer is complete calls, else None)."""
         deltas: list[dict[str, Any]] = []
+        self._final = True
         if not self._passthrough:
             self._advance("", final=True)
             deltas = self._deltas()
@@ -121,7 +129,7 @@ class ChatParser:
             "content": content if content or not calls else None,
             "refusal": None,
         }
-        if self._think is not None and self._shown_reasoning():
+        if (self._think is not None or self._spec.harmony) and self._shown_reasoning():
             message["reasoning_content"] = self._shown_reasoning()
         if calls:
             message["tool_calls"] = [
@@ -138,16 +146,21 @@ class ChatParser:
             self._reasoning += reasoning
         self._buf += text
         family = self._spec.family
-        if family is None:
+        if family is None and not self._spec.harmony:
             self._content += self._buf[self._pos :]
             self._pos = len(self._buf)
             return
-        pieces, open_unit, self._pos, self._fresh = SCANNERS[family.syntax](
-            family, self._buf, self._pos, self._fresh, final, self._memo
+        scanner = chat_harmony.scan_harmony if self._spec.harmony else chat_scan.scan
+        pieces, open_unit, self._pos, self._fresh = scanner(
+            family or GENERIC, self._buf, self._pos, self._fresh, final, self._memo
         )
         for piece in pieces:
             if isinstance(piece, str):
                 self._content += piece
+            elif isinstance(piece, Reasoning):
+                self._reasoning += piece.text
+            elif family is None:  # harmony without tools: a call is text
+                self._content += piece.raw
             else:
                 self._settle(piece)
         self._preview = []
@@ -168,9 +181,9 @@ class ChatParser:
     def _as_calls(self, scans: list[CallScan], first: int, done: bool) -> list[_Call]:
         out = []
         for scan in scans:
-            if scan.params is not None and scan.name is not None:  # XML: arguments from the parameters
+            if scan.params is not None and scan.name is not None and done:  # tagged: arguments from the parameters
                 schema = self._tools.get(scan.name, {}).get("parameters")
-                scan.args, scan.args_done, scan.params = xml_arguments(scan.params, schema), True, None
+                scan.args, scan.args_done, scan.params = tagged_arguments(scan.params, schema), True, None
         for index, scan in enumerate(scans, first):
             if scan.name is None:
                 break
@@ -200,8 +213,17 @@ class ChatParser:
     # -- what has been shown
 
     def _shown_content(self) -> str:
-        text = self._content.lstrip() if self._think is not None or self._spec.family else self._content
-        return text.rstrip() if self._spec.family is not None else text
+        family = self._spec.family
+        if family is not None and family.content_close:  # the answer's own wrapper is no part of it
+            markers = (family.content_open, family.content_close)
+            text = self._content.replace(family.content_open, "").replace(family.content_close, "")
+            return text[: len(text) - (0 if self._final else held_back(text, markers))].strip()
+        text = (
+            self._content.lstrip()
+            if self._think is not None or self._spec.family or self._spec.harmony
+            else self._content
+        )
+        return text.rstrip() if self._spec.family is not None or self._spec.harmony else text
 
     def _shown_reasoning(self) -> str:
         return self._reasoning.strip()
@@ -227,6 +249,30 @@ class ChatParser:
                 out.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments[sent:]}}]})
                 self._sent_calls[index] = len(call.arguments)
         return out
+
+
+_PYTHON_LITERALS = {"True": "true", "False": "false", "None": "null"}  # Python-call syntax (LFM2)
+
+
+def tagged_arguments(params: list[tuple[str, str, bool]], schema: Any) -> str:
+    """The JSON arguments of tagged parameters: text where the tool's schema wants a string, else JSON when it parses."""
+    properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    out: dict[str, Any] = {}
+    for key, text, as_json in params:
+        spec = properties.get(key) if isinstance(properties, dict) else None
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if as_json:  # written as a JSON value (a quoted string too: LFM2's city="Paris")
+            with contextlib.suppress(json.JSONDecodeError):
+                out[key] = json.loads(_PYTHON_LITERALS.get(text.strip(), text))
+                continue
+        if kind == "string" or (isinstance(kind, list) and "string" in kind and text.strip() != "null"):
+            out[key] = text
+            continue
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return json.dumps(out, ensure_ascii=False)
 
 
 def _arguments_text(raw: str) -> str:

@@ -61,6 +61,7 @@ class RuntimeConfig:
     shutdown_grace_s: float = 10.0  # on SIGTERM, running requests get this long before they are cancelled
     verbose: bool = False  # llama.cpp's own log lines on stderr
     reasoning_format: str = "auto"  # "auto": <think> text goes to reasoning_content; "none": kept in content
+    thinking: bool | None = None  # the chat template's enable_thinking default; None: the template's own
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +144,7 @@ def runtime_config(
         chat_format=server.chat_format,
         embeddings=server.embeddings,
         reasoning_format=server.reasoning_format,
+        thinking=server.thinking,
         concurrency=scaling.concurrency or default_concurrency(slots),
         parallel=slots,
         n_threads=n_threads or server.threads,

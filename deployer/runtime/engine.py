@@ -346,6 +346,7 @@ class Engine:
                 bos_token=model.token_text(model.bos),
                 eos_token=model.token_text(model.eos),
                 reasoning_format=self.config.reasoning_format,
+                thinking=self.config.thinking,
             )
         except Exception as exc:  # a template Jinja cannot even parse: completions still work
             logs.event("chat_template_unusable", model=self.config.model_name, level="warn", error=str(exc))
