@@ -101,11 +101,12 @@ class MemoryEstimate:
     n_gpus: int = 1
     gpu_bytes: tuple[int, ...] = ()  # per GPU, in device order; a split model's includes a layer of slack
     compute_phase: str = ""  # which graph phase sets the compute buffer: logits, attention or ffn
+    projector: int = 0  # a multimodal projector on the first GPU: weights + one image's compute (projector.py)
 
     @property
     def total(self) -> int:
         """GPU memory over all GPUs."""
-        return self.weights + self.kv + self.compute + self.overhead
+        return self.weights + self.kv + self.compute + self.overhead + self.projector
 
     @property
     def per_gpu(self) -> int:
