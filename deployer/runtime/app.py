@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -39,6 +40,7 @@ from deployer.runtime.access import CLIENT_CLOSED, AccessLog, RequestLog, log_of
 from deployer.runtime.calls import Responder, completion_prompt, generation, json_grammar, run_embedding, usage
 from deployer.runtime.config import RuntimeConfig
 from deployer.runtime.engine import Engine, Job
+from deployer.runtime.media import limits_of, take_request_images
 from deployer.runtime.protocol import (
     ApiError,
     Call,
@@ -48,6 +50,7 @@ from deployer.runtime.protocol import (
     normalize_embedding,
     parse_json,
 )
+from deployer.runtime.vision import media_prompt
 
 # ## Building the app
 
@@ -189,7 +192,8 @@ class _Api:
 
     async def chat(self, request: Request) -> Response:
         self._require_ready()
-        call = normalize_chat(await self._json(request))
+        raw, marker, images = take_request_images(await self._json(request), limits_of(self.config))
+        call = normalize_chat(raw)
         template = self.engine.chat_template
         if template is None:
             raise bad_request(
@@ -209,11 +213,20 @@ class _Api:
             parallel_tool_calls=params.get("parallel_tool_calls", True),
         )
         model = self.engine.model
-        prompt = model.tokenize(rendered.prompt, add_special=rendered.add_bos)
+        media = None
+        if images:  # the images decoded and preprocessed off the event loop; encoded later, on the model thread
+            media = await asyncio.to_thread(
+                media_prompt, model, rendered.prompt, add_bos=rendered.add_bos, marker=marker, images=images
+            )
+            prompt = media.tokens
+        else:
+            prompt = model.tokenize(rendered.prompt, add_special=rendered.add_bos)
         grammar = rendered.grammar or json_grammar(call) or body.grammar
         work = generation(
             model, call, body, n_ctx=self.config.n_ctx, prompt=prompt, grammar=grammar, extra_stop=rendered.stop
         )
+        if media is not None:
+            work = replace(work, media=media)
         parsers = [rendered.parser() for _ in range(call.n)]
         return await self._generate(request, call, work, Responder(call, self.config.model_name, parsers=parsers))
 

@@ -57,9 +57,28 @@ class Image:
         return hashlib.sha256(self.data).hexdigest()
 
 
+def limits_of(config: Any) -> MediaLimits:
+    """The limits of a RuntimeConfig."""
+    return MediaLimits(
+        projector=config.mmproj_path is not None,
+        max_images=config.max_images,
+        max_bytes=config.max_image_bytes,
+        max_pixels=config.max_image_pixels,
+    )
+
+
 def new_marker() -> str:
     """A marker no user text contains: random per request."""
     return f"<__image_{secrets.token_hex(8)}__>"
+
+
+def take_request_images(body: Any, limits: MediaLimits) -> tuple[Any, str, list[Image]]:
+    """A Chat Completions body with its images taken out (see :func:`take_images`), its marker, the images."""
+    marker = new_marker()
+    if not isinstance(body, dict):
+        return body, marker, []
+    messages, images = take_images(body.get("messages"), limits, marker)
+    return ({**body, "messages": messages} if images else body), marker, images
 
 
 def take_images(messages: Any, limits: MediaLimits, marker: str) -> tuple[Any, list[Image]]:

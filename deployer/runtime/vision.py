@@ -54,6 +54,9 @@ class MediaPrompt:
             self._mtmd.mtmd_input_chunks_free(self._chunks)
             self._chunks = None
 
+    def __del__(self) -> None:  # a request refused after tokenizing (429, a 400) never reaches the engine
+        self.free()
+
 
 class Projector:
     """libmtmd's context for one loaded model."""
@@ -164,3 +167,15 @@ class Projector:
         if self.ctx:
             self._m.mtmd_free(self.ctx)
             self.ctx = None
+
+
+def media_prompt(model: Any, prompt: str, *, add_bos: bool, marker: str, images: list[Image]) -> MediaPrompt:
+    """The rendered chat prompt, cut at the request's image markers, tokenized with its images.
+
+    Decoding and preprocessing the images is CPU work: the caller runs this off the event loop.
+    """
+    from deployer.runtime.media import split_prompt
+
+    if model.projector is None:  # take_images refused them already; a guard
+        raise bad_request("this model has no vision projector: it reads text only", "messages")
+    return model.projector.tokenize(split_prompt(prompt, marker, len(images)), images, add_bos=add_bos)
