@@ -34,7 +34,7 @@ SIGLIP_896 = ggufgen.ProjectorSpec(
 QUESTION = "Describe this screenshot of a settings page."
 
 
-def _ttft(client, messages) -> tuple[float, int, int]:  # noqa: ANN001 -- openai.OpenAI, lazily imported
+def _ttft(client, messages) -> tuple[float, int, int]:
     start = time.perf_counter()
     stream = client.chat.completions.create(
         model="bench", messages=messages, max_tokens=1, stream=True, stream_options={"include_usage": True}
