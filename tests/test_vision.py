@@ -201,3 +201,12 @@ def test_an_image_sent_to_a_text_only_model_is_a_400(tiny_llama_file, start_serv
 
     with pytest.raises(openai.BadRequestError, match="this model has no vision projector"):
         server.client().chat.completions.create(model="tiny", messages=_ask(png(8, 8)), max_tokens=1)
+
+
+@pytest.mark.model
+def test_n_choices_share_the_image_prompt(vision_server):
+    answer = vision_server.client().chat.completions.create(
+        model="tiny-vision", messages=_ask(png(33, 33, seed=9)), max_tokens=3, n=2
+    )
+    assert [c.index for c in answer.choices] == [0, 1]
+    assert answer.usage.completion_tokens == 6 and answer.usage.prompt_tokens > IMAGE_TOKENS
