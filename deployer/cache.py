@@ -3,6 +3,7 @@
 Two kinds of entry, both small JSON files written atomically (temp file + rename):
 
     facts/<key>.json   ModelFacts of (repo, commit, file): a commit never changes, so never stale
+    projector/<key>.json  ProjectorFacts of an mmproj file (repo, commit, file), likewise
     refs/<key>.json    the commit a (repo, revision) resolved to last: what ``--offline`` uses
 
 The folder is ``$GGUF_DEPLOY_CACHE``, else ``$XDG_CACHE_HOME/gguf-deploy``, else
@@ -22,6 +23,7 @@ from typing import Any
 from deployer.atomic import write_atomic
 from deployer.errors import HubError
 from deployer.facts import Conversion, GgufHeader, ModelFacts, ShardFacts, TensorInfo
+from deployer.projector import ProjectorFacts
 
 CACHE_ENV = "GGUF_DEPLOY_CACHE"
 FORMAT = 2  # bump when the stored shape of ModelFacts changes: old entries become misses
@@ -54,6 +56,20 @@ class FactsCache:
     def put_facts(self, facts: ModelFacts) -> None:
         key = [facts.repo, facts.commit, facts.file]
         self._write("facts", key, {"key": key, "facts": _facts_to_json(facts)})
+
+    def projector(self, repo: str, commit: str, file: str) -> ProjectorFacts | None:
+        """The cached facts of an mmproj file, or None."""
+        data = self._read("projector", repo, commit, file)
+        if data is None or data.get("key") != [repo, commit, file]:
+            return None
+        try:
+            return ProjectorFacts(**data["projector"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def put_projector(self, repo: str, commit: str, facts: ProjectorFacts) -> None:
+        key = [repo, commit, facts.file]
+        self._write("projector", key, {"key": key, "projector": asdict(facts)})
 
     def commit(self, repo: str, revision: str) -> str | None:
         """The commit ``revision`` resolved to when last online, or None."""

@@ -40,8 +40,11 @@ CONVERT_MAX_S = 86400
 
 
 def download_files(facts: ModelFacts) -> tuple[ShardFacts, ...]:
-    """What the download step puts into the Volume: the GGUF's shards, or the checkpoint's files."""
-    return facts.conversion.files if facts.conversion else facts.shards
+    """What the download step puts into the Volume: the GGUF's shards, or the checkpoint's files;
+    and the multimodal projector beside them, verified by size and sha256 like them."""
+    files = facts.conversion.files if facts.conversion else facts.shards
+    projector = facts.projector
+    return files if projector is None else (*files, ShardFacts(projector.file, projector.size, projector.sha256))
 
 
 def download_bytes(facts: ModelFacts) -> int:

@@ -117,11 +117,12 @@ class MemoryEstimate:
     compute_phase: str = ""  # which graph phase sets the compute buffer: logits, attention or ffn
     kv_layout: KvLayout | None = None  # which layers hold how many cells (None: an estimate made by hand)
     checkpoints: int = 0  # host: the context checkpoints of every slot, at most (part of ``host``)
+    projector: int = 0  # a multimodal projector on the first GPU: weights + one image's compute (projector.py)
 
     @property
     def total(self) -> int:
         """GPU memory over all GPUs."""
-        return self.weights + self.kv + self.compute + self.overhead
+        return self.weights + self.kv + self.compute + self.overhead + self.projector
 
     @property
     def per_gpu(self) -> int:

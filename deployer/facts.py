@@ -4,6 +4,7 @@
     ShardFacts   one file on the Hub: path, size, sha256
     Conversion   for Transformers weights: the files the converter reads, and what it makes
     ModelFacts   a resolved model: repo, commit, every shard, and the header merged over shards
+                 (and its multimodal projector's facts, deployer.projector.ProjectorFacts)
 
 The planner and the estimator read only these types; hub.py and gguf_header.py produce them.
 """
@@ -12,8 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import prod
+from typing import TYPE_CHECKING
 
 from deployer.quants import quant_for_file_type
+
+if TYPE_CHECKING:  # projector.py reads headers, which import this module
+    from deployer.projector import ProjectorFacts
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class ModelFacts:
     shards: tuple[ShardFacts, ...]  # the first shard first
     header: GgufHeader  # tensors of every shard merged into one list
     conversion: Conversion | None = None  # set when the GGUF is to be converted from Transformers weights
+    projector: ProjectorFacts | None = None  # the manifest's mmproj file, when it names one
 
     @property
     def file(self) -> str:

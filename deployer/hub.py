@@ -24,6 +24,7 @@ from deployer.errors import GgufError, HubError, OfflineCacheMiss
 from deployer.facts import ModelFacts, ShardFacts
 from deployer.gguf_header import RawGguf, header_from, read_growing, shard_names
 from deployer.loading import LoadedManifest
+from deployer.projector import projector_facts
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 FIRST_READ = 256 * 1024  # most of a header is its tokenizer: 2-10 MiB for today's vocabularies
@@ -227,7 +228,30 @@ class Resolver:
             file = converted_file(manifest.repo, manifest.convert_from, manifest.quant)
             return self.resolve(manifest.repo, manifest.revision, file)
         assert manifest.file is not None  # the manifest names a file or convert_from
-        return self.resolve(manifest.repo, manifest.revision, manifest.file)
+        facts = self.resolve(manifest.repo, manifest.revision, manifest.file)
+        return self.with_projector(facts, manifest.mmproj)
+
+    def with_projector(self, facts: ModelFacts, mmproj: str | None) -> ModelFacts:
+        """``facts`` with the facts of the manifest's mmproj file (same repo, same commit), if any."""
+        if mmproj is None:
+            return facts
+        cached = self.cache.projector(facts.repo, facts.commit, mmproj)
+        if cached is None:
+            if self.offline or self.client is None:
+                raise OfflineCacheMiss(
+                    f"{facts.repo}@{facts.revision}: '{mmproj}' at commit {facts.commit[:12]} is not in the cache "
+                    f"({self.cache.folder}); plan once without --offline to fill it"
+                )
+            snapshot = self.client.snapshot(facts.repo, facts.commit)
+            shard = _shards(snapshot, facts.revision, mmproj)[0]
+            self.progress(f"reading the GGUF header of {mmproj} (the projector)")
+            raw = self._read_gguf(snapshot, shard)
+            try:
+                cached = projector_facts(raw, shard.file, shard.size, shard.sha256)
+            except GgufError as exc:
+                raise GgufError(f"{facts.repo}/{mmproj}: {exc}") from exc
+            self.cache.put_projector(facts.repo, facts.commit, cached)
+        return replace(facts, projector=cached)
 
     def resolve(self, repo: str, revision: str, file: str) -> ModelFacts:
         """The facts of ``file`` in ``repo`` at ``revision``; raises HubError, GgufError or OfflineCacheMiss."""

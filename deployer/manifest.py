@@ -429,6 +429,15 @@ class Manifest(_Strict):
             examples=["gemma-3-270m-q4_k_m.gguf"],
         ),
     ] = None
+    mmproj: Annotated[
+        GgufFile | None,
+        Field(
+            description="Path of the multimodal projector (mmproj-*.gguf) in the same repo and revision: the model "
+            "then takes images (and audio, if the projector has an audio encoder) in chat messages. Its weights "
+            "and one image's compute buffer join the memory estimate.",
+            examples=["mmproj-model-f16.gguf"],
+        ),
+    ] = None
     convert_from: Annotated[
         Literal[CONVERT_SOURCES] | None,  # type: ignore[valid-type]
         Field(
@@ -474,6 +483,8 @@ class Manifest(_Strict):
             )
         if self.file is None and self.convert_from is None:
             raise ValueError("set file (a .gguf in the repo) or convert_from ('safetensors' or 'pytorch')")
+        if self.mmproj is not None and self.mmproj == self.file:
+            raise ValueError("mmproj names the model file itself; name the projector (mmproj-*.gguf) instead")
         return self
 
     @field_validator("quant")

@@ -33,6 +33,7 @@ from deployer.estimate import GIB, EstimateSettings, MemoryEstimate, estimate
 from deployer.facts import GgufHeader, ModelFacts
 from deployer.loading import LoadedManifest
 from deployer.manifest import Manifest
+from deployer.projector import add_projector
 from deployer.quants import is_quantized
 from deployer.runtime.config import default_concurrency
 
@@ -128,6 +129,12 @@ def check_facts(loaded: LoadedManifest, facts: ModelFacts) -> None:
         raise PlanError(
             f"{loaded.path}: context: {manifest.context} exceeds the model's trained context {header.context_length}"
         )
+    projector = facts.projector
+    if projector is not None and projector.projection_dim != header.embedding_length:
+        raise PlanError(
+            f"{loaded.path}: mmproj: '{projector.file}' hands the model {projector.projection_dim}-wide embeddings, "
+            f"but the model's embedding width is {header.embedding_length}: it is another model's projector"
+        )
 
 
 def estimate_settings(manifest: Manifest, n_gpus: int = 1, parallel: int | None = None) -> EstimateSettings:
@@ -160,7 +167,11 @@ def params_label(params: int) -> str:
 
 def breakdown(est: MemoryEstimate) -> str:
     """``weights 18.2 GiB + KV 3.0 GiB + compute 0.3 GiB + overhead 0.5 GiB``, over all GPUs."""
-    return f"weights {gib(est.weights)} + KV {gib(est.kv)} + compute {gib(est.compute)} + overhead {gib(est.overhead)}"
+    projector = f" + projector {gib(est.projector)}" if est.projector else ""
+    return (
+        f"weights {gib(est.weights)} + KV {gib(est.kv)} + compute {gib(est.compute)} + overhead {gib(est.overhead)}"
+        f"{projector}"
+    )
 
 
 # ## Planning
@@ -183,7 +194,7 @@ class _Sizer:
         key = (count, parallel or self.parallel)
         if key not in self._cache:
             settings = estimate_settings(self.loaded.manifest, *key)
-            self._cache[key] = self.estimator(self.facts.header, settings)
+            self._cache[key] = add_projector(self.estimator(self.facts.header, settings), self.facts.projector)
         return self._cache[key]
 
     def fits(self, gpu_type: str, count: int, parallel: int | None = None) -> bool:

@@ -10,9 +10,11 @@ Pure: plans in, data or text out. The CLI (``deployer/cli/plan.py``) prints them
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from deployer.plan import GpuChoice, Plan, PlanFailure, breakdown, gib, params_label
+from deployer.projector import summary
 from deployer.quants import QUANTIZER_QUANTS
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
             "template_in_gguf": header.has_chat_template,
             "learned": _learned(plan),
         },
+        "projector": _projector_json(plan),
         "slots": {
             "parallel": plan.slots.parallel,
             "concurrency": plan.slots.concurrency,
@@ -64,6 +67,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
             "kv": est.kv,
             "compute": est.compute,
             "overhead": est.overhead,
+            "projector": est.projector,
             "total": est.total,
             "per_gpu": est.per_gpu,
             "host": est.host,
@@ -184,6 +188,19 @@ def _chat_words(plan: Plan) -> str:
     return "none: /v1/chat/completions will answer 400 (no template in the GGUF; set [server] chat_format)"
 
 
+def _projector_words(plan: Plan) -> list[tuple[str, str]]:
+    """``vision: gemma3 projector, 896 px, 1.9 GiB (…)``; nothing for a text-only model."""
+    projector = plan.facts.projector
+    return [] if projector is None else [(projector.modalities, f"{projector.file}: {summary(projector)}")]
+
+
+def _projector_json(plan: Plan) -> dict[str, Any] | None:
+    projector = plan.facts.projector
+    if projector is None:
+        return None
+    return {**asdict(projector), "compute_bytes": projector.compute_bytes, "memory_bytes": projector.memory_bytes}
+
+
 def _slots_words(plan: Plan) -> str:
     slots = plan.slots
     return f"{slots.parallel} × {plan.manifest.manifest.context:,} tokens: {slots.reason}"
@@ -277,6 +294,7 @@ def _details(plan: Plan) -> list[tuple[str, str]]:
         ("quant", manifest.quant),
         ("context", f"{manifest.context:,} of {header.context_length:,} trained"),
         ("chat", _chat_words(plan)),
+        *_projector_words(plan),
         ("slots", _slots_words(plan)),
         ("concurrency", _concurrency_words(plan)),
         ("estimate", _estimate_words(plan)),

@@ -99,8 +99,9 @@ def app_data(plan: Plan) -> dict[str, Any]:
     model_dir = f"{MODELS_DIR}/{facts.repo}/{facts.commit}"
     threads = manifest.server.threads or CPU_CORES
     # the API key is never in a file: the runtime reads GGUF_DEPLOY_API_KEY from the Modal secret
+    mmproj = f"{model_dir}/{facts.projector.file}" if facts.projector else None
     runtime = runtime_config(
-        loaded, f"{model_dir}/{facts.file}", parallel=plan.slots.parallel, n_threads=threads
+        loaded, f"{model_dir}/{facts.file}", parallel=plan.slots.parallel, n_threads=threads, mmproj_path=mmproj
     ).to_dict()
     runtime.pop("api_key", None)
     data: dict[str, Any] = {

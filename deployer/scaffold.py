@@ -31,6 +31,7 @@ from deployer.gguf_header import SHARD_NAME
 from deployer.hub import HubClient, Resolver
 from deployer.loading import SCHEMA_COMMENT, LoadedManifest, display_path, load_manifests, parse_manifest
 from deployer.manifest import DEFAULT_APP_PREFIX, default_name, name_max
+from deployer.projector import pick_projector
 from deployer.quants import QUANTS
 
 DEFAULT_QUANT = "Q8_0"  # the project's recommendation: near-lossless, and llama.cpp's fastest 8-bit path
@@ -116,11 +117,15 @@ def manifest_values(
     context: int,
     revision: str = "main",
     convert_from: str | None = None,
+    mmproj: str | None = None,
 ) -> dict[str, Any]:
     """The keys a new manifest sets, in the order people read them; ``revision`` only when not main.
 
-    ``convert_from`` replaces ``file`` for a repository of Transformers weights."""
+    ``convert_from`` replaces ``file`` for a repository of Transformers weights; ``mmproj`` is the
+    repo's multimodal projector, when it has one."""
     source = {"convert_from": convert_from} if convert_from else {"file": file}
+    if mmproj is not None:
+        source["mmproj"] = mmproj
     values: dict[str, Any] = {"name": name, "repo": repo, **source, "quant": quant, "context": context}
     if revision != "main":
         values["revision"] = revision
@@ -145,6 +150,7 @@ class NewManifest:
     loaded: LoadedManifest
     facts: ModelFacts | None  # None when the header could not be read (then a context was given)
     facts_error: GgufDeployError | None  # why it could not
+    projector_note: str | None = None  # why the repo's mmproj file was not offered
 
 
 def new_manifest(
@@ -199,8 +205,30 @@ def new_manifest(
         assert facts is not None
         context = default_context(facts.header.context_length)
 
+    # a GGUF repo's projector (mmproj-*.gguf) is offered, when its header reads as one that fits
+    mmproj = pick_projector(snapshot.files) if convert_from is None else None
+    projector_note = None
+    if mmproj is not None and facts is not None:
+        try:
+            projector = resolver.with_projector(facts, mmproj).projector
+        except (HubError, GgufError) as exc:
+            projector, projector_note = None, f"{mmproj} left out: {exc}"
+        if projector is not None and projector.projection_dim != facts.header.embedding_length:
+            projector, projector_note = (
+                None,
+                f"{mmproj} left out: it is {projector.projection_dim} wide, the model {facts.header.embedding_length}",
+            )
+        if projector is None:
+            mmproj = None
     values = manifest_values(
-        name=name, repo=repo, file=file, quant=quant, context=context, revision=revision, convert_from=convert_from
+        name=name,
+        repo=repo,
+        file=file,
+        quant=quant,
+        context=context,
+        revision=revision,
+        convert_from=convert_from,
+        mmproj=mmproj,
     )
     loaded = _validate(manifests_dir, values, app_prefix)
     path = manifests_dir / f"{values['name']}.toml"
@@ -210,7 +238,7 @@ def new_manifest(
         raise _exists(path) from exc
     except OSError as exc:
         raise ManifestInvalid.single(display_path(path), "", f"cannot write: {exc.strerror or exc}") from exc
-    return NewManifest(path, loaded, facts, facts_error)
+    return NewManifest(path, loaded, facts, facts_error, projector_note)
 
 
 def _validate(manifests_dir: Path, values: dict[str, Any], app_prefix: str) -> LoadedManifest:

@@ -348,3 +348,149 @@ TOO_BIG_1T_F16 = ModelSpec("too-big-1t", "llama", 200, 20480, 160, 16, 81920, 32
 def with_quant(spec: ModelSpec, quant: str) -> ModelSpec:
     """The same model in another quant."""
     return replace(spec, quant=quant)
+
+
+# ## Multimodal projectors (mmproj-*.gguf, llama.cpp's tools/mtmd/clip.cpp layout)
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """A vision encoder (a ViT) and its projector into a language model of ``projection_dim`` width.
+
+    ``kind`` is clip.cpp's projector type: ``gemma3`` (SigLIP, LayerNorm with biases, GELU, an
+    average pool then one matrix) or ``qwen2.5vl`` (RMSNorm, SwiGLU, a two-layer MLP merger).
+    """
+
+    name: str
+    kind: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_ff: int
+    image_size: int
+    patch_size: int
+    projection_dim: int
+    quant: str = "F16"
+    scale_factor: int | None = None  # gemma3: the pooling kernel (clip.cpp's default 4)
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def projector_tensor_shapes(spec: ProjectorSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of ``spec``, GGUF order (ne[0] first)."""
+    d, f, p = spec.n_embd, spec.n_ff, spec.patch_size
+    qwen = spec.kind == "qwen2.5vl"
+    yield "v.patch_embd.weight", (p, p, 3, d)
+    if qwen:  # two temporal patches (video frames), one image uses both
+        yield "v.patch_embd.weight.1", (p, p, 3, d)
+    else:
+        yield "v.patch_embd.bias", (d,)
+        yield "v.position_embd.weight", (d, spec.n_patches)
+    norm = ("weight",) if qwen else ("weight", "bias")
+    for i in range(spec.n_layer):
+        b = f"v.blk.{i}."
+        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            yield b + part + ".weight", (d, d)
+            yield b + part + ".bias", (d,)
+        for ln in ("ln1", "ln2"):
+            for suffix in norm:
+                yield f"{b}{ln}.{suffix}", (d,)
+        ffn = ("ffn_gate", "ffn_up") if qwen else ("ffn_up",)
+        for part in ffn:
+            yield b + part + ".weight", (d, f)
+            yield b + part + ".bias", (f,)
+        yield b + "ffn_down.weight", (f, d)
+        yield b + "ffn_down.bias", (d,)
+    if qwen:
+        merged = 4 * d  # 2×2 patches merged
+        yield "v.post_ln.weight", (d,)
+        yield "mm.0.weight", (merged, merged)
+        yield "mm.0.bias", (merged,)
+        yield "mm.2.weight", (merged, spec.projection_dim)
+        yield "mm.2.bias", (spec.projection_dim,)
+    else:
+        yield "v.post_ln.weight", (d,)
+        yield "v.post_ln.bias", (d,)
+        yield "mm.soft_emb_norm.weight", (d,)
+        yield "mm.input_projection.weight", (spec.projection_dim, d)
+
+
+def _projector_type(spec: ProjectorSpec, name: str, shape: tuple[int, ...]) -> Q:
+    # clip.cpp keeps norms, biases and positions in F32; the patch embedding is a convolution kernel, F16 at most
+    if len(shape) == 1 or "position_embd" in name:
+        return Q.F32
+    if "patch_embd" in name:
+        return Q.F16 if spec.quant != "F32" else Q.F32
+    return _main_type(spec.quant)
+
+
+def write_projector(path: str | Path, spec: ProjectorSpec, *, header_only: bool = False, seed: int = 0) -> Path:
+    """Write an mmproj GGUF of ``spec``; header-only files are truncated (sparse) to their real size."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(path, "clip")
+    writer.add_name(spec.name)
+    writer.add_type("mmproj")
+    writer.add_file_type(FILE_TYPES[spec.quant])
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.has_audio_encoder", False)
+    writer.add_string("clip.projector_type", spec.kind)
+    writer.add_bool("clip.use_gelu", spec.kind == "gemma3")
+    writer.add_bool("clip.use_silu", spec.kind == "qwen2.5vl")
+    writer.add_uint32("clip.vision.image_size", spec.image_size)
+    writer.add_uint32("clip.vision.patch_size", spec.patch_size)
+    writer.add_uint32("clip.vision.embedding_length", spec.n_embd)
+    writer.add_uint32("clip.vision.feed_forward_length", spec.n_ff)
+    writer.add_uint32("clip.vision.block_count", spec.n_layer)
+    writer.add_uint32("clip.vision.projection_dim", spec.projection_dim)
+    writer.add_uint32("clip.vision.attention.head_count", spec.n_head)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    if spec.scale_factor is not None:
+        writer.add_uint32("clip.vision.projector.scale_factor", spec.scale_factor)
+    rng = np.random.default_rng(seed)
+    data_bytes = 0
+    for name, shape in projector_tensor_shapes(spec):
+        qtype = _projector_type(spec, name, shape)
+        nbytes = _nbytes(shape, qtype)
+        data_bytes += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+        if header_only:
+            writer.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, _data(shape, qtype, rng), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    if header_only:
+        writer.write_ti_data_to_file()
+        assert writer.fout is not None
+        start = gguf.GGUFWriter.ggml_pad(writer.fout[0].tell(), writer.data_alignment)
+        writer.close()
+        os.truncate(path, start + data_bytes)
+    else:
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
+
+
+# Tiny and loadable, paired with TINY_GEMMA3 (its 256-wide embeddings): gemma3 is the projector type
+# libmtmd loads with the fewest tensors (a ViT and two: mm.soft_emb_norm and mm.input_projection; no
+# merger MLP, no 2-D RoPE, no dynamic resolution), and the text model beside it is one of our own. A
+# 112 px image is 8×8 patches of 14 px, average-pooled 2×2 into 16 image tokens.
+TINY_GEMMA3_MMPROJ = ProjectorSpec(
+    "tiny-gemma3-mmproj", "gemma3", 1, 64, 2, 128, 112, 14, 256, quant="F32", scale_factor=2
+)
+
+# Real shapes (header-only): Gemma 3 27B's SigLIP-So400m encoder (mmproj-model-f16.gguf, ~0.8 GiB)
+# and Qwen2.5-VL 7B's (mmproj-Qwen2.5-VL-7B-Instruct-f16.gguf, ~1.3 GiB), beside their text models.
+GEMMA3_27B_MMPROJ = ProjectorSpec("gemma-3-27b-it-mmproj", "gemma3", 27, 1152, 16, 4304, 896, 14, 5376)
+QWEN25VL_7B_MMPROJ = ProjectorSpec("qwen2.5-vl-7b-mmproj", "qwen2.5vl", 32, 1280, 16, 3420, 560, 14, 3584)
+GEMMA3_27B = ModelSpec(
+    "gemma-3-27b-it", "gemma3", 62, 5376, 32, 16, 21504, 262208, 131072,
+    head_dim=128, sliding_window=1024, swa_period=6, tied_embeddings=True, quant="Q4_K_M",
+)  # fmt: skip
+QWEN25VL_7B = ModelSpec(
+    "Qwen2.5-VL-7B-Instruct", "qwen2vl", 28, 3584, 28, 4, 18944, 152064, 128000, quant="Q4_K_M", tokenizer="gpt2"
+)

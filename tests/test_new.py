@@ -253,3 +253,29 @@ def test_manifest_name(file, prefix, name):
 
 def test_cli_and_library_share_the_default_quant():
     assert CLI_DEFAULT_QUANT == DEFAULT_QUANT == "Q8_0"
+
+
+def test_a_repos_projector_is_offered_when_it_fits_the_model(cli, tmp_path, fake_hub, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vision")
+    model = ggufgen.write_gguf(folder / "g.gguf", ggufgen.with_quant(ggufgen.TINY_GEMMA3, "Q8_0"), header_only=True)
+    projector = ggufgen.write_projector(folder / "p.gguf", ggufgen.TINY_GEMMA3_MMPROJ, header_only=True)
+    fake_hub.add_repo(
+        "org/Tiny-Gemma-GGUF",
+        {
+            "tiny-gemma-Q8_0.gguf": model,
+            "mmproj-tiny-gemma-Q8_0.gguf": projector,
+            "mmproj-tiny-gemma-f16.gguf": projector,
+        },
+    )
+    result = cli("new", "org/Tiny-Gemma-GGUF", cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert 'mmproj = "mmproj-tiny-gemma-f16.gguf"\n' in _written(tmp_path, "tiny-gemma-q8-0")
+    assert "with its multimodal projector mmproj-tiny-gemma-f16.gguf" in result.out
+    assert "vision" in result.out and "gemma3 projector, 112 px" in result.out
+
+
+def test_a_file_named_mmproj_that_is_no_projector_is_left_out(cli, tmp_path, qwen_repo):
+    result = cli("new", qwen_repo, cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert "mmproj" not in _written(tmp_path, "tiny-qwen-q8-0")
+    assert "note: mmproj-Tiny-Qwen-Q8_0.gguf left out: " in result.err and "not a multimodal projector" in result.err

@@ -158,6 +158,12 @@ def new(
     manifest = loaded.manifest
     source = manifest.file or f"{manifest.convert_from} weights, converted to {manifest.quant}"
     click.echo(f"wrote {display_path(result.path)}: {source}, context {manifest.context} (app {loaded.app_name})")
+    if result.projector_note is not None:
+        click.echo(f"note: {result.projector_note}", err=True)
+    if manifest.mmproj is not None:
+        click.echo(
+            f"with its multimodal projector {manifest.mmproj}: the model takes images (remove mmproj for text only)"
+        )
     if result.facts_error is not None:
         click.echo(f"error: cannot plan it: {result.facts_error}", err=True)
         ctx.exit(EXIT_FAILURE)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -44,10 +45,12 @@ from deployer.runtime.access import CLIENT_CLOSED, AccessLog, RequestLog, log_of
 from deployer.runtime.calls import Responder, completion_prompt, generation, json_grammar, run_embedding
 from deployer.runtime.config import RuntimeConfig
 from deployer.runtime.engine import Engine, Job
+from deployer.runtime.media import Image, limits_of, take_request_images
 from deployer.runtime.protocol import ApiError, bad_request, normalize_embedding, parse_json
 from deployer.runtime.protocols import messages, openai, responses
 from deployer.runtime.protocols.request import GenerationRequest
 from deployer.runtime.sampling import Generation
+from deployer.runtime.vision import media_prompt
 
 ErrorEncoder = Callable[[ApiError], Response]
 Handler = Callable[[Request], Awaitable[Response]]
@@ -209,8 +212,9 @@ class _Api:
 
     async def chat(self, request: Request) -> Response:
         self._require_ready()
-        decoded = openai.decode_chat(await self._json(request))
-        work, parsers = self._chat_generation(decoded)
+        raw, marker, images = take_request_images(await self._json(request), limits_of(self.config))
+        decoded = openai.decode_chat(raw)
+        work, parsers = await self._chat_generation(decoded, marker, images)
         return await self._generate(
             request, decoded.stream, work, Responder(decoded, self.config.model_name, parsers=parsers)
         )
@@ -232,7 +236,7 @@ class _Api:
         call = responses.decode(await self._json(request), self.store)
         if call.dropped:  # Codex's default web_search: left out, and said so (here and in a header)
             logs.event("hosted_tools_left_out", tools=list(call.dropped), route="/v1/responses")
-        work, parsers = self._chat_generation(call.request)
+        work, parsers = await self._chat_generation(call.request)
         encoder = responses.ResponsesEncoder(
             call, parsers[0], self.config.model_name, self._count_tokens, self.store.put if call.store else None
         )
@@ -252,7 +256,7 @@ class _Api:
     async def messages(self, request: Request) -> Response:
         self._require_ready()
         decoded = messages.decode(await self._json(request))
-        work, parsers = self._chat_generation(decoded)
+        work, parsers = await self._chat_generation(decoded)
         tally_holder: list[Job] = []
         encoder = messages.MessagesEncoder(
             parsers[0], self.config.model_name, tuple(decoded.stop), _LazyTally(tally_holder)
@@ -331,15 +335,27 @@ class _Api:
             continue_final=decoded.continue_final,
         )
 
-    def _chat_generation(self, decoded: GenerationRequest) -> tuple[Generation, list[Any]]:
-        """The engine's generation of a chat request, and a parser per choice."""
+    async def _chat_generation(
+        self, decoded: GenerationRequest, marker: str = "", images: list[Image] | None = None
+    ) -> tuple[Generation, list[Any]]:
+        """The engine's generation of a chat request, and a parser per choice. ``images`` stood where
+        ``marker`` is in the messages (``media.take_images``)."""
         rendered = self._render(decoded)
         model = self.engine.model
-        prompt = model.tokenize(rendered.prompt, add_special=rendered.add_bos)
+        media = None
+        if images:  # the images decoded and preprocessed off the event loop; encoded later, on the model thread
+            media = await asyncio.to_thread(
+                media_prompt, model, rendered.prompt, add_bos=rendered.add_bos, marker=marker, images=images
+            )
+            prompt = media.tokens
+        else:
+            prompt = model.tokenize(rendered.prompt, add_special=rendered.add_bos)
         grammar = rendered.grammar or json_grammar(decoded) or decoded.grammar
         work = generation(
             model, decoded, n_ctx=self.config.n_ctx, prompt=prompt, grammar=grammar, extra_stop=rendered.stop
         )
+        if media is not None:
+            work = replace(work, media=media)
         return work, [rendered.parser() for _ in range(decoded.n)]
 
     def _count_tokens(self, text: str) -> int:

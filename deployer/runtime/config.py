@@ -62,6 +62,10 @@ class RuntimeConfig:
     verbose: bool = False  # llama.cpp's own log lines on stderr
     reasoning_format: str = "auto"  # "auto": <think> text goes to reasoning_content; "none": kept in content
     thinking: bool | None = None  # the chat template's enable_thinking default; None: the template's own
+    mmproj_path: str | None = None  # the multimodal projector (mmproj-*.gguf): images in chat messages
+    max_images: int = 8  # images per request (a 400 names the limit beyond it)
+    max_image_bytes: int = 20 * 1024 * 1024  # one image's encoded bytes (413 beyond)
+    max_image_pixels: int = 50_000_000  # one image's width × height (400 beyond: decoding it would take GBs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +122,7 @@ def runtime_config(
     require_api_key: bool | None = None,
     parallel: int | None = None,
     n_threads: int | None = None,
+    mmproj_path: str | None = None,
 ) -> RuntimeConfig:
     """The runtime settings of a manifest, serving the file at ``model_path``. Pure.
 
@@ -126,7 +131,8 @@ def runtime_config(
     the container's cores) to ``[server] threads``, else None (the physical cores). ``concurrency``
     is ``[scaling] concurrency``, else :func:`default_concurrency` of the slots.
     ``require_api_key`` defaults to the manifest's ``[auth] enabled`` (deployed endpoints refuse
-    to start without a key); local serving passes ``False``.
+    to start without a key); local serving passes ``False``. ``mmproj_path`` is the manifest's
+    projector's local path (None: a text-only model).
     """
     spec: Manifest = getattr(manifest, "manifest", manifest)  # LoadedManifest wraps a Manifest
     server, scaling = spec.server, spec.scaling
@@ -150,4 +156,5 @@ def runtime_config(
         n_threads=n_threads or server.threads,
         api_key=api_key,
         require_api_key=spec.auth.enabled if require_api_key is None else require_api_key,
+        mmproj_path=mmproj_path,
     )

@@ -389,7 +389,8 @@ class Engine:
         generation = job.generation
         room = self.model.n_ctx - len(generation.prompt) if self.model else 0
         limit = room if generation.max_tokens is None else min(generation.max_tokens, room)
-        self.scheduler.add(Sequence(job, i, generation.prompt, limit) for i in range(generation.n))
+        spans = tuple(generation.media.spans) if generation.media is not None else ()
+        self.scheduler.add(Sequence(job, i, generation.prompt, limit, spans=spans) for i in range(generation.n))
 
     def _reap(self) -> None:
         """End the jobs that were cancelled (client gone, shutdown): their slots are free for this step."""
@@ -424,7 +425,10 @@ class Engine:
         """Decode one batch and sample what it computed; False when llama.cpp failed (the requests got a 500)."""
         assert self.model is not None
         try:
-            rows = self.model.decode([(e.seq.slot.id, e.tokens, e.pos, e.logits) for e in entries])
+            if entries[0].seq.span_at(entries[0].pos) is not None:  # an image: a batch of its own (Scheduler.step)
+                rows = self._evaluate_image(entries[0])
+            else:
+                rows = self.model.decode([(e.seq.slot.id, e.tokens, e.pos, e.logits) for e in entries])
         except self.model.errors as exc:  # nothing a request did: fail the running ones, start again clean
             self._fail_all(classify(exc))
             return False
@@ -442,6 +446,21 @@ class Engine:
                     self._advance(follower, row, out, now)
             self._advance(seq, row, out, now)
         return True
+
+    def _evaluate_image(self, entry: Entry) -> list[int]:
+        """Encode one image of a prompt and decode it into its sequence (libmtmd); the row of its
+        logits when the prompt ends with it (-1: the last output)."""
+        from deployer.runtime.llama import LlamaError
+        from deployer.runtime.vision import ProjectorError
+
+        model, seq = self.model, entry.seq
+        assert model is not None and model.projector is not None and seq.slot is not None
+        chunk = seq.owner.generation.media.chunk_at[entry.pos]
+        try:
+            model.projector.evaluate(model.ctx, chunk, entry.pos, seq.slot.id, model.n_batch, entry.logits)
+        except ProjectorError as exc:
+            raise LlamaError(str(exc)) from exc
+        return [-1] if entry.logits else []
 
     def _advance(self, seq: Sequence, row: int, out: dict[Job, list[Piece]], now: float) -> None:
         """Sample ``seq``'s next token at ``row``; its text (and maybe its end) goes into ``out``."""
@@ -487,6 +506,8 @@ class Engine:
         if job not in self._jobs:
             return
         self._jobs.discard(job)
+        if job.generation is not None and job.generation.media is not None:
+            job.generation.media.free()  # libmtmd's chunks: the preprocessed images
         if job.state != "cancelled":
             job.state = "done"
         now = time.monotonic()

@@ -214,6 +214,7 @@ class Model:
             raise LlamaError("llama.cpp could not load the file (see its log above)")
         self.ctx: Any = None
         self.embed_ctx: Any = None
+        self.projector: Any = None  # deployer.runtime.vision.Projector, when the config names an mmproj file
         self.batch: Any = None
         try:
             self._init(config)
@@ -249,6 +250,15 @@ class Model:
             self.embed_ctx = llama_cpp.llama_init_from_model(self.model, context_params(config, embeddings=True))
             if not self.embed_ctx:
                 raise LlamaError("llama.cpp could not create the embeddings context")
+        if config.mmproj_path:
+            from deployer.runtime.vision import Projector, ProjectorError
+
+            try:
+                self.projector = Projector(
+                    self.model, config.mmproj_path, n_threads=self.n_threads, use_gpu=config.n_gpu_layers != 0
+                )
+            except ProjectorError as exc:
+                raise LlamaError(str(exc)) from exc
 
     # -- text
 
@@ -404,6 +414,9 @@ class Model:
         return llama_cpp.llama_model_n_embd(self.model)
 
     def close(self) -> None:
+        if self.projector is not None:
+            self.projector.close()
+            self.projector = None
         if self.batch is not None:
             llama_cpp.llama_batch_free(self.batch)
             self.batch = None

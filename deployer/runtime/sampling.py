@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Generation:
     min_tokens: int = 0  # end-of-generation tokens are banned until this many were generated
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
+    media: Any = None  # deployer.runtime.vision.MediaPrompt: the prompt's images (their runs in prompt), if any
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,15 @@ class Sequence:
     generated: int = 0
     followers: list[Sequence] = field(default_factory=list)
     arrival: int = 0  # set when queued: earlier requests' prompts go first
+    spans: tuple[tuple[int, int], ...] = ()  # [start, end) of each image in prompt: one unit of work each
+
+    def span_at(self, pos: int) -> tuple[int, int] | None:
+        """The image that starts at ``pos``, if one does."""
+        return next((span for span in self.spans if span[0] == pos), None)
+
+    def next_span(self, pos: int) -> int:
+        """Where the next image at or after ``pos`` starts (the prompt's end when none does)."""
+        return next((start for start, _ in self.spans if start >= pos), len(self.prompt))
 
 
 @dataclass(eq=False)
@@ -65,6 +74,7 @@ class Slot:
     id: int  # the sequence id in llama.cpp's cache
     seq: Sequence | None = None
     cache: list[int] = field(default_factory=list)  # tokens whose KV this slot holds and may reuse
+    edges: list[int] = field(default_factory=list)  # where the units that computed the cache ended
 
 
 @dataclass(frozen=True)
@@ -138,28 +148,41 @@ class Scheduler:
                 if leader is not None:  # too late to share the prompt: evaluated on its own
                     leader.followers.remove(seq)
                     seq.leader = None
-                slot, keep = self._best_slot(seq.prompt)
+                slot, keep = self._best_slot(seq.prompt, seq.spans)
                 seq.state, seq.n_past, seq.cached, seq.trusted = State.PROMPT, keep, keep, keep
             slot.seq, seq.slot = seq, slot
             slot.cache = slot.cache[:keep]
+            slot.edges = [edge for edge in slot.edges if edge <= keep]
             admitted.append(Admission(seq, slot, keep))
         return admitted
 
-    def reusable(self, slot: Slot, prompt: list[int]) -> int:
-        """Cached positions of ``slot`` that ``prompt`` may keep: whole chunks, never the last token."""
+    def reusable(self, slot: Slot, prompt: list[int], spans: tuple[tuple[int, int], ...] = ()) -> int:
+        """Cached positions of ``slot`` that ``prompt`` may keep: whole chunks, never the last token.
+
+        With images (``spans``), a unit's edge is a chunk's edge too: an image's start and end."""
         common = 0
         for old, new in zip(slot.cache, prompt, strict=False):
             if old != new:
                 break
             common += 1
-        keep = min(common, len(prompt) - 1) // self.n_batch * self.n_batch
+        limit = min(common, len(prompt) - 1)
+        keep = limit // self.n_batch * self.n_batch
+        if spans:  # an edge of the cached units that is also one of this prompt's units
+            keep = max((e for e in slot.edges if e <= limit and self._is_edge(spans, e)), default=0)
         return self._resumable(slot.id, keep) if keep > 0 else 0
 
-    def _best_slot(self, prompt: list[int]) -> tuple[Slot, int]:
+    def _is_edge(self, spans: tuple[tuple[int, int], ...], pos: int) -> bool:
+        """Whether a fresh evaluation of a prompt with images at ``spans`` has a unit end at ``pos``:
+        an image's start or end, or a multiple of n_batch outside the images."""
+        if any(pos in span for span in spans):
+            return True
+        return pos % self.n_batch == 0 and not any(start < pos < end for start, end in spans)
+
+    def _best_slot(self, prompt: list[int], spans: tuple[tuple[int, int], ...] = ()) -> tuple[Slot, int]:
         free = [slot for slot in self.slots if slot.seq is None]
         # the longest reusable prefix; among equals, the slot whose cache is worth least
-        best = max(free, key=lambda slot: (self.reusable(slot, prompt), -len(slot.cache)))
-        return best, self.reusable(best, prompt)
+        best = max(free, key=lambda slot: (self.reusable(slot, prompt, spans), -len(slot.cache)))
+        return best, self.reusable(best, prompt, spans)
 
     def _emptiest(self) -> Slot:
         return min((slot for slot in self.slots if slot.seq is None), key=lambda slot: len(slot.cache))
@@ -181,10 +204,18 @@ class Scheduler:
         for seq in self._by_arrival(State.PROMPT):
             if budget == 0:
                 break
+            span = seq.span_at(seq.n_past)
+            if span is not None:  # an image: encoded and decoded whole, alone, with the step's whole budget
+                if budget == self.n_batch:
+                    batches.append([Entry(seq, seq.prompt[span[0] : span[1]], span[0], span[1] == len(seq.prompt))])
+                    budget = 0
+                continue
             boundary = (seq.n_past // self.n_batch + 1) * self.n_batch  # chunks never cross a multiple of n_batch
-            end = min(len(seq.prompt), boundary, seq.n_past + budget)
+            end = min(len(seq.prompt), boundary, seq.n_past + budget, seq.next_span(seq.n_past))
             entry = Entry(seq, seq.prompt[seq.n_past : end], seq.n_past, end == len(seq.prompt))
-            if len(entry.tokens) == self.n_batch:
+            # a prompt with images decodes each chunk alone: the same batches whatever else runs, so
+            # that the chunks after an image are as reusable as whole ones
+            if len(entry.tokens) == self.n_batch or seq.spans:
                 batches.append([entry])
             else:
                 partial.append(entry)
@@ -204,13 +235,24 @@ class Scheduler:
         for entry in entries:
             seq = entry.seq
             if seq.state is State.PROMPT:
-                if len(entry.tokens) == self.n_batch and entry.pos == seq.trusted:  # a whole chunk
-                    seq.trusted += self.n_batch
                 assert seq.slot is not None
+                if entry.pos == seq.trusted and self._whole(seq, entry):
+                    seq.trusted += len(entry.tokens)
+                    seq.slot.edges.append(seq.trusted)
                 seq.slot.cache = seq.prompt[: seq.trusted]
             seq.n_past += len(entry.tokens)
             if seq.state is State.DECODING:
                 seq.next_token = None
+
+    def _whole(self, seq: Sequence, entry: Entry) -> bool:
+        """Whether ``entry`` is a unit a fresh evaluation computes the same: a whole chunk; with
+        images, also an image, or a chunk that ends where an image starts or at a multiple of n_batch."""
+        if len(entry.tokens) == self.n_batch:
+            return True
+        if not seq.spans:
+            return False
+        end = entry.pos + len(entry.tokens)
+        return seq.span_at(entry.pos) is not None or end % self.n_batch == 0 or seq.span_at(end) is not None
 
     def sampled(self, seq: Sequence, token: int) -> None:
         """``seq`` (or a follower of it) sampled ``token`` after its prompt or its last token."""
@@ -218,8 +260,9 @@ class Scheduler:
             assert seq.leader is not None
             seq.n_past = len(seq.prompt)
             seq.trusted = seq.leader.trusted
-            assert seq.slot is not None
+            assert seq.slot is not None and seq.leader.slot is not None
             seq.slot.cache = seq.prompt[: seq.trusted]
+            seq.slot.edges = list(seq.leader.slot.edges)
         seq.state = State.DECODING
         seq.next_token = token
         seq.generated += 1

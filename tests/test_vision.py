@@ -1,0 +1,212 @@
+"""Images in: the tiny projector (tests/ggufgen.py) through real libmtmd, and the API end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deployer.runtime import RuntimeConfig
+from deployer.runtime.media import Image, sniff
+from tests import ggufgen
+from tests.images import png
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ message['role'] }}\n{{ message['content'] }}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+IMAGE_TOKENS = 16  # TINY_GEMMA3_MMPROJ: 112 px in 14 px patches, 8 × 8, pooled 2 × 2
+
+
+@pytest.fixture(scope="module")
+def vision_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vision")
+    model = ggufgen.write_gguf(folder / "tiny-gemma3.gguf", ggufgen.TINY_GEMMA3, chat_template=GEMMA_TEMPLATE)
+    projector = ggufgen.write_projector(folder / "mmproj-tiny-gemma3.gguf", ggufgen.TINY_GEMMA3_MMPROJ)
+    return model, projector
+
+
+def _image(data: bytes) -> Image:
+    fmt, width, height = sniff(data)
+    return Image(fmt, data, width, height)
+
+
+@pytest.mark.model
+def test_libmtmd_loads_the_tiny_projector_and_encodes_an_image(vision_files):
+    from deployer.runtime.llama import Model
+
+    model_file, projector_file = vision_files
+    config = RuntimeConfig(model_name="t", model_path=str(model_file), n_ctx=512, parallel=2, n_threads=2,
+                           mmproj_path=str(projector_file))  # fmt: skip
+    model = Model(config)
+    try:
+        projector = model.projector
+        assert projector.vision and not projector.audio and not projector.mrope
+        text_only = model.tokenize("<start_of_turn>user\nDescribe this: and that", add_special=True)
+        prompt = projector.tokenize(
+            ["<start_of_turn>user\nDescribe this: ", " and that"], [_image(png(40, 30))], add_bos=True
+        )
+        try:
+            assert prompt.image_tokens == IMAGE_TOKENS
+            [(start, end)] = prompt.spans
+            assert end - start == IMAGE_TOKENS and set(prompt.tokens[start:end]) == {prompt.tokens[start]}
+            assert prompt.tokens[start] < 0  # a placeholder, never a vocabulary id
+            assert all(t >= 0 for t in prompt.tokens[:start] + prompt.tokens[end:])
+            # Gemma 3's projector wraps the image in <start_of_image> ... <end_of_image> text
+            assert len(prompt.tokens) > len(text_only) + IMAGE_TOKENS
+            model.decode([(1, prompt.tokens[:start], 0, False)])
+            projector.evaluate(model.ctx, prompt.chunk_at[start], start, 1, model.n_batch, False)
+            rows = model.decode([(1, prompt.tokens[end:], end, True)])
+            assert np.isfinite(model.logits(rows[0])).all()
+        finally:
+            prompt.free()
+    finally:
+        model.close()
+
+
+# ## The API end to end: the openai client, a real server, real libmtmd
+
+
+@pytest.fixture(scope="module")
+def vision_server(vision_files, tmp_path_factory):
+    from tests.serving import launch
+
+    model_file, projector_file = vision_files
+    config = RuntimeConfig(
+        model_name="tiny-vision", model_path=str(model_file), n_ctx=1024, n_batch=32, n_ubatch=32, parallel=2,
+        concurrency=4, n_threads=2, mmproj_path=str(projector_file), max_images=2, max_image_bytes=64 * 1024,
+        max_image_pixels=4096 * 4096, max_body_bytes=1024 * 1024,
+    )  # fmt: skip
+    server = launch(config, tmp_path_factory.mktemp("vision-server"))
+    yield server
+    server.stop()
+
+
+def _ask(image: bytes | None, text: str = "What is in this picture?", mime: str = "image/png") -> list[dict]:
+    from tests.images import data_url
+
+    content: list[dict] = [{"type": "text", "text": text}]
+    if image is not None:
+        content.append({"type": "image_url", "image_url": {"url": data_url(image, mime)}})
+    return [{"role": "user", "content": content}]
+
+
+@pytest.mark.model
+def test_an_image_part_counts_its_image_tokens_in_the_prompt(vision_server):
+    client = vision_server.client()
+    text_only = client.chat.completions.create(model="tiny-vision", messages=_ask(None), max_tokens=3)
+    with_image = client.chat.completions.create(model="tiny-vision", messages=_ask(png(64, 48)), max_tokens=3)
+    grown = with_image.usage.prompt_tokens - text_only.usage.prompt_tokens
+    # the image's tokens, Gemma 3's <start_of_image>/<end_of_image> text around them (spelled out in
+    # pieces of a few bytes by the tiny vocabulary, which has no such tokens), and the "\n" joining parts
+    assert IMAGE_TOKENS + 2 < grown <= IMAGE_TOKENS + 64, grown
+    assert with_image.usage.completion_tokens == 3 and with_image.choices[0].finish_reason == "length"
+
+
+@pytest.mark.model
+def test_streaming_with_an_image(vision_server):
+    client = vision_server.client()
+    stream = client.chat.completions.create(
+        model="tiny-vision", messages=_ask(png(30, 90, seed=3)), max_tokens=4, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 4 and chunks[-1].usage.prompt_tokens > IMAGE_TOKENS
+    assert any(c.choices and c.choices[0].finish_reason == "length" for c in chunks)
+
+
+@pytest.mark.model
+def test_image_requests_batch_beside_text_requests(vision_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = vision_server.client()
+
+    def ask(i: int) -> tuple[int, int]:
+        image = png(50 + i, 40, seed=i) if i % 2 == 0 else None
+        answer = client.chat.completions.create(model="tiny-vision", messages=_ask(image), max_tokens=8)
+        return answer.usage.prompt_tokens, answer.usage.completion_tokens
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(ask, range(4)))
+    assert all(completion == 8 for _, completion in results)
+    assert results[0][0] - results[1][0] > IMAGE_TOKENS  # the image requests carried their images
+
+
+@pytest.mark.model
+def test_a_second_turn_about_the_same_image_reuses_its_cache(vision_server):
+    client = vision_server.client()
+    image = png(64, 64, seed=42)
+    first_turn = _ask(image, "Look at this screenshot of a settings page with many options on it.")
+    first = client.chat.completions.create(model="tiny-vision", messages=first_turn, max_tokens=2, temperature=0)
+    second_turn = [*first_turn, {"role": "assistant", "content": first.choices[0].message.content or "ok"},
+                   {"role": "user", "content": "And the button at the top?"}]  # fmt: skip
+    second = client.chat.completions.create(model="tiny-vision", messages=second_turn, max_tokens=2, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # the first turn's text and its image (16 positions, one unit) came from the slot's cache
+    assert cached >= first.usage.prompt_tokens - 32 and cached > IMAGE_TOKENS, (cached, first.usage)
+    other = client.chat.completions.create(
+        model="tiny-vision", messages=_ask(png(64, 64, seed=43), "Look at this screenshot of a settings page with "
+        "many options on it."), max_tokens=1)  # fmt: skip
+    # another image at the same place: its cache ends where the image starts
+    assert other.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens - IMAGE_TOKENS
+
+
+BAD_IMAGES = {
+    "truncated PNG": (png(64, 64)[:200], "image/png", 400, "could not be decoded as PNG"),
+    "wrong magic": (b"GIF00a" + b"\0" * 64, "image/gif", 400, "not an image"),
+    "zero bytes": (b"", "image/png", 400, "the image is empty (0 bytes)"),
+    "SVG": (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "image/svg+xml", 400, "SVG"),
+    "huge dimensions": (None, "image/png", 400, "at most 16,777,216 pixels per image"),
+    "over the byte cap": (png(200, 200), "image/png", 413, "at most 65,536 bytes per image"),
+}
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_bad_images_are_4xx_and_the_server_stays_up(vision_server, case):
+    from tests.images import png_header
+
+    data, mime, status, message = BAD_IMAGES[case]
+    if data is None:
+        data = png_header(40_000, 40_000)  # 1.6 G pixels claimed in 33 bytes
+    with vision_server.http() as http:
+        answer = http.post("/v1/chat/completions", json={"model": "tiny-vision", "messages": _ask(data, mime=mime)})
+        assert answer.status_code == status, answer.text
+        error = answer.json()["error"]
+        assert message in error["message"] and error["param"] == "messages"
+        assert http.get("/health").status_code == 200
+    ok = vision_server.client().chat.completions.create(model="tiny-vision", messages=_ask(png(20, 20)), max_tokens=1)
+    assert ok.usage.completion_tokens == 1
+
+
+@pytest.mark.model
+def test_limits_and_remote_urls_are_named(vision_server):
+    from tests.images import data_url
+
+    image = {"type": "image_url", "image_url": {"url": data_url(png(10, 10))}}
+    three = [{"role": "user", "content": [{"type": "text", "text": "compare"}, image, image, image]}]
+    remote = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/x.png"}}]}
+    ]
+    with vision_server.http() as http:
+        answer = http.post("/v1/chat/completions", json={"model": "tiny-vision", "messages": three})
+        assert answer.status_code == 400 and "at most 2 images per request" in answer.json()["error"]["message"]
+        answer = http.post("/v1/chat/completions", json={"model": "tiny-vision", "messages": remote})
+        assert answer.status_code == 400 and "remote image URLs are not fetched" in answer.json()["error"]["message"]
+
+
+@pytest.mark.model
+def test_an_image_sent_to_a_text_only_model_is_a_400(tiny_llama_file, start_server):
+    server = start_server(RuntimeConfig(model_name="tiny", model_path=str(tiny_llama_file), n_ctx=512, n_threads=2))
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="this model has no vision projector"):
+        server.client().chat.completions.create(model="tiny", messages=_ask(png(8, 8)), max_tokens=1)
+
+
+@pytest.mark.model
+def test_n_choices_share_the_image_prompt(vision_server):
+    answer = vision_server.client().chat.completions.create(
+        model="tiny-vision", messages=_ask(png(33, 33, seed=9)), max_tokens=3, n=2
+    )
+    assert [c.index for c in answer.choices] == [0, 1]
+    assert answer.usage.completion_tokens == 6 and answer.usage.prompt_tokens > IMAGE_TOKENS
