@@ -344,3 +344,48 @@ def test_bad_images_are_4xx_in_each_protocols_shape(vision_server, case):
             error = answer.json()["error"]
             assert message in error["message"] and error["param"] == "input", error
         assert http.get("/health").status_code == 200
+
+
+@pytest.mark.model
+def test_remote_images_on_still_refuse_loopback_in_every_protocol(vision_files, tmp_path):
+    import http.server
+    import threading
+
+    from tests.serving import launch
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            Images.asked += 1
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(png(16, 16))
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    Images.asked = 0
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    model_file, projector_file = vision_files
+    config = RuntimeConfig(model_name="tiny-vision", model_path=str(model_file), n_ctx=512, parallel=1, n_threads=2,
+                           mmproj_path=str(projector_file), remote_images=True)  # fmt: skip
+    server = launch(config, tmp_path)
+    url = f"http://localhost:{images.server_address[1]}/x.png"
+    requests = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]},
+        "/v1/responses": {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": url}]}]},
+        "/v1/messages": {"max_tokens": 1, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": url}}]}]},
+    }  # fmt: skip
+    try:
+        with server.http() as http:
+            for route, body in requests.items():
+                answer = http.post(route, json={"model": "tiny-vision", **body})
+                assert answer.status_code == 400, answer.text
+                error = answer.json()["error"]
+                assert "resolves to" in error["message"] and "a loopback address" in error["message"], error
+                assert error.get("code", "remote_image_refused") == "remote_image_refused"
+    finally:
+        server.stop()
+        images.shutdown()
+    assert Images.asked == 0  # refused before any connection

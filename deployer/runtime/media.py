@@ -47,6 +47,8 @@ class MediaLimits:
     max_images: int
     max_bytes: int
     max_pixels: int
+    remote: bool = False  # http(s) image URLs are fetched (deployer.runtime.fetch); else a 400
+    fetch_timeout_s: float = 10.0  # one remote image: lookup, connection and body
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ def limits_of(config: Any) -> MediaLimits:
         max_images=config.max_images,
         max_bytes=config.max_image_bytes,
         max_pixels=config.max_image_pixels,
+        remote=config.remote_images,
+        fetch_timeout_s=config.remote_image_timeout_s,
     )
 
 
@@ -216,7 +220,7 @@ def _from_url(url: str, where: str, limits: MediaLimits, param: str) -> Image:
 
 def _from_base64(encoded: str, mime: str, where: str, limits: MediaLimits, param: str) -> Image:
     if len(encoded) * 3 // 4 > limits.max_bytes + 3:  # refused before decoding megabytes
-        raise _too_big(where, len(encoded) * 3 // 4, limits.max_bytes, param)
+        raise too_big(where, len(encoded) * 3 // 4, limits.max_bytes, param)
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
@@ -238,7 +242,7 @@ def image_from_bytes(mime: str, data: bytes, where: str, limits: MediaLimits, pa
     if not data:
         raise bad_request(f"{where}: the image is empty (0 bytes)", param, "invalid_image")
     if len(data) > limits.max_bytes:
-        raise _too_big(where, len(data), limits.max_bytes, param)
+        raise too_big(where, len(data), limits.max_bytes, param)
     sniffed = sniff(data)
     if sniffed is None:
         declared = f" ({mime})" if mime else ""
@@ -257,7 +261,7 @@ def image_from_bytes(mime: str, data: bytes, where: str, limits: MediaLimits, pa
     return Image(fmt, data, width, height)
 
 
-def _too_big(where: str, size: int, cap: int, param: str) -> ApiError:
+def too_big(where: str, size: int, cap: int, param: str) -> ApiError:
     return ApiError(
         413,
         f"{where}: the image is {size:,} bytes; at most {cap:,} bytes per image",
