@@ -98,6 +98,8 @@ def test_loopback_is_refused_before_connecting(local_server):
 
 def test_a_public_image_is_fetched_whole(local_server):
     assert _fetch(f"{local_server}/image.png", refuse=_let_through) == ("image/png", IMAGE)
+    with pytest.raises(ApiError, match="the server answered 404"):  # a space is escaped, never a broken request
+        _fetch(f"{local_server}/image.png HTTP/1.0\r\nX-Injected: 1", refuse=_let_through)
 
 
 @pytest.mark.parametrize(

@@ -27,13 +27,14 @@ import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from deployer.runtime.media import MESSAGES, MediaLimits, Shape, too_big
 from deployer.runtime.protocol import ApiError, bad_request
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 _HEAD_CAP = 16 * 1024  # the status line and headers
+_URL_SAFE = "/?&=%:@!$'()*+,;~-._"  # kept as they are in the request line; anything else (spaces) escaped
 
 
 def refused_address(ip: Address) -> str | None:
@@ -132,9 +133,7 @@ async def fetch_image(
     except ValueError:
         raise bad_request(f"{where}: the image URL's port is not a number", param) from None
     try:
-        return await asyncio.wait_for(
-            _get(parts, port, where, param, max_bytes, refuse), timeout=timeout_s
-        )  # fmt: skip
+        return await asyncio.wait_for(_get(parts, port, where, param, max_bytes, refuse), timeout=timeout_s)
     except TimeoutError:
         raise _failed(where, param, f"no answer within {timeout_s:g} s") from None
     except asyncio.LimitOverrunError:
@@ -152,6 +151,8 @@ async def _get(
     except socket.gaierror:
         raise _failed(where, param, f"the host {host!r} does not resolve") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    if not addresses:
+        raise _failed(where, param, f"the host {host!r} has no address")
     for ip in addresses:  # every one: a name that resolves to a public and a private address is refused
         why = refuse(ip)
         if why is not None:
@@ -166,10 +167,9 @@ async def _get(
         str(addresses[0]), port, ssl=context, server_hostname=host if context else None, limit=_HEAD_CAP
     )
     try:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        netloc = host if parts.port is None else f"{host}:{parts.port}"
+        target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_URL_SAFE)
         # HTTP/1.0: the body ends when the connection does (no chunked encoding to parse)
-        request = f"GET {target} HTTP/1.0\r\nHost: {netloc}\r\nAccept: image/*\r\nUser-Agent: gguf-deploy\r\n\r\n"
+        request = f"GET {target} HTTP/1.0\r\nHost: {parts.netloc}\r\nAccept: image/*\r\nUser-Agent: gguf-deploy\r\n\r\n"
         writer.write(request.encode())
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
