@@ -244,3 +244,18 @@ def test_the_store_keeps_a_conversations_images_and_marker():
     assert store.media("resp_unknown") == NO_MEDIA and store.media(["not", "an", "id"]) == NO_MEDIA
     store.put({"id": "resp_2"}, [])  # resp_1 is dropped (max_items=1), and its images with it
     assert store.media("resp_1") == NO_MEDIA and store.media("resp_2") == NO_MEDIA
+
+
+def test_images_in_an_anthropic_tool_result_are_taken_too():
+    result = {
+        "type": "tool_result",
+        "tool_use_id": "t1",
+        "content": [{"type": "text", "text": "shot:"}, _block(png(6, 4))],
+    }
+    body = {"messages": [{"role": "user", "content": [result]}]}
+    taken, marker, images = take_request_images(body, LIMITS, MESSAGES)
+    assert taken["messages"][0]["content"][0]["content"][1] == {"type": "text", "text": marker}
+    assert [(i.width, i.height) for i in images] == [(6, 4)] and body["messages"][0]["content"][0] is result
+    result["content"][1] = _block(b"")
+    with pytest.raises(ApiError, match=r"messages\[0\].content\[0\].content\[1\]: the image is empty"):
+        take_request_images(body, LIMITS, MESSAGES)

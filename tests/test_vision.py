@@ -389,3 +389,24 @@ def test_remote_images_on_still_refuse_loopback_in_every_protocol(vision_files, 
         server.stop()
         images.shutdown()
     assert Images.asked == 0  # refused before any connection
+
+
+@pytest.mark.model
+def test_an_image_in_an_anthropic_tool_result_reaches_the_model(vision_server):
+    import base64
+
+    def turn(result: list[dict]) -> list[dict]:
+        call = {"type": "tool_use", "id": "toolu_1", "name": "screenshot", "input": {}}
+        return [{"role": "user", "content": "Take a screenshot."}, {"role": "assistant", "content": [call]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": result}]}]  # fmt: skip
+
+    claude = _claude(vision_server)
+    text = {"type": "text", "text": "the screen:"}
+    source = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(png(32, 32, seed=8)).decode()}
+    without = claude.messages.count_tokens(model="m", messages=turn([text]))
+    with_image = claude.messages.count_tokens(model="m", messages=turn([text, {"type": "image", "source": source}]))
+    assert IMAGE_TOKENS + 2 < with_image.input_tokens - without.input_tokens <= IMAGE_TOKENS + 64
+    message = claude.messages.create(
+        model="m", max_tokens=2, messages=turn([text, {"type": "image", "source": source}])
+    )
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == with_image.input_tokens

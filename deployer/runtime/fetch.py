@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from deployer.runtime.media import MESSAGES, MediaLimits, Shape, too_big
+from deployer.runtime.media import MESSAGES, MediaLimits, Shape, map_image_parts, too_big
 from deployer.runtime.protocol import ApiError, bad_request
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -60,39 +60,30 @@ async def inline_remote_images(body: Any, shape: Shape, limits: MediaLimits, **f
     Called only when remote images are on and the model has a projector; everything else about the
     parts (limits, formats) is checked afterwards by ``media.take_request_images`` as for inline images.
     """
-    messages = body.get(shape.field) if isinstance(body, dict) else None
-    if not isinstance(messages, list):
-        return body
-    fetched = 0
-    out = []
-    for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            out.append(message)
-            continue
-        parts = []
-        for j, part in enumerate(content):
-            url = _remote_url(part, shape)
-            if url is None:
-                parts.append(part)
-                continue
-            where = f"{shape.field}[{i}].content[{j}]"
-            fetched += 1
-            if fetched > limits.max_images:  # never more fetches than images a request may carry
+    wanted: dict[str, str] = {}  # where → url
+
+    def note(part: dict[str, Any], where: str) -> dict[str, Any]:
+        url = _remote_url(part, shape)
+        if url is not None:
+            if len(wanted) >= limits.max_images:  # never more fetches than images a request may carry
                 raise bad_request(f"{where}: too many images: at most {limits.max_images} images per request",
                                   shape.field, "too_many_images")  # fmt: skip
-            mime, data = await fetch_image(
-                url, where=where, param=shape.field, timeout_s=limits.fetch_timeout_s, max_bytes=limits.max_bytes,
-                **fetch,
-            )  # fmt: skip
-            parts.append(_inline(part, shape, mime, data))
-        out.append({**message, "content": parts})
-    return {**body, shape.field: out}
+            wanted[where] = url
+        return part
+
+    map_image_parts(body, shape, note)
+    got = {}
+    for where, url in wanted.items():  # one at a time: a request's fetches never pile up
+        got[where] = await fetch_image(
+            url, where=where, param=shape.field, timeout_s=limits.fetch_timeout_s, max_bytes=limits.max_bytes,
+            **fetch,
+        )  # fmt: skip
+    if not got:
+        return body
+    return map_image_parts(body, shape, lambda part, where: _inline(part, shape, *got[where]) if where in got else part)
 
 
-def _remote_url(part: Any, shape: Shape) -> str | None:
-    if not isinstance(part, dict) or part.get("type") not in shape.image_types:
-        return None
+def _remote_url(part: dict[str, Any], shape: Shape) -> str | None:
     if shape is MESSAGES:
         source = part.get("source")
         url = source.get("url") if isinstance(source, dict) and source.get("type") == "url" else None

@@ -90,6 +90,7 @@ class Shape:
     image_types: tuple[str, ...]  # the part types that carry an image
     text_type: str  # the text part that stands where an image stood
     read: Callable[[dict[str, Any], str, MediaLimits, str], Image]  # (part, where, limits, param) → Image
+    nested: tuple[str, ...] = ()  # part types whose own content may hold images (Anthropic's tool_result)
 
 
 def take_request_images(
@@ -99,43 +100,64 @@ def take_request_images(
 
     ``shape`` is the protocol's (:data:`CHAT` when None). ``marker`` and ``carried`` continue an
     earlier request whose ``carried`` images stand in its stored turns under that marker (Responses'
-    ``previous_response_id``): they count against the request's image limit. Lists of parts are
-    walked; anything else is left for the protocol's own checks (which name it). Raises
+    ``previous_response_id``): they count against the request's image limit. Raises
     :class:`ApiError` (4xx) for an image the model cannot take, naming the part.
     """
     shape = shape or CHAT
     marker = marker or new_marker()
+    images: list[Image] = []
+
+    def take(part: dict[str, Any], where: str) -> dict[str, Any]:
+        if part.get("type") == "input_audio":
+            raise bad_request(f"{where}: audio input is not supported by this server yet", shape.field)
+        if not limits.projector:
+            raise _no_projector(where, shape.field)
+        if carried + len(images) >= limits.max_images:
+            raise bad_request(
+                f"{where}: too many images: at most {limits.max_images} images per request"
+                + (f" ({carried} of them in the earlier turns)" if carried else ""),
+                shape.field,
+                "too_many_images",
+            )
+        images.append(shape.read(part, where, limits, shape.field))
+        return image_part(marker, shape.text_type)
+
+    return map_image_parts(body, shape, take, also=("input_audio",)), marker, images
+
+
+def map_image_parts(
+    body: Any, shape: Shape, change: Callable[[dict[str, Any], str], dict[str, Any]], also: tuple[str, ...] = ()
+) -> Any:
+    """``body`` with ``change(part, where)`` in place of each image part (and of each part of a type in
+    ``also``), in message content and in the content of a ``shape.nested`` part (an Anthropic
+    ``tool_result``). The same object when nothing changed. Anything not a list of parts is left for
+    the protocol's own checks (which name it)."""
+    kinds = (*shape.image_types, *also)
+
+    def parts(content: list[Any], where: str) -> list[Any]:
+        out = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in kinds:
+                out.append(change(part, f"{where}[{j}]"))
+            elif kind in shape.nested and isinstance(part.get("content"), list):
+                inner = parts(part["content"], f"{where}[{j}].content")
+                out.append(part if inner == part["content"] else {**part, "content": inner})
+            else:
+                out.append(part)
+        return out
+
     messages = body.get(shape.field) if isinstance(body, dict) else None
     if not isinstance(messages, list):
-        return body, marker, []
-    images: list[Image] = []
+        return body
+    changed = False
     out = []
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            out.append(message)
-            continue
-        parts = []
-        for j, part in enumerate(content):
-            where = f"{shape.field}[{i}].content[{j}]"
-            if isinstance(part, dict) and part.get("type") == "input_audio":
-                raise bad_request(f"{where}: audio input is not supported by this server yet", shape.field)
-            if not (isinstance(part, dict) and part.get("type") in shape.image_types):
-                parts.append(part)
-                continue
-            if not limits.projector:
-                raise _no_projector(where, shape.field)
-            if carried + len(images) >= limits.max_images:
-                raise bad_request(
-                    f"{where}: too many images: at most {limits.max_images} images per request"
-                    + (f" ({carried} of them in the earlier turns)" if carried else ""),
-                    shape.field,
-                    "too_many_images",
-                )
-            images.append(shape.read(part, where, limits, shape.field))
-            parts.append(image_part(marker, shape.text_type))
-        out.append({**message, "content": parts})
-    return ({**body, shape.field: out} if images else body), marker, images
+        new = parts(content, f"{shape.field}[{i}].content") if isinstance(content, list) else content
+        changed = changed or new != content
+        out.append({**message, "content": new} if new != content else message)
+    return {**body, shape.field: out} if changed else body
 
 
 def take_images(messages: Any, limits: MediaLimits, marker: str) -> tuple[Any, list[Image]]:
@@ -230,7 +252,7 @@ def _from_base64(encoded: str, mime: str, where: str, limits: MediaLimits, param
 
 CHAT = Shape("messages", ("image_url", "input_image", "image"), "text", _chat_image)
 RESPONSES = Shape("input", ("input_image",), "input_text", _responses_image)
-MESSAGES = Shape("messages", ("image",), "text", _anthropic_image)
+MESSAGES = Shape("messages", ("image",), "text", _anthropic_image, nested=("tool_result",))
 
 
 def image_from_bytes(mime: str, data: bytes, where: str, limits: MediaLimits, param: str = "messages") -> Image:
