@@ -7,6 +7,7 @@ Pure (no llama.cpp): runs on the event loop before anything reaches the model th
     take_request_images(body, ...)  a request body → the same body with every image part replaced by a
                                     text part holding a per-request marker, the marker, and the images
     image_from_bytes(mime, data)    a (mime, bytes) part of any protocol → :class:`Image` (sniffed, checked)
+    map_image_parts(body, shape, f) each image part of a body through f (also for deployer.runtime.fetch)
     image_part(marker)              what stands where an image stood
 
 Chat Completions ``image_url`` parts, Responses ``input_image`` parts and Anthropic ``image`` blocks
