@@ -494,6 +494,10 @@ class Manifest(_Strict):
             raise ValueError("set file (a .gguf in the repo) or convert_from ('safetensors' or 'pytorch')")
         if self.mmproj is not None and self.mmproj == self.file:
             raise ValueError("mmproj names the model file itself; name the projector (mmproj-*.gguf) instead")
+        if self.server.remote_images and self.mmproj is None:
+            raise ValueError(
+                "server.remote_images fetches image URLs for a vision model: it needs mmproj (a projector)"
+            )
         return self
 
     @field_validator("quant")

@@ -155,3 +155,14 @@ def test_no_more_fetches_than_images_a_request_may_carry(local_server):
     body = {"messages": [{"role": "user", "content": [part, part, part]}]}
     with pytest.raises(ApiError, match=r"content\[2\]: too many images: at most 2"):
         asyncio.run(inline_remote_images(body, CHAT, LIMITS, refuse=_let_through))
+
+
+def test_the_manifest_switch_is_off_by_default_and_needs_a_projector():
+    from deployer.runtime.config import runtime_config
+    from tests.plans import loaded_manifest
+
+    assert runtime_config(loaded_manifest(mmproj="mmproj-f16.gguf"), "m.gguf").remote_images is False
+    switched = loaded_manifest(mmproj="mmproj-f16.gguf", server={"remote_images": True})
+    assert runtime_config(switched, "m.gguf").remote_images is True
+    with pytest.raises(Exception, match="remote_images fetches image URLs for a vision model: it needs mmproj"):
+        loaded_manifest(server={"remote_images": True})
