@@ -259,3 +259,13 @@ def test_images_in_an_anthropic_tool_result_are_taken_too():
     result["content"][1] = _block(b"")
     with pytest.raises(ApiError, match=r"messages\[0\].content\[0\].content\[1\]: the image is empty"):
         take_request_images(body, LIMITS, MESSAGES)
+
+
+def test_images_in_a_responses_function_call_output_are_taken_too():
+    output = [{"type": "input_text", "text": "shot:"}, {"type": "input_image", "image_url": data_url(png(7, 3))}]
+    body = {"input": [{"type": "function_call_output", "call_id": "c1", "output": output}]}
+    taken, marker, images = take_request_images(body, LIMITS, RESPONSES)
+    assert taken["input"][0]["output"][1] == {"type": "input_text", "text": marker} and len(images) == 1
+    output[1] = {"type": "input_image", "file_id": "file-1"}
+    with pytest.raises(ApiError, match=r"input\[0\].output\[1\].file_id"):
+        take_request_images(body, LIMITS, RESPONSES)

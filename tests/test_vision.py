@@ -410,3 +410,20 @@ def test_an_image_in_an_anthropic_tool_result_reaches_the_model(vision_server):
         model="m", max_tokens=2, messages=turn([text, {"type": "image", "source": source}])
     )
     assert message.usage.input_tokens + message.usage.cache_read_input_tokens == with_image.input_tokens
+
+
+@pytest.mark.model
+def test_an_image_in_a_responses_function_call_output_reaches_the_model(vision_server):
+    from tests.images import data_url
+
+    def turn(output: list[dict]) -> list[dict]:
+        return [{"role": "user", "content": "Take a screenshot."},
+                {"type": "function_call", "call_id": "call_1", "name": "screenshot", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": output}]  # fmt: skip
+
+    client = vision_server.client()
+    text = {"type": "input_text", "text": "the screen:"}
+    image = {"type": "input_image", "image_url": data_url(png(32, 24, seed=11))}
+    without = client.responses.create(model="m", input=turn([text]), max_output_tokens=1, store=False)
+    with_image = client.responses.create(model="m", input=turn([text, image]), max_output_tokens=1, store=False)
+    assert IMAGE_TOKENS + 2 < with_image.usage.input_tokens - without.usage.input_tokens <= IMAGE_TOKENS + 64

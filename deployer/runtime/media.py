@@ -92,6 +92,7 @@ class Shape:
     text_type: str  # the text part that stands where an image stood
     read: Callable[[dict[str, Any], str, MediaLimits, str], Image]  # (part, where, limits, param) → Image
     nested: tuple[str, ...] = ()  # part types whose own content may hold images (Anthropic's tool_result)
+    content_keys: tuple[str, ...] = ("content",)  # where a message (or item) keeps its parts
 
 
 def take_request_images(
@@ -154,10 +155,13 @@ def map_image_parts(
     changed = False
     out = []
     for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, dict) else None
-        new = parts(content, f"{shape.field}[{i}].content") if isinstance(content, list) else content
-        changed = changed or new != content
-        out.append({**message, "content": new} if new != content else message)
+        for key in shape.content_keys if isinstance(message, dict) else ():
+            content = message.get(key)
+            if isinstance(content, list):
+                new = parts(content, f"{shape.field}[{i}].{key}")
+                if new != content:
+                    message, changed = {**message, key: new}, True
+        out.append(message)
     return {**body, shape.field: out} if changed else body
 
 
@@ -252,7 +256,8 @@ def _from_base64(encoded: str, mime: str, where: str, limits: MediaLimits, param
 
 
 CHAT = Shape("messages", ("image_url", "input_image", "image"), "text", _chat_image)
-RESPONSES = Shape("input", ("input_image",), "input_text", _responses_image)
+# a Responses function_call_output's output may be a list of parts too (a tool's screenshot)
+RESPONSES = Shape("input", ("input_image",), "input_text", _responses_image, content_keys=("content", "output"))
 MESSAGES = Shape("messages", ("image",), "text", _anthropic_image, nested=("tool_result",))
 
 
