@@ -284,6 +284,15 @@ class ServerSettings(_Strict):
         bool,
         Field(description="Serve /v1/embeddings. Off by default: the endpoint answers 4xx."),
     ] = False
+    remote_images: Annotated[
+        bool,
+        Field(
+            description="Fetch http(s) image URLs in requests (with a projector, `mmproj`). Off by default: "
+            "fetching what a client names is a server-side request forgery risk, and such URLs are a 400. "
+            "On: public addresses only (every address the host resolves to is checked; private, loopback, "
+            "link-local and multicast are refused), no redirects, a 10 s timeout, the image byte cap.",
+        ),
+    ] = False
     parallel: Annotated[
         int | None,
         Field(
@@ -485,6 +494,10 @@ class Manifest(_Strict):
             raise ValueError("set file (a .gguf in the repo) or convert_from ('safetensors' or 'pytorch')")
         if self.mmproj is not None and self.mmproj == self.file:
             raise ValueError("mmproj names the model file itself; name the projector (mmproj-*.gguf) instead")
+        if self.server.remote_images and self.mmproj is None:
+            raise ValueError(
+                "server.remote_images fetches image URLs for a vision model: it needs mmproj (a projector)"
+            )
         return self
 
     @field_validator("quant")

@@ -321,8 +321,8 @@ def test_thinking_is_a_thinking_block_and_switches_the_template(qwen3):
             {"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
             400,
             "invalid_request_error",
-            "'image'",
-            id="image",
+            "messages[0].content[0]: this model has no vision projector",
+            id="image-to-a-text-only-model",
         ),
         pytest.param(
             {"max_tokens": 5, "messages": ASK, "tools": [{"type": "web_search_20250305", "name": "web_search"}]},

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import struct
 
 import pytest
 
-from deployer.runtime.media import MediaLimits, image_from_bytes, sniff, split_prompt, take_request_images
+from deployer.runtime.media import (
+    MESSAGES,
+    RESPONSES,
+    MediaLimits,
+    image_from_bytes,
+    sniff,
+    split_prompt,
+    take_request_images,
+)
 from deployer.runtime.protocol import ApiError
 from deployer.runtime.scheduler import Scheduler, Sequence
 from tests.images import data_url, png, png_header
@@ -155,3 +164,108 @@ def test_formats_and_sizes_are_read_from_headers(data, expected):
 def test_other_protocols_hand_in_mime_and_bytes():
     image = image_from_bytes("image/png", png(5, 5), "input[0].content[1]", LIMITS)
     assert (image.format, image.width) == ("PNG", 5) and len(image.digest) == 64
+
+
+# ## The other protocols: Responses input_image parts, Anthropic image blocks
+
+
+def _responses(*parts):
+    return {"input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "see"}, *parts]}]}
+
+
+def _anthropic(*blocks):
+    return {"messages": [{"role": "user", "content": [*blocks, {"type": "text", "text": "see"}]}]}
+
+
+def _block(data: bytes, mime: str = "image/png"):
+    return {"type": "image", "source": {"type": "base64", "media_type": mime, "data": base64.b64encode(data).decode()}}
+
+
+def test_responses_and_anthropic_images_become_markers_in_their_own_part_types():
+    body, marker, images = take_request_images(_responses({"type": "input_image", "image_url": data_url(png(3, 2))}),
+                                               LIMITS, RESPONSES)  # fmt: skip
+    assert body["input"][0]["content"][1] == {"type": "input_text", "text": marker}
+    assert [(i.format, i.width, i.height) for i in images] == [("PNG", 3, 2)]
+    body, marker, images = take_request_images(_anthropic(_block(png(4, 5))), LIMITS, MESSAGES)
+    assert body["messages"][0]["content"][0] == {"type": "text", "text": marker}
+    assert [(i.width, i.height) for i in images] == [(4, 5)]
+    text_only = _responses()
+    assert take_request_images(text_only, LIMITS, RESPONSES)[0] is text_only
+    assert take_request_images({"input": "just text"}, LIMITS, RESPONSES)[2] == []
+
+
+def test_a_continued_conversation_keeps_its_marker_and_counts_its_images():
+    part = {"type": "input_image", "image_url": data_url(png(3, 3))}
+    body, marker, images = take_request_images(_responses(part), LIMITS, RESPONSES, marker="<m>", carried=1)
+    assert marker == "<m>" and body["input"][0]["content"][1]["text"] == "<m>" and len(images) == 1
+    with pytest.raises(ApiError, match=r"at most 2 images per request \(2 of them in the earlier turns\)"):
+        take_request_images(_responses(part), LIMITS, RESPONSES, marker="<m>", carried=2)
+
+
+@pytest.mark.parametrize(
+    ("shape", "body", "status", "message"),
+    [
+        (RESPONSES, _responses({"type": "input_image", "file_id": "file-1"}), 400, r"input\[0\].content\[1\].file_id"),
+        (RESPONSES, _responses({"type": "input_image", "image_url": {"url": "x"}}), 400, "must be a data: URL string"),
+        (RESPONSES, _responses({"type": "input_image", "image_url": "https://a/b.png"}), 400, "remote image URLs"),
+        (RESPONSES, _responses({"type": "input_image", "image_url": data_url(png(60, 60))}), 413, "at most 4,096"),
+        (MESSAGES, _anthropic({"type": "image", "source": {"type": "url", "url": "https://a/b.png"}}), 400,
+         r"messages\[0\].content\[0\].source: remote image URLs"),
+        (MESSAGES, _anthropic({"type": "image", "source": {"type": "file", "file_id": "f"}}), 400, "'file'"),
+        (MESSAGES, _anthropic({"type": "image", "source": "nope"}), 400, "source must be"),
+        (MESSAGES, _anthropic({"type": "image", "source": {"type": "base64", "data": "@@"}}), 400, "not valid base64"),
+        (MESSAGES, _anthropic(_block(b"<svg/>", "image/svg+xml")), 400, "an SVG drawing"),
+        (MESSAGES, _anthropic(_block(png(60, 60))), 413, "at most 4,096 bytes"),
+    ],
+)  # fmt: skip
+def test_other_protocols_bad_images_name_the_part_and_their_field(shape, body, status, message):
+    with pytest.raises(ApiError, match=message) as caught:
+        take_request_images(body, LIMITS, shape)
+    assert caught.value.status == status and caught.value.param == shape.field
+
+
+def test_other_protocols_to_a_text_only_model():
+    for shape, body in (
+        (RESPONSES, _responses({"type": "input_image", "file_id": "f"})),
+        (MESSAGES, _anthropic(_block(b""))),
+    ):
+        with pytest.raises(ApiError, match="this model has no vision projector") as caught:
+            take_request_images(body, MediaLimits(False, 2, 4096, 10**6), shape)
+        assert caught.value.status == 400 and caught.value.param == shape.field
+
+
+def test_the_store_keeps_a_conversations_images_and_marker():
+    from deployer.runtime.protocols.store import NO_MEDIA, ResponseStore
+
+    image = image_from_bytes("image/png", png(5, 5), "x", LIMITS)
+    store = ResponseStore(max_items=1)
+    store.put({"id": "resp_1"}, [{"role": "user", "content": "<m>"}], media=("<m>", (image,)))
+    assert store.media("resp_1") == ("<m>", (image,)) and store.bytes > len(image.data)
+    assert store.media("resp_unknown") == NO_MEDIA and store.media(["not", "an", "id"]) == NO_MEDIA
+    store.put({"id": "resp_2"}, [])  # resp_1 is dropped (max_items=1), and its images with it
+    assert store.media("resp_1") == NO_MEDIA and store.media("resp_2") == NO_MEDIA
+
+
+def test_images_in_an_anthropic_tool_result_are_taken_too():
+    result = {
+        "type": "tool_result",
+        "tool_use_id": "t1",
+        "content": [{"type": "text", "text": "shot:"}, _block(png(6, 4))],
+    }
+    body = {"messages": [{"role": "user", "content": [result]}]}
+    taken, marker, images = take_request_images(body, LIMITS, MESSAGES)
+    assert taken["messages"][0]["content"][0]["content"][1] == {"type": "text", "text": marker}
+    assert [(i.width, i.height) for i in images] == [(6, 4)] and body["messages"][0]["content"][0] is result
+    result["content"][1] = _block(b"")
+    with pytest.raises(ApiError, match=r"messages\[0\].content\[0\].content\[1\]: the image is empty"):
+        take_request_images(body, LIMITS, MESSAGES)
+
+
+def test_images_in_a_responses_function_call_output_are_taken_too():
+    output = [{"type": "input_text", "text": "shot:"}, {"type": "input_image", "image_url": data_url(png(7, 3))}]
+    body = {"input": [{"type": "function_call_output", "call_id": "c1", "output": output}]}
+    taken, marker, images = take_request_images(body, LIMITS, RESPONSES)
+    assert taken["input"][0]["output"][1] == {"type": "input_text", "text": marker} and len(images) == 1
+    output[1] = {"type": "input_image", "file_id": "file-1"}
+    with pytest.raises(ApiError, match=r"input\[0\].output\[1\].file_id"):
+        take_request_images(body, LIMITS, RESPONSES)

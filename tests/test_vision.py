@@ -197,10 +197,18 @@ def test_limits_and_remote_urls_are_named(vision_server):
 @pytest.mark.model
 def test_an_image_sent_to_a_text_only_model_is_a_400(tiny_llama_file, start_server):
     server = start_server(RuntimeConfig(model_name="tiny", model_path=str(tiny_llama_file), n_ctx=512, n_threads=2))
+    import anthropic
     import openai
 
     with pytest.raises(openai.BadRequestError, match="this model has no vision projector"):
         server.client().chat.completions.create(model="tiny", messages=_ask(png(8, 8)), max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="this model has no vision projector") as caught:
+        server.client().responses.create(model="tiny", input=_input(png(8, 8)), max_output_tokens=1)
+    assert caught.value.body["param"] == "input" and "input[0].content[1]" in caught.value.body["message"]
+    claude = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+    with pytest.raises(anthropic.BadRequestError, match="this model has no vision projector") as refused:
+        claude.messages.create(model="tiny", max_tokens=1, messages=_blocks(png(8, 8)))
+    assert refused.value.body["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.model
@@ -210,3 +218,212 @@ def test_n_choices_share_the_image_prompt(vision_server):
     )
     assert [c.index for c in answer.choices] == [0, 1]
     assert answer.usage.completion_tokens == 6 and answer.usage.prompt_tokens > IMAGE_TOKENS
+
+
+# ## The agent protocols: Responses input_image parts and Anthropic image blocks, the same path
+
+
+def _input(image: bytes | None, text: str = "What is in this picture?") -> list[dict]:
+    from tests.images import data_url
+
+    content: list[dict] = [{"type": "input_text", "text": text}]
+    if image is not None:
+        content.append({"type": "input_image", "image_url": data_url(image), "detail": "auto"})
+    return [{"role": "user", "content": content}]
+
+
+def _blocks(image: bytes | None, text: str = "What is in this picture?", mime: str = "image/png") -> list[dict]:
+    import base64
+
+    content: list[dict] = [{"type": "text", "text": text}]
+    if image is not None:
+        source = {"type": "base64", "media_type": mime, "data": base64.b64encode(image).decode()}
+        content.insert(0, {"type": "image", "source": source})
+    return [{"role": "user", "content": content}]
+
+
+def _claude(server):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.model
+def test_responses_input_image_through_the_openai_sdk(vision_server):
+    client = vision_server.client()
+    text_only = client.responses.create(model="tiny-vision", input=_input(None), max_output_tokens=3)
+    image = png(48, 64, seed=5)
+    first = client.responses.create(model="tiny-vision", input=_input(image), max_output_tokens=3, temperature=0)
+    assert IMAGE_TOKENS + 2 < first.usage.input_tokens - text_only.usage.input_tokens <= IMAGE_TOKENS + 64
+    assert first.usage.output_tokens == 3 and first.status == "incomplete"
+    # the next turn carries the image of the stored one: its prompt holds it again, read from the slot's cache
+    second = client.responses.create(
+        model="tiny-vision", previous_response_id=first.id, input="And the colours?", max_output_tokens=2
+    )
+    assert second.usage.input_tokens > first.usage.input_tokens
+    assert second.usage.input_tokens_details.cached_tokens > IMAGE_TOKENS, second.usage
+    streamed = client.responses.create(model="tiny-vision", input=_input(image), max_output_tokens=2, stream=True)
+    ended = [event.response for event in streamed if event.type in ("response.completed", "response.incomplete")]
+    assert ended[0].usage.input_tokens == first.usage.input_tokens  # cut by max_output_tokens: incomplete
+
+
+@pytest.mark.model
+def test_anthropic_image_block_through_the_anthropic_sdk(vision_server):
+    claude = _claude(vision_server)
+    text_only = claude.messages.create(model="claude-sonnet-4-5", max_tokens=3, messages=_blocks(None))
+    blocks = _blocks(png(40, 56, seed=6))
+    message = claude.messages.create(model="claude-sonnet-4-5", max_tokens=3, messages=blocks)
+    seen = message.usage.input_tokens + message.usage.cache_read_input_tokens
+    grown = seen - text_only.usage.input_tokens - text_only.usage.cache_read_input_tokens
+    assert IMAGE_TOKENS + 2 < grown <= IMAGE_TOKENS + 64, grown
+    assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 3
+    counted = claude.messages.count_tokens(model="claude-sonnet-4-5", messages=blocks)
+    assert counted.input_tokens == seen  # count_tokens counts the image's tokens as the model sees them
+    with claude.messages.stream(model="claude-sonnet-4-5", max_tokens=2, messages=blocks) as stream:
+        final = stream.get_final_message()
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == seen
+
+
+SVG_URL = "data:image/svg+xml;base64,PHN2ZyB4bWxucz0iaHR0cDovL3d3dy53My5vcmcvMjAwMC9zdmciLz4="
+AGENT_BAD_IMAGES = {
+    "responses file_id": (
+        "/v1/responses",
+        {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-abc"}]}]},
+        400,
+        "input[0].content[0].file_id: files uploaded to OpenAI cannot be read",
+    ),
+    "responses remote URL": (
+        "/v1/responses",
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://10.0.0.1/a.png"}]}]},
+        400,
+        "remote image URLs are not fetched",
+    ),
+    "responses SVG": (
+        "/v1/responses",
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": SVG_URL}]}]},
+        400,
+        "an SVG drawing",
+    ),
+    "responses over the byte cap": ("/v1/responses", {"input": _input(png(200, 200))}, 413, "at most 65,536 bytes"),
+    "messages URL source": (
+        "/v1/messages",
+        {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://x/"}}]}]},
+        400,
+        "messages[0].content[0].source: remote image URLs are not fetched",
+    ),
+    "messages file source": (
+        "/v1/messages",
+        {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]},
+        400,
+        "source.type 'file' is not supported",
+    ),
+    "messages truncated PNG": (
+        "/v1/messages",
+        {"messages": _blocks(png(64, 64)[:200])},
+        400,
+        "could not be decoded as PNG",
+    ),
+    "messages over the byte cap": ("/v1/messages", {"messages": _blocks(png(200, 200))}, 413, "at most 65,536 bytes"),
+    "messages too many": ("/v1/messages", {"messages": _blocks(png(9, 9)) * 3}, 400, "at most 2 images per request"),
+}
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("case", sorted(AGENT_BAD_IMAGES))
+def test_bad_images_are_4xx_in_each_protocols_shape(vision_server, case):
+    route, body, status, message = AGENT_BAD_IMAGES[case]
+    limit = {"max_output_tokens": 1} if route == "/v1/responses" else {"max_tokens": 1}
+    with vision_server.http() as http:
+        answer = http.post(route, json={"model": "tiny-vision", **body, **limit})
+        assert answer.status_code == status, answer.text
+        if route == "/v1/messages":  # Anthropic's shape
+            error = answer.json()
+            assert error["type"] == "error" and message in error["error"]["message"], error
+            assert error["error"]["type"] == ("request_too_large" if status == 413 else "invalid_request_error")
+        else:
+            error = answer.json()["error"]
+            assert message in error["message"] and error["param"] == "input", error
+        assert http.get("/health").status_code == 200
+
+
+@pytest.mark.model
+def test_remote_images_on_still_refuse_loopback_in_every_protocol(vision_files, tmp_path):
+    import http.server
+    import threading
+
+    from tests.serving import launch
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            Images.asked += 1
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(png(16, 16))
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    Images.asked = 0
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    model_file, projector_file = vision_files
+    config = RuntimeConfig(model_name="tiny-vision", model_path=str(model_file), n_ctx=512, parallel=1, n_threads=2,
+                           mmproj_path=str(projector_file), remote_images=True)  # fmt: skip
+    server = launch(config, tmp_path)
+    url = f"http://localhost:{images.server_address[1]}/x.png"
+    requests = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]},
+        "/v1/responses": {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": url}]}]},
+        "/v1/messages": {"max_tokens": 1, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": url}}]}]},
+    }  # fmt: skip
+    try:
+        with server.http() as http:
+            for route, body in requests.items():
+                answer = http.post(route, json={"model": "tiny-vision", **body})
+                assert answer.status_code == 400, answer.text
+                error = answer.json()["error"]
+                assert "resolves to" in error["message"] and "a loopback address" in error["message"], error
+                assert error.get("code", "remote_image_refused") == "remote_image_refused"
+    finally:
+        server.stop()
+        images.shutdown()
+    assert Images.asked == 0  # refused before any connection
+
+
+@pytest.mark.model
+def test_an_image_in_an_anthropic_tool_result_reaches_the_model(vision_server):
+    import base64
+
+    def turn(result: list[dict]) -> list[dict]:
+        call = {"type": "tool_use", "id": "toolu_1", "name": "screenshot", "input": {}}
+        return [{"role": "user", "content": "Take a screenshot."}, {"role": "assistant", "content": [call]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": result}]}]  # fmt: skip
+
+    claude = _claude(vision_server)
+    text = {"type": "text", "text": "the screen:"}
+    source = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(png(32, 32, seed=8)).decode()}
+    without = claude.messages.count_tokens(model="m", messages=turn([text]))
+    with_image = claude.messages.count_tokens(model="m", messages=turn([text, {"type": "image", "source": source}]))
+    assert IMAGE_TOKENS + 2 < with_image.input_tokens - without.input_tokens <= IMAGE_TOKENS + 64
+    message = claude.messages.create(
+        model="m", max_tokens=2, messages=turn([text, {"type": "image", "source": source}])
+    )
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == with_image.input_tokens
+
+
+@pytest.mark.model
+def test_an_image_in_a_responses_function_call_output_reaches_the_model(vision_server):
+    from tests.images import data_url
+
+    def turn(output: list[dict]) -> list[dict]:
+        return [{"role": "user", "content": "Take a screenshot."},
+                {"type": "function_call", "call_id": "call_1", "name": "screenshot", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": output}]  # fmt: skip
+
+    client = vision_server.client()
+    text = {"type": "input_text", "text": "the screen:"}
+    image = {"type": "input_image", "image_url": data_url(png(32, 24, seed=11))}
+    without = client.responses.create(model="m", input=turn([text]), max_output_tokens=1, store=False)
+    with_image = client.responses.create(model="m", input=turn([text, image]), max_output_tokens=1, store=False)
+    assert IMAGE_TOKENS + 2 < with_image.usage.input_tokens - without.usage.input_tokens <= IMAGE_TOKENS + 64

@@ -45,7 +45,8 @@ from deployer.runtime.access import CLIENT_CLOSED, AccessLog, RequestLog, log_of
 from deployer.runtime.calls import Responder, completion_prompt, generation, json_grammar, run_embedding
 from deployer.runtime.config import RuntimeConfig
 from deployer.runtime.engine import Engine, Job
-from deployer.runtime.media import Image, limits_of, take_request_images
+from deployer.runtime.fetch import inline_remote_images
+from deployer.runtime.media import CHAT, MESSAGES, RESPONSES, Image, Shape, limits_of, take_request_images
 from deployer.runtime.protocol import ApiError, bad_request, normalize_embedding, parse_json
 from deployer.runtime.protocols import messages, openai, responses
 from deployer.runtime.protocols.request import GenerationRequest
@@ -212,7 +213,7 @@ class _Api:
 
     async def chat(self, request: Request) -> Response:
         self._require_ready()
-        raw, marker, images = take_request_images(await self._json(request), limits_of(self.config))
+        raw, marker, images = await self._take_images(await self._json(request), CHAT)
         decoded = openai.decode_chat(raw)
         work, parsers = await self._chat_generation(decoded, marker, images)
         return await self._generate(
@@ -233,13 +234,17 @@ class _Api:
 
     async def responses(self, request: Request) -> Response:
         self._require_ready()
-        call = responses.decode(await self._json(request), self.store)
+        body = await self._json(request)
+        # the images of the turns before (previous_response_id) stand under their own marker: this turn's join them
+        before, carried = self.store.media(body.get("previous_response_id") if isinstance(body, dict) else None)
+        raw, marker, images = await self._take_images(body, RESPONSES, marker=before or None, carried=len(carried))
+        images = [*carried, *images]
+        call = responses.decode(raw, self.store)
         if call.dropped:  # Codex's default web_search: left out, and said so (here and in a header)
             logs.event("hosted_tools_left_out", tools=list(call.dropped), route="/v1/responses")
-        work, parsers = await self._chat_generation(call.request)
-        encoder = responses.ResponsesEncoder(
-            call, parsers[0], self.config.model_name, self._count_tokens, self.store.put if call.store else None
-        )
+        work, parsers = await self._chat_generation(call.request, marker, images)
+        keep = partial(self.store.put, media=(marker, tuple(images))) if call.store else None
+        encoder = responses.ResponsesEncoder(call, parsers[0], self.config.model_name, self._count_tokens, keep)
         response = await self._generate(request, call.request.stream, work, encoder)
         if call.dropped:
             response.headers["x-gguf-deploy-dropped-tools"] = ",".join(call.dropped)
@@ -255,8 +260,9 @@ class _Api:
 
     async def messages(self, request: Request) -> Response:
         self._require_ready()
-        decoded = messages.decode(await self._json(request))
-        work, parsers = await self._chat_generation(decoded)
+        raw, marker, images = await self._take_images(await self._json(request), MESSAGES)
+        decoded = messages.decode(raw)
+        work, parsers = await self._chat_generation(decoded, marker, images)
         tally_holder: list[Job] = []
         encoder = messages.MessagesEncoder(
             parsers[0], self.config.model_name, tuple(decoded.stop), _LazyTally(tally_holder)
@@ -265,10 +271,16 @@ class _Api:
 
     async def count_tokens(self, request: Request) -> Response:
         self._require_ready()
-        decoded = messages.decode(await self._json(request), counting=True)
-        rendered = self._render(decoded)
-        prompt = self.engine.model.tokenize(rendered.prompt, add_special=rendered.add_bos)
-        return JSONResponse({"input_tokens": len(prompt)})
+        raw, marker, images = await self._take_images(await self._json(request), MESSAGES)
+        rendered = self._render(messages.decode(raw, counting=True))
+        model = self.engine.model
+        if not images:
+            return JSONResponse({"input_tokens": len(model.tokenize(rendered.prompt, add_special=rendered.add_bos))})
+        media = await asyncio.to_thread(
+            media_prompt, model, rendered.prompt, add_bos=rendered.add_bos, marker=marker, images=images
+        )
+        media.free()  # counted, never run
+        return JSONResponse({"input_tokens": len(media.tokens)})
 
     async def tokenize(self, request: Request) -> Response:
         self._require_ready()
@@ -317,6 +329,14 @@ class _Api:
         return await self._result(request, job)
 
     # -- chat: one rendering for every protocol
+
+    async def _take_images(self, body: Any, shape: Shape, **carry: Any) -> tuple[Any, str, list[Image]]:
+        """The body with its images taken out (``media.take_request_images``), remote ones fetched first
+        when the manifest turns them on (``deployer.runtime.fetch``)."""
+        limits = limits_of(self.config)
+        if limits.remote and limits.projector:
+            body = await inline_remote_images(body, shape, limits)
+        return take_request_images(body, limits, shape, **carry)
 
     def _render(self, decoded: GenerationRequest) -> Any:
         template = self.engine.chat_template

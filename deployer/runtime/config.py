@@ -66,6 +66,8 @@ class RuntimeConfig:
     max_images: int = 8  # images per request (a 400 names the limit beyond it)
     max_image_bytes: int = 20 * 1024 * 1024  # one image's encoded bytes (413 beyond)
     max_image_pixels: int = 50_000_000  # one image's width × height (400 beyond: decoding it would take GBs)
+    remote_images: bool = False  # fetch http(s) image URLs (public addresses only: deployer.runtime.fetch)
+    remote_image_timeout_s: float = 10.0  # one remote image, from the lookup to its last byte
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +151,7 @@ def runtime_config(
         ctx_checkpoints=server.ctx_checkpoints,
         chat_format=server.chat_format,
         embeddings=server.embeddings,
+        remote_images=server.remote_images,
         reasoning_format=server.reasoning_format,
         thinking=server.thinking,
         concurrency=scaling.concurrency or default_concurrency(slots),

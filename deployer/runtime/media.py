@@ -3,10 +3,17 @@
 Pure (no llama.cpp): runs on the event loop before anything reaches the model thread.
 
     MediaLimits                     images per request, bytes and pixels per image (RuntimeConfig's)
-    take_images(messages, ...)      Chat Completions messages → the same messages with every image part
-                                    replaced by a text part holding a per-request marker, and the images
+    CHAT, RESPONSES, MESSAGES       where each protocol keeps its images (:class:`Shape`)
+    take_request_images(body, ...)  a request body → the same body with every image part replaced by a
+                                    text part holding a per-request marker, the marker, and the images
     image_from_bytes(mime, data)    a (mime, bytes) part of any protocol → :class:`Image` (sniffed, checked)
-    image_part(image, marker)       what :func:`take_images` puts where an image stood; for other protocols
+    map_image_parts(body, shape, f) each image part of a body through f (also for deployer.runtime.fetch)
+    image_part(marker)              what stands where an image stood
+
+Chat Completions ``image_url`` parts, Responses ``input_image`` parts and Anthropic ``image`` blocks
+are taken out before the protocol's decoder sees them, so every protocol reaches the model through
+the same path (``app._chat_generation``) with the same limits; errors name the part as the protocol
+spells it (``messages[0].content[1]``, ``input[0].content[1]``).
 
 The marker is random per request, so no text a user sends can pose as an image. After the chat
 template has rendered the prompt, :func:`split_prompt` cuts it at the markers: the text between them
@@ -25,6 +32,7 @@ import hashlib
 import re
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +40,6 @@ from deployer.runtime.protocol import ApiError, bad_request
 
 FORMATS = ("PNG", "JPEG", "WebP", "GIF")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,", re.IGNORECASE)
-IMAGE_PART_TYPES = ("image_url", "input_image", "image")
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class MediaLimits:
     max_images: int
     max_bytes: int
     max_pixels: int
+    remote: bool = False  # http(s) image URLs are fetched (deployer.runtime.fetch); else a 400
+    fetch_timeout_s: float = 10.0  # one remote image: lookup, connection and body
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,8 @@ def limits_of(config: Any) -> MediaLimits:
         max_images=config.max_images,
         max_bytes=config.max_image_bytes,
         max_pixels=config.max_image_pixels,
+        remote=config.remote_images,
+        fetch_timeout_s=config.remote_image_timeout_s,
     )
 
 
@@ -72,125 +83,217 @@ def new_marker() -> str:
     return f"<__image_{secrets.token_hex(8)}__>"
 
 
-def take_request_images(body: Any, limits: MediaLimits) -> tuple[Any, str, list[Image]]:
-    """A Chat Completions body with its images taken out (see :func:`take_images`), its marker, the images."""
-    marker = new_marker()
-    if not isinstance(body, dict):
-        return body, marker, []
-    messages, images = take_images(body.get("messages"), limits, marker)
-    return ({**body, "messages": messages} if images else body), marker, images
+@dataclass(frozen=True)
+class Shape:
+    """Where a protocol keeps its images, and how it spells what stands in for one."""
+
+    field: str  # the body's list of messages: "messages" (Chat, Anthropic) or "input" (Responses)
+    image_types: tuple[str, ...]  # the part types that carry an image
+    text_type: str  # the text part that stands where an image stood
+    read: Callable[[dict[str, Any], str, MediaLimits, str], Image]  # (part, where, limits, param) → Image
+    nested: tuple[str, ...] = ()  # part types whose own content may hold images (Anthropic's tool_result)
+    content_keys: tuple[str, ...] = ("content",)  # where a message (or item) keeps its parts
+
+
+def take_request_images(
+    body: Any, limits: MediaLimits, shape: Shape | None = None, *, marker: str | None = None, carried: int = 0
+) -> tuple[Any, str, list[Image]]:
+    """``body`` with each image part replaced by a text part holding the marker, the marker, and the images.
+
+    ``shape`` is the protocol's (:data:`CHAT` when None). ``marker`` and ``carried`` continue an
+    earlier request whose ``carried`` images stand in its stored turns under that marker (Responses'
+    ``previous_response_id``): they count against the request's image limit. Raises
+    :class:`ApiError` (4xx) for an image the model cannot take, naming the part.
+    """
+    shape = shape or CHAT
+    marker = marker or new_marker()
+    images: list[Image] = []
+
+    def take(part: dict[str, Any], where: str) -> dict[str, Any]:
+        if part.get("type") == "input_audio":
+            raise bad_request(f"{where}: audio input is not supported by this server yet", shape.field)
+        if not limits.projector:
+            raise _no_projector(where, shape.field)
+        if carried + len(images) >= limits.max_images:
+            raise bad_request(
+                f"{where}: too many images: at most {limits.max_images} images per request"
+                + (f" ({carried} of them in the earlier turns)" if carried else ""),
+                shape.field,
+                "too_many_images",
+            )
+        images.append(shape.read(part, where, limits, shape.field))
+        return image_part(marker, shape.text_type)
+
+    return map_image_parts(body, shape, take, also=("input_audio",)), marker, images
+
+
+def map_image_parts(
+    body: Any, shape: Shape, change: Callable[[dict[str, Any], str], dict[str, Any]], also: tuple[str, ...] = ()
+) -> Any:
+    """``body`` with ``change(part, where)`` in place of each image part (and of each part of a type in
+    ``also``), in message content and in the content of a ``shape.nested`` part (an Anthropic
+    ``tool_result``). The same object when nothing changed. Anything not a list of parts is left for
+    the protocol's own checks (which name it)."""
+    kinds = (*shape.image_types, *also)
+
+    def parts(content: list[Any], where: str) -> list[Any]:
+        out = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in kinds:
+                out.append(change(part, f"{where}[{j}]"))
+            elif kind in shape.nested and isinstance(part.get("content"), list):
+                inner = parts(part["content"], f"{where}[{j}].content")
+                out.append(part if inner == part["content"] else {**part, "content": inner})
+            else:
+                out.append(part)
+        return out
+
+    messages = body.get(shape.field) if isinstance(body, dict) else None
+    if not isinstance(messages, list):
+        return body
+    changed = False
+    out = []
+    for i, message in enumerate(messages):
+        for key in shape.content_keys if isinstance(message, dict) else ():
+            content = message.get(key)
+            if isinstance(content, list):
+                new = parts(content, f"{shape.field}[{i}].{key}")
+                if new != content:
+                    message, changed = {**message, key: new}, True
+        out.append(message)
+    return {**body, shape.field: out} if changed else body
 
 
 def take_images(messages: Any, limits: MediaLimits, marker: str) -> tuple[Any, list[Image]]:
-    """The messages with each image part replaced by ``{"type": "text", "text": marker}``, and the images.
-
-    Messages that are not lists of parts are left for the protocol's own checks (which name them).
-    Raises :class:`ApiError` (4xx) for an image the model cannot take, naming the part.
-    """
-    if not isinstance(messages, list):
-        return messages, []
-    images: list[Image] = []
-    out = []
-    for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            out.append(message)
-            continue
-        parts = []
-        for j, part in enumerate(content):
-            if isinstance(part, dict) and part.get("type") == "input_audio":
-                raise bad_request(
-                    f"messages[{i}].content[{j}]: audio input is not supported by this server yet", "messages"
-                )
-            if not (isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES):
-                parts.append(part)
-                continue
-            where = f"messages[{i}].content[{j}]"
-            if not limits.projector:
-                raise bad_request(
-                    f"{where}: this model has no vision projector: it reads text only "
-                    '(a manifest names one with mmproj = "mmproj-...gguf")',
-                    "messages",
-                    "unsupported_content_type",
-                )
-            if len(images) >= limits.max_images:
-                raise bad_request(
-                    f"{where}: too many images: at most {limits.max_images} images per request", "messages",
-                    "too_many_images",
-                )  # fmt: skip
-            images.append(_image_of(part, where, limits))
-            parts.append(image_part(marker))
-        out.append({**message, "content": parts})
-    return out, images
+    """Chat Completions messages with their images taken out (see :func:`take_request_images`)."""
+    body, _, images = take_request_images({"messages": messages}, limits, CHAT, marker=marker)
+    return body["messages"], images
 
 
-def image_part(marker: str) -> dict[str, str]:
+def image_part(marker: str, text_type: str = "text") -> dict[str, str]:
     """The text part that stands where an image stood, until the prompt is split at it."""
-    return {"type": "text", "text": marker}
+    return {"type": text_type, "text": marker}
 
 
-def _image_of(part: dict[str, Any], where: str, limits: MediaLimits) -> Image:
+def _no_projector(where: str, param: str) -> ApiError:
+    return bad_request(
+        f"{where}: this model has no vision projector: it reads text only "
+        '(a manifest names one with mmproj = "mmproj-...gguf")',
+        param,
+        "unsupported_content_type",
+    )
+
+
+def _remote(where: str, param: str) -> ApiError:
+    return bad_request(
+        f"{where}: remote image URLs are not fetched by this server (fetching arbitrary URLs from it would "
+        "be a server-side request forgery risk): send the image inline as base64 data",
+        param,
+        "remote_image_url",
+    )
+
+
+def _chat_image(part: dict[str, Any], where: str, limits: MediaLimits, param: str) -> Image:
+    """A Chat Completions ``image_url`` part: ``{"image_url": {"url": "data:..."}}``."""
     url = part.get("image_url")
     if isinstance(url, dict):
         url = url.get("url")
     if not isinstance(url, str):
-        raise bad_request(f'{where}.image_url must be {{"url": "data:image/png;base64,..."}}', "messages")
-    if url.startswith(("http://", "https://")):
+        raise bad_request(f'{where}.image_url must be {{"url": "data:image/png;base64,..."}}', param)
+    return _from_url(url, where, limits, param)
+
+
+def _responses_image(part: dict[str, Any], where: str, limits: MediaLimits, param: str) -> Image:
+    """A Responses ``input_image`` part: ``{"image_url": "data:...", "detail": ...}``; a ``file_id`` is refused."""
+    if part.get("file_id") is not None:
         raise bad_request(
-            f"{where}: remote image URLs are not fetched by this server (fetching arbitrary URLs from it would "
-            "be a server-side request forgery risk): send the image inline as a data: URL "
-            "(data:image/png;base64,...)",
-            "messages",
-            "remote_image_url",
+            f"{where}.file_id: files uploaded to OpenAI cannot be read by this server: send the image inline "
+            'as "image_url": "data:image/png;base64,..."',
+            param,
+            "unsupported_file_id",
         )
+    url = part.get("image_url")
+    if not isinstance(url, str):
+        raise bad_request(f'{where}.image_url must be a data: URL string ("data:image/png;base64,...")', param)
+    return _from_url(url, where, limits, param)
+
+
+def _anthropic_image(part: dict[str, Any], where: str, limits: MediaLimits, param: str) -> Image:
+    """An Anthropic ``image`` block: ``{"source": {"type": "base64", "media_type": ..., "data": ...}}``."""
+    source = part.get("source")
+    shape = '{"type": "base64", "media_type": "image/png", "data": "..."}'
+    if not isinstance(source, dict):
+        raise bad_request(f"{where}.source must be {shape}", param)
+    kind = source.get("type")
+    if kind == "url":
+        raise _remote(f"{where}.source", param)
+    if kind != "base64":
+        raise bad_request(f"{where}.source.type {kind!r} is not supported: send {shape}", param)
+    data, mime = source.get("data"), source.get("media_type", "")
+    if not isinstance(data, str) or not isinstance(mime, str):
+        raise bad_request(f"{where}.source must be {shape}", param)
+    return _from_base64(data, mime, where, limits, param)
+
+
+def _from_url(url: str, where: str, limits: MediaLimits, param: str) -> Image:
+    if url.startswith(("http://", "https://")):
+        raise _remote(where, param)
     match = _DATA_URL.match(url)
     if match is None:
-        raise bad_request(f"{where}: the image URL must be a base64 data: URL (data:image/png;base64,...)", "messages")
-    encoded = url[match.end() :]
-    if len(encoded) * 3 // 4 > limits.max_bytes + 3:
-        raise _too_big(where, len(encoded) * 3 // 4, limits.max_bytes)
+        raise bad_request(f"{where}: the image URL must be a base64 data: URL (data:image/png;base64,...)", param)
+    return _from_base64(url[match.end() :], match["mime"] or "", where, limits, param)
+
+
+def _from_base64(encoded: str, mime: str, where: str, limits: MediaLimits, param: str) -> Image:
+    if len(encoded) * 3 // 4 > limits.max_bytes + 3:  # refused before decoding megabytes
+        raise too_big(where, len(encoded) * 3 // 4, limits.max_bytes, param)
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        raise bad_request(f"{where}: the image's data: URL is not valid base64", "messages") from None
-    return image_from_bytes(match["mime"] or "", data, where, limits)
+        raise bad_request(f"{where}: the image's base64 data is not valid base64", param) from None
+    return image_from_bytes(mime, data, where, limits, param)
 
 
-def image_from_bytes(mime: str, data: bytes, where: str, limits: MediaLimits) -> Image:
+CHAT = Shape("messages", ("image_url", "input_image", "image"), "text", _chat_image)
+# a Responses function_call_output's output may be a list of parts too (a tool's screenshot)
+RESPONSES = Shape("input", ("input_image",), "input_text", _responses_image, content_keys=("content", "output"))
+MESSAGES = Shape("messages", ("image",), "text", _anthropic_image, nested=("tool_result",))
+
+
+def image_from_bytes(mime: str, data: bytes, where: str, limits: MediaLimits, param: str = "messages") -> Image:
     """An image from its bytes, whichever protocol carried them (Chat ``image_url``, Responses
     ``input_image``, Anthropic ``image``): the format sniffed, the size checked. ``mime`` is only
     used to name an unsupported declared type (SVG)."""
     if not limits.projector:
-        raise bad_request(f"{where}: this model has no vision projector: it reads text only", "messages")
+        raise _no_projector(where, param)
     if not data:
-        raise bad_request(f"{where}: the image is empty (0 bytes)", "messages", "invalid_image")
+        raise bad_request(f"{where}: the image is empty (0 bytes)", param, "invalid_image")
     if len(data) > limits.max_bytes:
-        raise _too_big(where, len(data), limits.max_bytes)
+        raise too_big(where, len(data), limits.max_bytes, param)
     sniffed = sniff(data)
     if sniffed is None:
         declared = f" ({mime})" if mime else ""
         kind = "an SVG drawing" if b"<svg" in data[:1024].lower() or "svg" in mime.lower() else "not an image"
-        raise bad_request(
-            f"{where}: {kind}{declared}: images must be {', '.join(FORMATS)}", "messages", "invalid_image"
-        )
+        raise bad_request(f"{where}: {kind}{declared}: images must be {', '.join(FORMATS)}", param, "invalid_image")
     fmt, width, height = sniffed
     if width <= 0 or height <= 0:
-        raise bad_request(f"{where}: the {fmt} image says it is {width} × {height} pixels", "messages", "invalid_image")
+        raise bad_request(f"{where}: the {fmt} image says it is {width} × {height} pixels", param, "invalid_image")
     if width * height > limits.max_pixels:
         raise bad_request(
             f"{where}: the image is {width} × {height} = {width * height:,} pixels; at most {limits.max_pixels:,} "
             "pixels per image",
-            "messages",
+            param,
             "image_too_large",
         )
     return Image(fmt, data, width, height)
 
 
-def _too_big(where: str, size: int, cap: int) -> ApiError:
+def too_big(where: str, size: int, cap: int, param: str) -> ApiError:
     return ApiError(
         413,
         f"{where}: the image is {size:,} bytes; at most {cap:,} bytes per image",
-        param="messages",
+        param=param,
         code="image_too_large",
     )
 

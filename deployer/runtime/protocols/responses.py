@@ -166,7 +166,7 @@ def _text(content: Any, where: str) -> str:
             value = part.get("refusal")
         else:
             raise bad_request(
-                f"{where}[{j}]: content of type {kind!r} is not supported: this model reads text only",
+                f"{where}[{j}]: content of type {kind!r} is not supported here (input_text; input_image in a message)",
                 "input",
                 "unsupported_content_type",
             )

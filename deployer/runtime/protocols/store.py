@@ -1,6 +1,9 @@
 """The Responses API's store: responses kept in this container's memory, for ``previous_response_id``
 and ``GET`` / ``DELETE /v1/responses/{id}``. Bounded (LRU, in count and in bytes), never persisted:
-an id from another replica, or from before a restart, is a 404 that says so."""
+an id from another replica, or from before a restart, is a 404 that says so.
+
+A conversation with images keeps them beside its turns, with the marker that stands for them in
+the turns' text (``deployer.runtime.media``): a follow-up turn carries them into its own prompt."""
 
 from __future__ import annotations
 
@@ -8,7 +11,11 @@ import json
 from collections import OrderedDict
 from typing import Any
 
+from deployer.runtime.media import Image
 from deployer.runtime.protocol import ApiError
+
+Media = tuple[str, tuple[Image, ...]]  # the marker in the stored turns' text, and the images it stands for
+NO_MEDIA: Media = ("", ())
 
 
 class ResponseStore:
@@ -18,18 +25,26 @@ class ResponseStore:
     def __init__(self, max_items: int = 1000, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_items, self.max_bytes = max_items, max_bytes
         self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]], int]] = OrderedDict()
+        self._media: dict[str, Media] = {}
         self.bytes = 0
 
-    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
-        size = len(json.dumps(response)) + len(json.dumps(conversation))
+    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]], media: Media = NO_MEDIA) -> None:
+        size = len(json.dumps(response)) + len(json.dumps(conversation)) + sum(len(i.data) for i in media[1])
         if size > self.max_bytes:
             return  # larger than the whole store: kept nowhere rather than emptying it
         self.delete(response["id"])
         self._items[response["id"]] = (response, conversation, size)
+        if media[1]:
+            self._media[response["id"]] = media
         self.bytes += size
         while len(self._items) > self.max_items or self.bytes > self.max_bytes:
-            _, (_, _, dropped) = self._items.popitem(last=False)
+            dropped_id, (_, _, dropped) = self._items.popitem(last=False)
+            self._media.pop(dropped_id, None)
             self.bytes -= dropped
+
+    def media(self, response_id: Any) -> Media:
+        """The images of a stored conversation and their marker (none for an id not stored: get() says so)."""
+        return self._media.get(response_id, NO_MEDIA) if isinstance(response_id, str) else NO_MEDIA
 
     def get(self, response_id: str, param: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if response_id not in self._items:
@@ -46,6 +61,7 @@ class ResponseStore:
 
     def delete(self, response_id: str) -> bool:
         entry = self._items.pop(response_id, None)
+        self._media.pop(response_id, None)
         if entry is not None:
             self.bytes -= entry[2]
         return entry is not None
