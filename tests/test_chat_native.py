@@ -35,6 +35,13 @@ TOKYO = [("get_time", {"city": "Tokyo"})]
 THOUGHT = "I'm\nthinking"
 OFF, ON = {"enable_thinking": False}, {"enable_thinking": True}
 
+# MiniMax M3: each argument is written as <KEY>value</KEY> (the key is the tag), every marker after ]<]minimax[>[
+NS = "]<]minimax[>["
+M3_BLOCK = NS + "<tool_call>\n{}" + NS + "</tool_call>"
+M3_TOKYO = f'{NS}<invoke name="get_time">{NS}<city>Tokyo{NS}</city>{NS}</invoke>\n'
+M3_SPECIAL = f'{NS}<invoke name="special_function">{NS}<arg1>1{NS}</arg1>{NS}</invoke>\n'
+M3_EMPTY = f'{NS}<invoke name="empty_args">{NS}</invoke>\n'
+
 # (template, variables, native output, content, calls, reasoning)
 CASES = [
     pytest.param("openai-gpt-oss-120b", {}, "<|channel|>analysis<|message|>I'm\nthinking<|end|><|start|>assistant"
@@ -79,6 +86,21 @@ CASES = [
                  "</invoke>\n</minimax:tool_call>", None, [("empty_args", {})], "Let's call a tool:", id="minimax-m2"),
     pytest.param("MiniMax-M2", ON, '\n</think>\n\n<minimax:tool_call>\n<invoke name="special_function">\n<parameter '
                  'name="arg1">1</parameter>\n</invoke>\n</minimax:tool_call>', None, CALL, None, id="minimax-m2-param"),
+    pytest.param("MiniMax-M3", {}, "</mm:think>Hello, world!\nWhat's up?", "Hello, world!\nWhat's up?", [], None,
+                 id="minimax-m3-bare-think-close"),
+    pytest.param("MiniMax-M3", {}, "<mm:think>I'm\nthinking</mm:think>Hello, world!\nWhat's up?",
+                 "Hello, world!\nWhat's up?", [], THOUGHT, id="minimax-m3-thinking"),
+    pytest.param("MiniMax-M3", {}, "<mm:think>Let me check the time</mm:think>" + M3_BLOCK.format(M3_TOKYO), None,
+                 TOKYO, "Let me check the time", id="minimax-m3-call"),
+    pytest.param("MiniMax-M3", {}, "</mm:think>" + M3_BLOCK.format(M3_SPECIAL), None, CALL, None,
+                 id="minimax-m3-integer"),
+    pytest.param("MiniMax-M3", {}, "<mm:think>Let's call a tool:</mm:think>" + M3_BLOCK.format(M3_EMPTY), None,
+                 [("empty_args", {})], "Let's call a tool:", id="minimax-m3-no-arguments"),
+    pytest.param("MiniMax-M3", {}, "<mm:think>Calling both</mm:think>" + M3_BLOCK.format(M3_TOKYO + M3_SPECIAL), None,
+                 [*TOKYO, *CALL], "Calling both", id="minimax-m3-two-calls"),
+    pytest.param("MiniMax-M3", {}, "<mm:think>Thinking about it</mm:think>Let me call the function."
+                 + M3_BLOCK.format(M3_SPECIAL), "Let me call the function.", CALL, "Thinking about it",
+                 id="minimax-m3-text-then-call"),
     pytest.param("Qwen3.5-4B", ON, "I'm\nthinking\n</think>\n\nHello, world!\nWhat's up?", "Hello, world!\nWhat's up?",
                  [], THOUGHT, id="qwen3.5-thinking"),
     pytest.param("Qwen3.5-4B", OFF, "<tool_call>\n<function=special_function>\n<parameter=arg1>\n1\n</parameter>\n"

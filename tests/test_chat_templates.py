@@ -30,10 +30,7 @@ NO_TOOLS = {
     "microsoft-Phi-3.5-mini-instruct",
 }
 # Templates whose syntax the learner gets wrong, and why (each still answers: its calls come back as text).
-KNOWN_WRONG = {
-    # the argument's key is the name of its closing tag (</city>): no fixed closing marker to learn
-    "MiniMax-M3": "argument keys are tag names",
-}
+KNOWN_WRONG: dict[str, str] = {}
 PARIS = ("get_weather", {"city": "Paris"})
 DO_IT = ("do_it", {"n": 42, "tags": ["a", "b"], "note": "two\nlines"})
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from deployer.runtime.chat_families import Syntax
+from deployer.runtime.chat_families import KEY_HOLE, Syntax
 
 NAME_A, NAME_B = "fn_alpha", "fn_bravo"  # equal lengths: the second call lines up with the first
 KEY, KEY2, VALUE, VALUE2, NUMBER = "pk_alpha", "pk_bravo", "VAL_XQ", "VAL_YQ", 73519
@@ -285,15 +285,17 @@ def _learn_tagged(r1: str, r2: str, region: Callable[[str], str], r: Callable[..
     k, v = param.find(KEY), param.find(VALUE)
     if k < 0 or v < k:
         raise NotLearned("an argument is not written as key then value")
+    # a closing marker that repeats the key (MiniMax M3's <city>Paris</city>) holds it as a hole
+    value_close = param[v + len(VALUE) :].replace(KEY, KEY_HOLE)
     syntax = Syntax(
         "learned", "tagged", name_suffix=rest1[:p], call_close=rest1[len(rest1) - s :], indexed=indexed,
-        key_open=param[:k], key_close=param[k + len(KEY) : v], value_close=param[v + len(VALUE) :], **frame,
+        key_open=param[:k], key_close=param[k + len(KEY) : v], value_close=value_close, **frame,
     )  # fmt: skip
     number = rest_of({KEY: NUMBER})[p:]
     k2 = number.find(KEY)
     n = number.find(str(NUMBER))
     if k2 >= 0 and n > k2:
-        close = number[n + len(str(NUMBER)) : len(number) - len(syntax.call_close)]
+        close = number[n + len(str(NUMBER)) : len(number) - len(syntax.call_close)].replace(KEY, KEY_HOLE)
         syntax = replace(syntax, key_close_json=number[k2 + len(KEY) : n], value_close_json=close)
     else:
         syntax = replace(syntax, key_close_json=syntax.key_close, value_close_json=syntax.value_close)

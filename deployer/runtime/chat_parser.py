@@ -53,7 +53,11 @@ class _ThinkSplitter:
             head = self.pending.lstrip()
             if self.open and head.startswith(self.open):
                 self.state, self.pending = "think", head[len(self.open) :]
-            elif self.open and self.open.startswith(head) and not final:
+            elif self.close and head.startswith(self.close):
+                # an empty reasoning closed bare: MiniMax M3's template writes </mm:think> before an answer without any
+                self.state, out, self.pending = "content", head[len(self.close) :], ""
+                return "", out
+            elif any(m and m.startswith(head) for m in (self.open, self.close)) and not final:
                 return "", ""
             else:
                 self.state, out, self.pending = "content", self.pending, ""
