@@ -42,6 +42,9 @@ M3_TOKYO = f'{NS}<invoke name="get_time">{NS}<city>Tokyo{NS}</city>{NS}</invoke>
 M3_SPECIAL = f'{NS}<invoke name="special_function">{NS}<arg1>1{NS}</arg1>{NS}</invoke>\n'
 M3_EMPTY = f'{NS}<invoke name="empty_args">{NS}</invoke>\n'
 
+# Ministral 3 Reasoning: its template writes reasoning only from a content part of type "thinking"
+MINISTRAL = "mistralai-Ministral-3-14B-Reasoning-2512"
+
 # (template, variables, native output, content, calls, reasoning)
 CASES = [
     pytest.param("openai-gpt-oss-120b", {}, "<|channel|>analysis<|message|>I'm\nthinking<|end|><|start|>assistant"
@@ -113,6 +116,16 @@ CASES = [
                  None, CALL, None, id="llama-3.3-json"),
     pytest.param("mistralai-Mistral-Nemo-Instruct-2407", {}, '[TOOL_CALLS][{"name": "special_function", "arguments": '
                  '{"arg1": 1}, "id": "123456789"}]', None, CALL, None, id="mistral-nemo"),
+    pytest.param(MINISTRAL, {}, "Hello, world!\nWhat's up?", "Hello, world!\nWhat's up?", [], None,
+                 id="ministral-3-reasoning-plain"),
+    pytest.param(MINISTRAL, {}, "[THINK]I'm\nthinking[/THINK]Hello, world!\nWhat's up?", "Hello, world!\nWhat's up?",
+                 [], THOUGHT, id="ministral-3-reasoning-thinking"),
+    pytest.param(MINISTRAL, {}, '[THINK]I\'m\nthinking[/THINK][TOOL_CALLS]special_function[ARGS]{"arg1":1}', None, CALL,
+                 THOUGHT, id="ministral-3-reasoning-call"),
+    pytest.param(MINISTRAL, {}, '[THINK]Let me think about [TOOL_CALLS]special_function[ARGS]{"arg1":1} and more[/THINK]'
+                 '[TOOL_CALLS]special_function[ARGS]{"arg1": 1}', None, CALL,
+                 'Let me think about [TOOL_CALLS]special_function[ARGS]{"arg1":1} and more',
+                 id="ministral-3-reasoning-call-marker-in-reasoning"),
     pytest.param("Mistral-Small-3.2-24B-Instruct-2506", {}, '[TOOL_CALLS]special_function[CALL_ID]123456789[ARGS]'
                  '{"arg1": 1}', None, CALL, None, id="mistral-small-3.2"),
     pytest.param("unsloth-mistral-Devstral-Small-2507", {}, '[TOOL_CALLS]special_function[ARGS]{"arg1": 1}', None, CALL,

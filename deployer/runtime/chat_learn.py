@@ -88,7 +88,7 @@ def _call(name: str, args: dict[str, Any]) -> dict[str, Any]:
     return {"id": CALL_ID, "type": "function", "function": {"name": name, "arguments": args}}
 
 
-def _conversation(content: str = "", calls: list[dict[str, Any]] | None = None, **extra: Any) -> list[dict[str, Any]]:
+def _conversation(content: Any = "", calls: list[dict[str, Any]] | None = None, **extra: Any) -> list[dict[str, Any]]:
     assistant: dict[str, Any] = {"role": "assistant", "content": content, **extra}
     if calls:
         assistant["tool_calls"] = calls
@@ -322,10 +322,15 @@ def _marker_after(text: str, at: int) -> str:
 def learn_reasoning(r: Callable[..., str]) -> tuple[str, str]:
     """(opening, closing) reasoning markers written around ``reasoning_content`` ("", "" when none)."""
     thinking = {"enable_thinking": True, "thinking": True}
-    probes = [(CONTENT, None, {}), (CONTENT, None, thinking), ("", [_call(NAME_A, {KEY: VALUE})], {})]
+    # a content part of type "thinking" (Mistral's [THINK] templates read reasoning only there)
+    parts = [{"type": "thinking", "thinking": REASON}, {"type": "text", "text": CONTENT}]
+    probes: list[tuple[Any, list[dict[str, Any]] | None, dict[str, Any]]] = [
+        (CONTENT, None, {}), (CONTENT, None, thinking), ("", [_call(NAME_A, {KEY: VALUE})], {}), (parts, None, {}),
+    ]  # fmt: skip
     for content, calls, variables in probes:  # some write reasoning only before calls (Command R7B)
+        extra = {} if isinstance(content, list) else {"reasoning_content": REASON}
         try:
-            text = r(_conversation(content, calls, reasoning_content=REASON), **variables)
+            text = r(_conversation(content, calls, **extra), **variables)
         except NotLearned:
             continue
         at = text.find(REASON)
