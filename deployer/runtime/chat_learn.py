@@ -33,6 +33,9 @@ PROBE_TOOL = {
     },
 }
 
+# reasoning as a content part of type "thinking" (Mistral's [THINK] templates read it only there)
+PARTS = [{"type": "thinking", "thinking": REASON}, {"type": "text", "text": CONTENT}]
+
 Render = Callable[[list[dict[str, Any]], bool, dict[str, Any]], str]
 
 
@@ -322,10 +325,8 @@ def _marker_after(text: str, at: int) -> str:
 def learn_reasoning(r: Callable[..., str]) -> tuple[str, str]:
     """(opening, closing) reasoning markers written around ``reasoning_content`` ("", "" when none)."""
     thinking = {"enable_thinking": True, "thinking": True}
-    # a content part of type "thinking" (Mistral's [THINK] templates read reasoning only there)
-    parts = [{"type": "thinking", "thinking": REASON}, {"type": "text", "text": CONTENT}]
     probes: list[tuple[Any, list[dict[str, Any]] | None, dict[str, Any]]] = [
-        (CONTENT, None, {}), (CONTENT, None, thinking), ("", [_call(NAME_A, {KEY: VALUE})], {}), (parts, None, {}),
+        (CONTENT, None, {}), (CONTENT, None, thinking), ("", [_call(NAME_A, {KEY: VALUE})], {}), (PARTS, None, {}),
     ]  # fmt: skip
     for content, calls, variables in probes:  # some write reasoning only before calls (Command R7B)
         extra = {} if isinstance(content, list) else {"reasoning_content": REASON}
@@ -347,3 +348,16 @@ def learn_reasoning(r: Callable[..., str]) -> tuple[str, str]:
             continue
         return opening, close
     return "", ""
+
+
+def reasoning_in_parts(r: Callable[..., str], markers: tuple[str, str]) -> bool:
+    """The template writes reasoning from a content part of type "thinking" only, never from
+    ``reasoning_content`` (Ministral 3 Reasoning): earlier turns' reasoning is passed to it that way.
+    The part must render as the reasoning block and nothing else (not a list printed as text)."""
+    try:
+        plain = r(_conversation(CONTENT))
+        as_field, as_part = r(_conversation(CONTENT, reasoning_content=REASON)), r(_conversation(PARTS))
+    except NotLearned:
+        return False
+    block = markers[0] + REASON + markers[1]
+    return REASON not in as_field and block in as_part and as_part.replace(block, "", 1) == plain
