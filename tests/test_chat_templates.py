@@ -121,6 +121,28 @@ def test_a_template(name):
     assert json.loads(streamed["tool_calls"][1]["function"]["arguments"]) == DO_IT[1]
 
 
+NESTED = ("do_it", {"n": 42, "tags": ["a", ["b"]], "point": {"x": 1.5, "label": "p"}, "note": "two\nlines"})
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in NAMES if loaded(n).syntax is not None and loaded(n).syntax.nested_lead is not None]
+)
+def test_objects_and_arrays_written_as_elements_parse_back(name):
+    """A template that writes objects and arrays as nested elements (MiniMax M3's <tags><item>a</item></tags>):
+    its own call with such arguments parses back to the same values."""
+    chat = loaded(name)
+    call = {"id": "call00001", "type": "function", "function": {"name": NESTED[0], "arguments": json.dumps(NESTED[1])}}
+    history = normalize_chat({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+                                           {"role": "tool", "tool_call_id": "call00001", "content": "done"}]})  # fmt: skip
+    prompt = chat.render(history.params["messages"], tools=TOOLS, tool_choice="auto").prompt
+    assert chat.syntax is not None and "<item>" in prompt, "the template writes the array as elements"
+    result = prompt.index("done")
+    text = prompt[prompt.rindex(chat.syntax.trigger, 0, result) : result]
+    rendered = chat.render(ASK, tools=TOOLS, tool_choice="auto")
+    message, _, _ = parse_whole(replace(rendered, spec=replace(rendered.spec, think_open=False)), text)
+    assert calls_of(message)[:1] == [NESTED], (text, message)
+
+
 # ## Grammars: a tiny random model under each template's grammar writes calls that parse back
 
 SMALL = [

@@ -51,6 +51,8 @@ class Syntax:
     key_close_json: str = ""
     value_close_json: str = ""
     param_separator: str = ""
+    nested_lead: str | None = None  # objects and arrays written as nested elements, not JSON (chat_nested)
+    item_key: str = ""  # the key of an array's elements (MiniMax M3's <item>)
     optional_open: str = ""  # a marker the model may write before its calls (Llama's <|python_tag|>)
     reasoning_open: str = ""
     reasoning_close: str = ""

@@ -306,6 +306,42 @@ def _learn_tagged(r1: str, r2: str, region: Callable[[str], str], r: Callable[..
     second = pair.find(syntax.key_open + KEY2) if syntax.key_open else pair.find(KEY2)
     if pair.startswith(param) and second >= len(param):
         syntax = replace(syntax, param_separator=pair[len(param) : second])
+    return _learn_nested(syntax, lambda args: rest_of(args)[p:])
+
+
+def _nested_text(syntax: Syntax, rest: str) -> str | None:
+    """The value text of the one argument KEY in ``rest`` (its element and the call's close), if it reads."""
+    param = rest[: len(rest) - len(syntax.call_close)] if rest.endswith(syntax.call_close) else ""
+    for key_close in {syntax.key_close, syntax.key_close_json}:
+        for value_close in {syntax.value_close, syntax.value_close_json}:
+            head, tail = syntax.key_open + KEY + key_close, value_close.replace(KEY_HOLE, KEY)
+            if param.startswith(head) and param.endswith(tail) and len(param) >= len(head) + len(tail):
+                return param[len(head) : len(param) - len(tail)]
+    return None
+
+
+def _learn_nested(syntax: Syntax, rest_of: Callable[[dict[str, Any]], str]) -> Syntax:
+    """Whether objects and arrays are written as nested elements (MiniMax M3), and the key of an array's items."""
+    from deployer.runtime.chat_nested import read_elements
+
+    try:
+        value = _nested_text(syntax, rest_of({KEY: {KEY2: VALUE2}}))
+        items = _nested_text(syntax, rest_of({KEY: [VALUE2, VALUE2]}))
+    except NotLearned:
+        return syntax
+    if value is None or items is None or f'"{KEY2}"' in value:
+        return syntax
+    inner = syntax.key_open + KEY2 + syntax.key_close + VALUE2 + syntax.value_close.replace(KEY_HOLE, KEY2)
+    # the element as the diffs cut it, or shifted by a marker text every element starts with
+    leads = [
+        inner[len(inner) - n :] for n in range(len(inner)) if inner[len(inner) - n :] + inner[: len(inner) - n] == value
+    ]
+    if not leads:
+        return syntax
+    syntax = replace(syntax, nested_lead=leads[0])
+    elements = read_elements(syntax, items)
+    if elements and len(elements) == 2 and elements[0] == elements[1] and elements[0][1] == VALUE2:
+        syntax = replace(syntax, item_key=elements[0][0])
     return syntax
 
 
