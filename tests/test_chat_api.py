@@ -279,6 +279,7 @@ REAL = [
     "Qwen3.5-4B",
     "GLM-4.7-Flash",
     "MiniMax-M2",
+    "MiniMax-M3",
     "Kimi-K2-Thinking",
     "openai-gpt-oss-120b",
     "deepseek-ai-DeepSeek-V3.1",

@@ -29,11 +29,42 @@ GET_TIME = {
     },
 }
 EMPTY = {"type": "function", "function": {"name": "empty_args", "parameters": {"type": "object", "properties": {}}}}
-TOOLS = [SPECIAL, GET_TIME, EMPTY]
+
+
+def _tool(name: str, properties: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": properties}}}
+
+
+NUMBER, INTEGER = {"type": "number"}, {"type": "integer"}
+TYPED = [
+    _tool("magic_int", {"ref": INTEGER, "name": {"type": "string"}}),
+    _tool("amount", {"orig": NUMBER}),
+    _tool("toggle", {"enabled": {"type": "boolean"}}),
+    _tool("imaginary_number", {"number": {"type": "object", "properties": {"real": NUMBER, "imaginary": NUMBER}}}),
+    _tool("nested_args", {"tags": {"type": "array", "items": {"type": "string"}},
+                          "entries": {"type": "array", "items": {"type": "object", "properties": {
+                              "id": INTEGER, "label": {"type": "string"}}}}}),
+]  # fmt: skip
+TOOLS = [SPECIAL, GET_TIME, EMPTY, *TYPED]
 CALL = [("special_function", {"arg1": 1})]
 TOKYO = [("get_time", {"city": "Tokyo"})]
 THOUGHT = "I'm\nthinking"
 OFF, ON = {"enable_thinking": False}, {"enable_thinking": True}
+
+# MiniMax M3: each argument is written as <KEY>value</KEY> (the key is the tag), every marker after ]<]minimax[>[
+NS = "]<]minimax[>["
+M3_BLOCK = NS + "<tool_call>\n{}" + NS + "</tool_call>"
+M3_TOKYO = f'{NS}<invoke name="get_time">{NS}<city>Tokyo{NS}</city>{NS}</invoke>\n'
+M3_SPECIAL = f'{NS}<invoke name="special_function">{NS}<arg1>1{NS}</arg1>{NS}</invoke>\n'
+M3_EMPTY = f'{NS}<invoke name="empty_args">{NS}</invoke>\n'
+
+
+def m3_invoke(name: str, *tags: str) -> str:
+    return f'{NS}<invoke name="{name}">' + "".join(NS + tag for tag in tags) + f"{NS}</invoke>\n"
+
+
+# Ministral 3 Reasoning: its template writes reasoning only from a content part of type "thinking"
+MINISTRAL = "mistralai-Ministral-3-14B-Reasoning-2512"
 
 # (template, variables, native output, content, calls, reasoning)
 CASES = [
@@ -79,6 +110,36 @@ CASES = [
                  "</invoke>\n</minimax:tool_call>", None, [("empty_args", {})], "Let's call a tool:", id="minimax-m2"),
     pytest.param("MiniMax-M2", ON, '\n</think>\n\n<minimax:tool_call>\n<invoke name="special_function">\n<parameter '
                  'name="arg1">1</parameter>\n</invoke>\n</minimax:tool_call>', None, CALL, None, id="minimax-m2-param"),
+    pytest.param("MiniMax-M3", {}, "</mm:think>Hello, world!\nWhat's up?", "Hello, world!\nWhat's up?", [], None,
+                 id="minimax-m3-bare-think-close"),
+    pytest.param("MiniMax-M3", {}, "<mm:think>I'm\nthinking</mm:think>Hello, world!\nWhat's up?",
+                 "Hello, world!\nWhat's up?", [], THOUGHT, id="minimax-m3-thinking"),
+    pytest.param("MiniMax-M3", {}, "<mm:think>Let me check the time</mm:think>" + M3_BLOCK.format(M3_TOKYO), None,
+                 TOKYO, "Let me check the time", id="minimax-m3-call"),
+    pytest.param("MiniMax-M3", {}, "</mm:think>" + M3_BLOCK.format(M3_SPECIAL), None, CALL, None,
+                 id="minimax-m3-integer"),
+    pytest.param("MiniMax-M3", {}, "<mm:think>Let's call a tool:</mm:think>" + M3_BLOCK.format(M3_EMPTY), None,
+                 [("empty_args", {})], "Let's call a tool:", id="minimax-m3-no-arguments"),
+    pytest.param("MiniMax-M3", {}, "<mm:think>Calling both</mm:think>" + M3_BLOCK.format(M3_TOKYO + M3_SPECIAL), None,
+                 [*TOKYO, *CALL], "Calling both", id="minimax-m3-two-calls"),
+    pytest.param("MiniMax-M3", {}, "<mm:think>Thinking about it</mm:think>Let me call the function."
+                 + M3_BLOCK.format(M3_SPECIAL), "Let me call the function.", CALL, "Thinking about it",
+                 id="minimax-m3-text-then-call"),
+    pytest.param("MiniMax-M3", {}, "</mm:think>" + M3_BLOCK.format(m3_invoke("magic_int", "<ref>-14", "</ref>",
+                 "<name>foo bar", "</name>")), None, [("magic_int", {"ref": -14, "name": "foo bar"})], None,
+                 id="minimax-m3-negative-and-string"),
+    pytest.param("MiniMax-M3", {}, "</mm:think>" + M3_BLOCK.format(m3_invoke("amount", "<orig>3.14", "</orig>")
+                 + m3_invoke("toggle", "<enabled>true", "</enabled>")), None,
+                 [("amount", {"orig": 3.14}), ("toggle", {"enabled": True})], None, id="minimax-m3-decimal-boolean"),
+    pytest.param("MiniMax-M3", {}, "<mm:think>Nested object</mm:think>" + M3_BLOCK.format(m3_invoke(
+                 "imaginary_number", "<number>", "<real>1.5", "</real>", "<imaginary>-2.5", "</imaginary>",
+                 "</number>")), None, [("imaginary_number", {"number": {"real": 1.5, "imaginary": -2.5}})],
+                 "Nested object", id="minimax-m3-nested-object"),
+    pytest.param("MiniMax-M3", {}, "<mm:think>Nested arrays</mm:think>" + M3_BLOCK.format(m3_invoke(
+                 "nested_args", "<tags>", "<item>alpha", "</item>", "<item>beta", "</item>", "</tags>", "<entries>",
+                 "<item>", "<id>1", "</id>", "<label>one", "</label>", "</item>", "</entries>")), None,
+                 [("nested_args", {"tags": ["alpha", "beta"], "entries": [{"id": 1, "label": "one"}]})],
+                 "Nested arrays", id="minimax-m3-nested-arrays"),
     pytest.param("Qwen3.5-4B", ON, "I'm\nthinking\n</think>\n\nHello, world!\nWhat's up?", "Hello, world!\nWhat's up?",
                  [], THOUGHT, id="qwen3.5-thinking"),
     pytest.param("Qwen3.5-4B", OFF, "<tool_call>\n<function=special_function>\n<parameter=arg1>\n1\n</parameter>\n"
@@ -91,6 +152,16 @@ CASES = [
                  None, CALL, None, id="llama-3.3-json"),
     pytest.param("mistralai-Mistral-Nemo-Instruct-2407", {}, '[TOOL_CALLS][{"name": "special_function", "arguments": '
                  '{"arg1": 1}, "id": "123456789"}]', None, CALL, None, id="mistral-nemo"),
+    pytest.param(MINISTRAL, {}, "Hello, world!\nWhat's up?", "Hello, world!\nWhat's up?", [], None,
+                 id="ministral-3-reasoning-plain"),
+    pytest.param(MINISTRAL, {}, "[THINK]I'm\nthinking[/THINK]Hello, world!\nWhat's up?", "Hello, world!\nWhat's up?",
+                 [], THOUGHT, id="ministral-3-reasoning-thinking"),
+    pytest.param(MINISTRAL, {}, '[THINK]I\'m\nthinking[/THINK][TOOL_CALLS]special_function[ARGS]{"arg1":1}', None, CALL,
+                 THOUGHT, id="ministral-3-reasoning-call"),
+    pytest.param(MINISTRAL, {}, '[THINK]Let me think about [TOOL_CALLS]special_function[ARGS]{"arg1":1} and more[/THINK]'
+                 '[TOOL_CALLS]special_function[ARGS]{"arg1": 1}', None, CALL,
+                 'Let me think about [TOOL_CALLS]special_function[ARGS]{"arg1":1} and more',
+                 id="ministral-3-reasoning-call-marker-in-reasoning"),
     pytest.param("Mistral-Small-3.2-24B-Instruct-2506", {}, '[TOOL_CALLS]special_function[CALL_ID]123456789[ARGS]'
                  '{"arg1": 1}', None, CALL, None, id="mistral-small-3.2"),
     pytest.param("unsloth-mistral-Devstral-Small-2507", {}, '[TOOL_CALLS]special_function[ARGS]{"arg1": 1}', None, CALL,

@@ -437,3 +437,19 @@ def test_the_sandbox_lets_templates_build_lists_but_not_reach_outside():
             assert refused.status == 400, sneaky
         else:
             assert leaked == "", (sneaky, leaked)
+
+
+def test_earlier_reasoning_reaches_a_template_that_reads_it_only_as_a_thinking_part():
+    from tests.test_chat_templates import loaded
+
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "reasoning_content": "PONDER"},
+        {"role": "user", "content": "Again"},
+    ]
+    ministral = loaded("mistralai-Ministral-3-14B-Reasoning-2512").render(history)
+    assert "[INST]Hi[/INST][THINK]PONDER[/THINK]Hello</s>[INST]Again" in ministral.prompt, ministral.prompt[-200:]
+    # a template that prints a content list as text, or reads reasoning_content itself, gets no parts
+    for name in ("LFM2.5-8B-A1B", "Qwen3.5-4B"):
+        prompt = loaded(name).render(history).prompt
+        assert "'type'" not in prompt and '"type"' not in prompt, (name, prompt[-200:])

@@ -30,10 +30,7 @@ NO_TOOLS = {
     "microsoft-Phi-3.5-mini-instruct",
 }
 # Templates whose syntax the learner gets wrong, and why (each still answers: its calls come back as text).
-KNOWN_WRONG = {
-    # the argument's key is the name of its closing tag (</city>): no fixed closing marker to learn
-    "MiniMax-M3": "argument keys are tag names",
-}
+KNOWN_WRONG: dict[str, str] = {}
 PARIS = ("get_weather", {"city": "Paris"})
 DO_IT = ("do_it", {"n": 42, "tags": ["a", "b"], "note": "two\nlines"})
 
@@ -122,6 +119,28 @@ def test_a_template(name):
     assert calls_of(streamed) == [PARIS, DO_IT] and streamed.get("content") == message.get("content")
     assert_deltas_add_up(streamed, deltas)
     assert json.loads(streamed["tool_calls"][1]["function"]["arguments"]) == DO_IT[1]
+
+
+NESTED = ("do_it", {"n": 42, "tags": ["a", ["b"]], "point": {"x": 1.5, "label": "p"}, "note": "two\nlines"})
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in NAMES if loaded(n).syntax is not None and loaded(n).syntax.nested_lead is not None]
+)
+def test_objects_and_arrays_written_as_elements_parse_back(name):
+    """A template that writes objects and arrays as nested elements (MiniMax M3's <tags><item>a</item></tags>):
+    its own call with such arguments parses back to the same values."""
+    chat = loaded(name)
+    call = {"id": "call00001", "type": "function", "function": {"name": NESTED[0], "arguments": json.dumps(NESTED[1])}}
+    history = normalize_chat({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+                                           {"role": "tool", "tool_call_id": "call00001", "content": "done"}]})  # fmt: skip
+    prompt = chat.render(history.params["messages"], tools=TOOLS, tool_choice="auto").prompt
+    assert chat.syntax is not None and "<item>" in prompt, "the template writes the array as elements"
+    result = prompt.index("done")
+    text = prompt[prompt.rindex(chat.syntax.trigger, 0, result) : result]
+    rendered = chat.render(ASK, tools=TOOLS, tool_choice="auto")
+    message, _, _ = parse_whole(replace(rendered, spec=replace(rendered.spec, think_open=False)), text)
+    assert calls_of(message)[:1] == [NESTED], (text, message)
 
 
 # ## Grammars: a tiny random model under each template's grammar writes calls that parse back

@@ -35,7 +35,7 @@ from deployer.runtime.chat_families import (
     write_calls,
 )
 from deployer.runtime.chat_learn import PROBE_TOOL as LEARN_TOOL
-from deployer.runtime.chat_learn import NotLearned, learn, learn_reasoning
+from deployer.runtime.chat_learn import NotLearned, learn, learn_reasoning, reasoning_in_parts
 from deployer.runtime.chat_parser import THINK_CLOSE, THINK_OPEN, ChatParser, ParseSpec
 from deployer.runtime.protocol import bad_request
 
@@ -135,6 +135,7 @@ class ChatTemplate:
         self._add_bos_token = add_bos_token
         self._compiled: Any = None
         self.thinks = False
+        self._reasoning_part = False  # earlier turns' reasoning goes to the template as a "thinking" content part
         self.supports_tools = False  # the model can be given tools (its template writes calls, or shows tools)
         self.shows_tools = False  # the template itself writes the tool definitions into the prompt
         self._reads: set[str] = set()  # the variables the template reads
@@ -158,6 +159,7 @@ class ChatTemplate:
                 # templates that strip <think> from earlier turns never write it back: the closing tag tells
                 self.reasoning = (THINK_OPEN, THINK_CLOSE)
             self.thinks = reasoning_format == "auto" and bool(self.reasoning[1])
+            self._reasoning_part = bool(self.reasoning[1]) and reasoning_in_parts(self._reasoning_probe, self.reasoning)
             if self.syntax is not None:
                 self.syntax = replace(self.syntax, reasoning_open=self.reasoning[0], reasoning_close=self.reasoning[1])
             self.family = (
@@ -303,7 +305,7 @@ class ChatTemplate:
                 "tools_not_supported",
             )
         named = _named(choice, tools or []) if use_tools else None
-        plain = [_template_message(m) for m in messages]
+        plain = [_template_message(m, reasoning_part=self._reasoning_part) for m in messages]
         if self._formatter is not None:
             if continue_final or requested:
                 what = "continuing an assistant message" if continue_final else "template variables"
@@ -323,7 +325,10 @@ class ChatTemplate:
                     raise
                 # a few templates (functionary) write the arguments as the string they came as
                 prompt = self._render_jinja(
-                    [_template_message(m, objects=False) for m in messages], shown, generation, variables
+                    [_template_message(m, objects=False, reasoning_part=self._reasoning_part) for m in messages],
+                    shown,
+                    generation,
+                    variables,
                 )
         except TemplateRaised as exc:
             raise bad_request(f"the model's chat template refused these messages: {exc}", "messages") from exc
@@ -438,13 +443,23 @@ def _named(choice: str | dict[str, Any], tools: list[dict[str, Any]]) -> str | N
     return str(name)
 
 
-def _template_message(message: dict[str, Any], *, objects: bool = True) -> dict[str, Any]:
+def _template_message(message: dict[str, Any], *, objects: bool = True, reasoning_part: bool = False) -> dict[str, Any]:
     """A message as chat templates read it: content present, call arguments as objects (as transformers
-    documents them) unless ``objects`` is false."""
+    documents them) unless ``objects`` is false; ``reasoning_part``: an assistant's ``reasoning_content`` as a
+    content part of type "thinking" (the only place some templates read it)."""
     out = dict(message)
     if out.get("content") is None:  # templates test it as text ('</think>' in content, content + ...)
         refusal = out.get("refusal")
         out["content"] = refusal if isinstance(refusal, str) else ""
+    reasoning = out.get("reasoning_content")
+    if reasoning_part and out.get("role") == "assistant" and isinstance(reasoning, str) and reasoning:
+        del out["reasoning_content"]
+        content = out["content"]
+        text = [{"type": "text", "text": content}] if isinstance(content, str) and content else []
+        out["content"] = [
+            {"type": "thinking", "thinking": reasoning},
+            *(content if isinstance(content, list) else text),
+        ]
     calls = out.get("tool_calls")
     if calls and objects:
         out["tool_calls"] = [_template_call(c) for c in calls]

@@ -15,7 +15,8 @@ wrapped in ``block_open`` ... ``block_close``):
   arguments are (``name_path == ()``: the name is the object's only key, its value the arguments);
 - ``name-json``: NAME ``name_suffix`` {arguments JSON};
 - ``tagged``: NAME ``name_suffix`` then per argument ``key_open`` KEY ``key_close`` VALUE ``value_close``
-  (``key_close_json`` / ``value_close_json`` where the value is JSON, not a string);
+  (``key_close_json`` / ``value_close_json`` where the value is JSON, not a string); a closing marker may
+  hold the key itself (``KEY_HOLE``: MiniMax M3's ``<city>Paris</city>``);
 - ``harmony``: gpt-oss's channels (hand-written).
 """
 
@@ -25,6 +26,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+KEY_HOLE = "\x1e"  # where a closing marker holds the argument's key (chat_learn writes it)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Syntax:
     key_close_json: str = ""
     value_close_json: str = ""
     param_separator: str = ""
+    nested_lead: str | None = None  # objects and arrays written as nested elements, not JSON (chat_nested)
+    item_key: str = ""  # the key of an array's elements (MiniMax M3's <item>)
     optional_open: str = ""  # a marker the model may write before its calls (Llama's <|python_tag|>)
     reasoning_open: str = ""
     reasoning_close: str = ""
@@ -117,11 +122,16 @@ def write_core(syntax: Syntax, name: str, args: dict[str, Any], index: int = 0) 
     params = []
     for key, value in args.items():
         if isinstance(value, str):
-            params.append(syntax.key_open + key + syntax.key_close + value + syntax.value_close)
+            params.append(syntax.key_open + key + syntax.key_close + value + closing(syntax.value_close, key))
         else:
             text = json.dumps(value, ensure_ascii=False)
-            params.append(syntax.key_open + key + syntax.key_close_json + text + syntax.value_close_json)
+            params.append(syntax.key_open + key + syntax.key_close_json + text + closing(syntax.value_close_json, key))
     return name + suffix + syntax.param_separator.join(params)
+
+
+def closing(marker: str, key: str) -> str:
+    """An argument's closing marker, with its key where the marker holds it (``</city>``)."""
+    return marker.replace(KEY_HOLE, key)
 
 
 def json_core(syntax: Syntax, name_json: str, args_json: str) -> str:

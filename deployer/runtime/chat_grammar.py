@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from deployer.runtime.chat_families import Syntax, json_core
+from deployer.runtime.chat_families import Syntax, closing, json_core
 from deployer.runtime.chat_scan import ID_HOLE
 from deployer.runtime.protocol import bad_request
 
@@ -104,13 +104,13 @@ def _core(converter: Any, syntax: Syntax, name: str, schema: dict[str, Any], arg
         if is_text:
             text_rule = converter._add_rule(f"tc-text-{i}-{j}", _text_rule(syntax.value_close, spec))
             param = f"{gbnf_literal(syntax.key_open + key + syntax.key_close)} {text_rule}"
-            closing = syntax.value_close
+            close = closing(syntax.value_close, key)
         else:
             value = converter.visit(spec if isinstance(spec, dict) else {}, f"tc-{i}-{j}")
             param = f"{gbnf_literal(syntax.key_open + key + syntax.key_close_json)} {value}"
-            closing = syntax.value_close_json
-        if closing:
-            param += f" {gbnf_literal(closing)}"
+            close = closing(syntax.value_close_json, key)
+        if close:
+            param += f" {gbnf_literal(close)}"
         if j and syntax.param_separator:
             param = f"{gbnf_literal(syntax.param_separator)} {param}"
         parts.append(param if key in required else f"( {param} )?")

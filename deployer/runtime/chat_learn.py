@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from deployer.runtime.chat_families import Syntax
+from deployer.runtime.chat_families import KEY_HOLE, Syntax
 
 NAME_A, NAME_B = "fn_alpha", "fn_bravo"  # equal lengths: the second call lines up with the first
 KEY, KEY2, VALUE, VALUE2, NUMBER = "pk_alpha", "pk_bravo", "VAL_XQ", "VAL_YQ", 73519
@@ -32,6 +32,9 @@ PROBE_TOOL = {
         "parameters": {"type": "object", "properties": {KEY: {"type": "string"}, KEY2: {"type": "string"}}},
     },
 }
+
+# reasoning as a content part of type "thinking" (Mistral's [THINK] templates read it only there)
+PARTS = [{"type": "thinking", "thinking": REASON}, {"type": "text", "text": CONTENT}]
 
 Render = Callable[[list[dict[str, Any]], bool, dict[str, Any]], str]
 
@@ -88,7 +91,7 @@ def _call(name: str, args: dict[str, Any]) -> dict[str, Any]:
     return {"id": CALL_ID, "type": "function", "function": {"name": name, "arguments": args}}
 
 
-def _conversation(content: str = "", calls: list[dict[str, Any]] | None = None, **extra: Any) -> list[dict[str, Any]]:
+def _conversation(content: Any = "", calls: list[dict[str, Any]] | None = None, **extra: Any) -> list[dict[str, Any]]:
     assistant: dict[str, Any] = {"role": "assistant", "content": content, **extra}
     if calls:
         assistant["tool_calls"] = calls
@@ -285,15 +288,17 @@ def _learn_tagged(r1: str, r2: str, region: Callable[[str], str], r: Callable[..
     k, v = param.find(KEY), param.find(VALUE)
     if k < 0 or v < k:
         raise NotLearned("an argument is not written as key then value")
+    # a closing marker that repeats the key (MiniMax M3's <city>Paris</city>) holds it as a hole
+    value_close = param[v + len(VALUE) :].replace(KEY, KEY_HOLE)
     syntax = Syntax(
         "learned", "tagged", name_suffix=rest1[:p], call_close=rest1[len(rest1) - s :], indexed=indexed,
-        key_open=param[:k], key_close=param[k + len(KEY) : v], value_close=param[v + len(VALUE) :], **frame,
+        key_open=param[:k], key_close=param[k + len(KEY) : v], value_close=value_close, **frame,
     )  # fmt: skip
     number = rest_of({KEY: NUMBER})[p:]
     k2 = number.find(KEY)
     n = number.find(str(NUMBER))
     if k2 >= 0 and n > k2:
-        close = number[n + len(str(NUMBER)) : len(number) - len(syntax.call_close)]
+        close = number[n + len(str(NUMBER)) : len(number) - len(syntax.call_close)].replace(KEY, KEY_HOLE)
         syntax = replace(syntax, key_close_json=number[k2 + len(KEY) : n], value_close_json=close)
     else:
         syntax = replace(syntax, key_close_json=syntax.key_close, value_close_json=syntax.value_close)
@@ -301,6 +306,42 @@ def _learn_tagged(r1: str, r2: str, region: Callable[[str], str], r: Callable[..
     second = pair.find(syntax.key_open + KEY2) if syntax.key_open else pair.find(KEY2)
     if pair.startswith(param) and second >= len(param):
         syntax = replace(syntax, param_separator=pair[len(param) : second])
+    return _learn_nested(syntax, lambda args: rest_of(args)[p:])
+
+
+def _nested_text(syntax: Syntax, rest: str) -> str | None:
+    """The value text of the one argument KEY in ``rest`` (its element and the call's close), if it reads."""
+    param = rest[: len(rest) - len(syntax.call_close)] if rest.endswith(syntax.call_close) else ""
+    for key_close in {syntax.key_close, syntax.key_close_json}:
+        for value_close in {syntax.value_close, syntax.value_close_json}:
+            head, tail = syntax.key_open + KEY + key_close, value_close.replace(KEY_HOLE, KEY)
+            if param.startswith(head) and param.endswith(tail) and len(param) >= len(head) + len(tail):
+                return param[len(head) : len(param) - len(tail)]
+    return None
+
+
+def _learn_nested(syntax: Syntax, rest_of: Callable[[dict[str, Any]], str]) -> Syntax:
+    """Whether objects and arrays are written as nested elements (MiniMax M3), and the key of an array's items."""
+    from deployer.runtime.chat_nested import read_elements
+
+    try:
+        value = _nested_text(syntax, rest_of({KEY: {KEY2: VALUE2}}))
+        items = _nested_text(syntax, rest_of({KEY: [VALUE2, VALUE2]}))
+    except NotLearned:
+        return syntax
+    if value is None or items is None or f'"{KEY2}"' in value:
+        return syntax
+    inner = syntax.key_open + KEY2 + syntax.key_close + VALUE2 + syntax.value_close.replace(KEY_HOLE, KEY2)
+    # the element as the diffs cut it, or shifted by a marker text every element starts with
+    leads = [
+        inner[len(inner) - n :] for n in range(len(inner)) if inner[len(inner) - n :] + inner[: len(inner) - n] == value
+    ]
+    if not leads:
+        return syntax
+    syntax = replace(syntax, nested_lead=leads[0])
+    elements = read_elements(syntax, items)
+    if elements and len(elements) == 2 and elements[0] == elements[1] and elements[0][1] == VALUE2:
+        syntax = replace(syntax, item_key=elements[0][0])
     return syntax
 
 
@@ -320,10 +361,13 @@ def _marker_after(text: str, at: int) -> str:
 def learn_reasoning(r: Callable[..., str]) -> tuple[str, str]:
     """(opening, closing) reasoning markers written around ``reasoning_content`` ("", "" when none)."""
     thinking = {"enable_thinking": True, "thinking": True}
-    probes = [(CONTENT, None, {}), (CONTENT, None, thinking), ("", [_call(NAME_A, {KEY: VALUE})], {})]
+    probes: list[tuple[Any, list[dict[str, Any]] | None, dict[str, Any]]] = [
+        (CONTENT, None, {}), (CONTENT, None, thinking), ("", [_call(NAME_A, {KEY: VALUE})], {}), (PARTS, None, {}),
+    ]  # fmt: skip
     for content, calls, variables in probes:  # some write reasoning only before calls (Command R7B)
+        extra = {} if isinstance(content, list) else {"reasoning_content": REASON}
         try:
-            text = r(_conversation(content, calls, reasoning_content=REASON), **variables)
+            text = r(_conversation(content, calls, **extra), **variables)
         except NotLearned:
             continue
         at = text.find(REASON)
@@ -340,3 +384,16 @@ def learn_reasoning(r: Callable[..., str]) -> tuple[str, str]:
             continue
         return opening, close
     return "", ""
+
+
+def reasoning_in_parts(r: Callable[..., str], markers: tuple[str, str]) -> bool:
+    """The template writes reasoning from a content part of type "thinking" only, never from
+    ``reasoning_content`` (Ministral 3 Reasoning): earlier turns' reasoning is passed to it that way.
+    The part must render as the reasoning block and nothing else (not a list printed as text)."""
+    try:
+        plain = r(_conversation(CONTENT))
+        as_field, as_part = r(_conversation(CONTENT, reasoning_content=REASON)), r(_conversation(PARTS))
+    except NotLearned:
+        return False
+    block = markers[0] + REASON + markers[1]
+    return REASON not in as_field and block in as_part and as_part.replace(block, "", 1) == plain

@@ -18,6 +18,7 @@ from typing import Any
 
 from deployer.runtime import chat_harmony, chat_scan
 from deployer.runtime.chat_families import GENERIC, Syntax
+from deployer.runtime.chat_nested import nested_value
 from deployer.runtime.chat_scan import CallScan, Memo, Reasoning, Unit, held_back
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -53,7 +54,11 @@ class _ThinkSplitter:
             head = self.pending.lstrip()
             if self.open and head.startswith(self.open):
                 self.state, self.pending = "think", head[len(self.open) :]
-            elif self.open and self.open.startswith(head) and not final:
+            elif self.close and head.startswith(self.close):
+                # an empty reasoning closed bare: MiniMax M3's template writes </mm:think> before an answer without any
+                self.state, out, self.pending = "content", head[len(self.close) :], ""
+                return "", out
+            elif any(m and m.startswith(head) for m in (self.open, self.close)) and not final:
                 return "", ""
             else:
                 self.state, out, self.pending = "content", self.pending, ""
@@ -183,7 +188,8 @@ class ChatParser:
         for scan in scans:
             if scan.params is not None and scan.name is not None and done:  # tagged: arguments from the parameters
                 schema = self._tools.get(scan.name, {}).get("parameters")
-                scan.args, scan.args_done, scan.params = tagged_arguments(scan.params, schema), True, None
+                args = tagged_arguments(scan.params, schema, self._spec.family)
+                scan.args, scan.args_done, scan.params = args, True, None
         for index, scan in enumerate(scans, first):
             if scan.name is None:
                 break
@@ -254,8 +260,9 @@ class ChatParser:
 _PYTHON_LITERALS = {"True": "true", "False": "false", "None": "null"}  # Python-call syntax (LFM2)
 
 
-def tagged_arguments(params: list[tuple[str, str, bool]], schema: Any) -> str:
-    """The JSON arguments of tagged parameters: text where the tool's schema wants a string, else JSON when it parses."""
+def tagged_arguments(params: list[tuple[str, str, bool]], schema: Any, syntax: Syntax | None = None) -> str:
+    """The JSON arguments of tagged parameters: text where the tool's schema wants a string, else JSON when it
+    parses, else nested elements where the syntax writes objects and arrays so (MiniMax M3)."""
     properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
     out: dict[str, Any] = {}
     for key, text, as_json in params:
@@ -271,7 +278,9 @@ def tagged_arguments(params: list[tuple[str, str, bool]], schema: Any) -> str:
         try:
             out[key] = json.loads(text)
         except json.JSONDecodeError:
-            out[key] = text
+            out[key] = (
+                nested_value(syntax, text, spec) if syntax is not None and syntax.nested_lead is not None else text
+            )
     return json.dumps(out, ensure_ascii=False)
 
 

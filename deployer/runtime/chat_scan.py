@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from deployer.runtime.chat_families import Syntax
+from deployer.runtime.chat_families import Syntax, closing
 
 ID_HOLE = "\x1f"  # where a marker text holds the call's id (chat_learn writes it)
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -376,7 +376,7 @@ class _Reader:
             as_json = not self.lit(s.key_close, optional=True)
             if as_json:
                 self.lit(s.key_close_json)
-            value_close = (s.value_close_json if as_json else s.value_close).strip()
+            value_close = closing(s.value_close_json if as_json else s.value_close, key).strip()
             if as_json and not value_close:  # a JSON value ends where the JSON does (Python-call syntax)
                 text = self.json_any()
             else:
