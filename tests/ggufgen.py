@@ -233,18 +233,19 @@ def _data(shape: tuple[int, ...], qtype: Q, rng: np.random.Generator) -> np.ndar
         return np.zeros(gguf.quants.quant_shape_to_byte_shape(rows, qtype), dtype=np.uint8)
 
 
-def write_gguf(
-    path: str | Path, spec: ModelSpec, *, header_only: bool = False, chat_template: str | None = None, seed: int = 0
+def _write_tensors(
+    writer: gguf.GGUFWriter,
+    path: Path,
+    tensors: list[tuple[str, tuple[int, ...], Q]],
+    *,
+    header_only: bool,
+    seed: int,
 ) -> Path:
-    """Write ``spec`` to ``path``; header-only files are truncated (sparse) to their real size."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(path, spec.arch)
-    _add_metadata(writer, spec, chat_template)
+    """Write ``writer``'s metadata and ``tensors`` (name, shape, type): random data, or for a
+    header-only file none, the file truncated (sparse) to the size the data would have."""
     rng = np.random.default_rng(seed)
     data_bytes = 0
-    for name, shape in tensor_shapes(spec):
-        qtype = _type_for(spec, name, shape)
+    for name, shape, qtype in tensors:
         nbytes = _nbytes(shape, qtype)
         data_bytes += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
         if header_only:
@@ -263,6 +264,18 @@ def write_gguf(
         writer.write_tensors_to_file()
         writer.close()
     return path
+
+
+def write_gguf(
+    path: str | Path, spec: ModelSpec, *, header_only: bool = False, chat_template: str | None = None, seed: int = 0
+) -> Path:
+    """Write ``spec`` to ``path``; header-only files are truncated (sparse) to their real size."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(path, spec.arch)
+    _add_metadata(writer, spec, chat_template)
+    tensors = [(name, shape, _type_for(spec, name, shape)) for name, shape in tensor_shapes(spec)]
+    return _write_tensors(writer, path, tensors, header_only=header_only, seed=seed)
 
 
 def write_split(folder: str | Path, spec: ModelSpec, n_shards: int, *, header_only: bool = True) -> list[Path]:
@@ -451,28 +464,8 @@ def write_projector(path: str | Path, spec: ProjectorSpec, *, header_only: bool 
     writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
     if spec.scale_factor is not None:
         writer.add_uint32("clip.vision.projector.scale_factor", spec.scale_factor)
-    rng = np.random.default_rng(seed)
-    data_bytes = 0
-    for name, shape in projector_tensor_shapes(spec):
-        qtype = _projector_type(spec, name, shape)
-        nbytes = _nbytes(shape, qtype)
-        data_bytes += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
-        if header_only:
-            writer.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), nbytes, raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, _data(shape, qtype, rng), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    if header_only:
-        writer.write_ti_data_to_file()
-        assert writer.fout is not None
-        start = gguf.GGUFWriter.ggml_pad(writer.fout[0].tell(), writer.data_alignment)
-        writer.close()
-        os.truncate(path, start + data_bytes)
-    else:
-        writer.write_tensors_to_file()
-        writer.close()
-    return path
+    tensors = [(name, shape, _projector_type(spec, name, shape)) for name, shape in projector_tensor_shapes(spec)]
+    return _write_tensors(writer, path, tensors, header_only=header_only, seed=seed)
 
 
 # Tiny and loadable, paired with TINY_GEMMA3 (its 256-wide embeddings): gemma3 is the projector type
