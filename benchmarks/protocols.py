@@ -27,10 +27,11 @@ from typing import Any
 
 import httpx
 
-from benchmarks.concurrency import SLOTS, THREADS, amx_cpu, cpu_name, ours_command
+from benchmarks.concurrency import SLOTS, THREADS, ours_command
 from benchmarks.serving import MANIFEST, _free_port, model_file, start_and_wait, stop
 from deployer.loading import load_manifest
 from deployer.runtime import runtime_config
+from deployer.runtime.cpu import cpu_flags, cpu_name, repack_weights
 
 TOKENS = 64
 ASK = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and the sea."}]
@@ -93,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     port = _free_port()
     folder = Path(tempfile.mkdtemp(prefix="bench-protocols-"))
-    process, _ = start_and_wait(ours_command(config, folder, port, amx_cpu()), f"http://127.0.0.1:{port}/health")
+    process, _ = start_and_wait(
+        ours_command(config, folder, port, not repack_weights(None, cpu_flags())), f"http://127.0.0.1:{port}/health"
+    )
     url = f"http://127.0.0.1:{port}"
     rates: dict[str, list[float]] = {route: [] for route in BODIES}
     try:
