@@ -170,7 +170,7 @@ def _learned(plan: Plan) -> str | None:
     header = plan.facts.header
     if plan.manifest.manifest.server.chat_format or not header.chat_template:
         return None
-    from deployer.runtime.chat import ChatTemplate
+    from deployer.runtime.chat.template import ChatTemplate
 
     try:
         chat = ChatTemplate.load(template=header.chat_template, chat_format=None, bos_token="", eos_token="")

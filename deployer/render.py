@@ -62,11 +62,15 @@ DOWNLOAD_BYTES_PER_S = 25 * 1000**2
 DOWNLOAD_MIN_S, DOWNLOAD_MAX_S = 1800, 86400
 MEMORY_MIN_MIB = 2048  # the Python server and llama.cpp's host buffers, for the smallest model
 MEMORY_STEP_MIB = 256
-# Physical cores reserved per container (Modal's `cpu=` counts physical cores): tokenizing,
-# sampling and HTTP run on the CPU, and a starved CPU slows every token. llama.cpp computes with
-# as many threads (its tools' default: the physical cores) unless [server] threads says otherwise;
-# more threads than that reserve as many cores.
-CPU_CORES = 4
+# Physical cores reserved per container (Modal's `cpu=` counts physical cores). The rule: one core
+# per llama.cpp thread, plus one for each of the runtime's own busy threads, so that they never
+# wait for each other: the event loop (HTTP, encoding every streamed token) and the model thread
+# (scheduling, sampling, detokenizing between two decodes). llama.cpp's idle threads spin before
+# they sleep, so a thread of ours sharing their cores waits for them (measured: BENCHMARKS.md,
+# "Host cost per token"). On a GPU every layer is offloaded and llama.cpp's threads do little, but
+# a starved event loop or model thread leaves the GPU idle between two decodes.
+LLAMA_THREADS = 4  # llama.cpp's threads unless [server] threads says otherwise
+HOST_THREADS = 2  # the event loop and the model thread
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ def app_data(plan: Plan) -> dict[str, Any]:
     loaded, facts = plan.manifest, plan.facts
     manifest = loaded.manifest
     model_dir = f"{MODELS_DIR}/{facts.repo}/{facts.commit}"
-    threads = manifest.server.threads or CPU_CORES
+    threads = manifest.server.threads or LLAMA_THREADS
     # the API key is never in a file: the runtime reads GGUF_DEPLOY_API_KEY from the Modal secret
     mmproj = f"{model_dir}/{facts.projector.file}" if facts.projector else None
     runtime = runtime_config(
@@ -128,7 +132,7 @@ def app_data(plan: Plan) -> dict[str, Any]:
             "memory_snapshot": manifest.scaling.memory_snapshot,
         },
         "resources": {
-            "cpu": float(max(CPU_CORES, threads)),
+            "cpu": float(threads + HOST_THREADS),
             "memory_mib": memory_mib(plan.estimate.host),
             "startup_timeout": startup_timeout(facts.size_bytes),
             "download_timeout": download_timeout(download_bytes(facts)),

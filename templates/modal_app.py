@@ -350,7 +350,7 @@ SLOTS = PLAN["scaling"]["slots"]
 CONCURRENCY = PLAN["scaling"]["concurrency"]
 MEMORY_MIB = PLAN["resources"]["memory_mib"]  # the estimate's host memory (llama.cpp's host buffers, the server)
 STARTUP_TIMEOUT = PLAN["resources"]["startup_timeout"]  # boot + loading every weight, derived from the model's size
-# physical cores: tokenizing, sampling and HTTP run on the CPU; llama.cpp uses as many threads
+# physical cores: one per llama.cpp thread, one for the event loop, one for the model thread
 CPU_CORES = PLAN["resources"]["cpu"]
 
 # The API key: the runtime requires `Authorization: Bearer <key>` with the key from this secret

@@ -19,14 +19,14 @@ from typing import Any
 import httpx
 
 from deployer.runtime import RuntimeConfig
-from deployer.runtime.sampling import Sampling
+from deployer.runtime.engine.sampling import Sampling
 
 BOS, EOS, OFFSET = 0, 1, 3
 TEMPLATE = (Path(__file__).parent / "chat_templates" / "hermes.jinja").read_text(encoding="utf-8")
 
 
 class FakeModel:
-    """Deterministic tokens, no llama.cpp."""
+    """Deterministic tokens, no llama.cpp: every member of :class:`ModelInterface` (a test checks)."""
 
     errors: tuple[type[BaseException], ...] = ()
 
@@ -39,6 +39,7 @@ class FakeModel:
         self.reply = list(reply.encode())
         self.endless, self.delay_s = endless, delay_s
         self.windowed = False  # no sliding-window layers: no context checkpoints
+        self.projector = None  # text only: an image is a 400
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
         return ([BOS] if add_special else []) + [b + OFFSET for b in text.encode()]
@@ -57,8 +58,35 @@ class FakeModel:
             time.sleep(self.delay_s)
         return [row for row, entry in enumerate(entries) if entry[3]]
 
+    def evaluate_image(self, chunk: Any, pos: int, seq: int, logits: bool) -> None:
+        raise AssertionError("the fake model has no projector: no image reaches it")
+
+    def logits(self, row: int) -> Any:
+        import numpy as np
+
+        return np.zeros(self.n_vocab, dtype=np.float32)  # every token equally likely
+
+    def save_window(self, seq: int) -> Any:
+        raise AssertionError("the fake model has no windowed layers")
+
+    def restore_window(self, seq: int, state: Any) -> None:
+        raise AssertionError("the fake model has no windowed layers")
+
     def sampler(self, sampling: Sampling, seed: int) -> FakeSampler:
         return FakeSampler(self)
+
+    # grammars are llama.cpp's: the fake model accepts any with a root rule and never enforces one
+    def check_grammar(self, text: str) -> bool:
+        return "root" in text and "::=" in text
+
+    def json_grammar(self, schema: dict[str, Any] | None) -> str:
+        return 'root ::= "{}"'
+
+    def schema_converter(self) -> Any:
+        raise ValueError("the fake model has no JSON-schema converter")
+
+    def chat_formatter(self, name: str) -> Any:
+        raise ValueError(f"chat_format '{name}' is not one the fake model knows")
 
     def forget(self, seq: int, start: int = 0) -> None:
         pass
@@ -124,9 +152,10 @@ def serve_fake(config: RuntimeConfig, **model: Any) -> FakeServer:
     import uvicorn
 
     from deployer.runtime.app import build_app
-    from deployer.runtime.engine import Engine
+    from deployer.runtime.chat.template import template_of
+    from deployer.runtime.engine.core import Engine
 
-    engine = Engine(config, load_model=lambda c: FakeModel(c, **model))
+    engine = Engine(config, load_model=lambda c: FakeModel(c, **model), load_chat=template_of)
     engine.start()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployer.runtime.chat import ChatTemplate, RenderedChat
+from deployer.runtime.chat.template import ChatTemplate, RenderedChat
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
 WEATHER = {

@@ -10,9 +10,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from deployer.runtime.chat import ChatTemplate
-from deployer.runtime.chat_families import GENERIC, HAND_WRITTEN, hand_written
-from deployer.runtime.protocol import ApiError, normalize_chat
+from deployer.runtime.chat.families import GENERIC, HAND_WRITTEN, hand_written
+from deployer.runtime.chat.template import ChatTemplate
+from deployer.runtime.errors import ApiError
+from deployer.runtime.protocols.checks import normalize_chat
 from tests.test_chat_parse import ASK, TOOLS, WEATHER, template
 
 TOOL_TEMPLATES = ["hermes", "qwen3", "qwen3_xml", "llama3", "mistral", "devstral", "generic"]
@@ -40,7 +41,7 @@ TOOL_TEMPLATES = ["hermes", "qwen3", "qwen3_xml", "llama3", "mistral", "devstral
     ],
 )  # fmt: skip
 def test_syntax_learned_from_the_template(name, family, call, thinks):
-    from deployer.runtime.chat_families import write_calls
+    from deployer.runtime.chat.families import write_calls
 
     loaded = template(name)
     assert (loaded.family, loaded.supports_tools, loaded.thinks) == (family, call is not None, thinks)
@@ -343,7 +344,7 @@ def test_marker_texts_are_preserved_for_the_engine():
 def test_the_chat_module_imports_neither_llama_cpp_nor_jinja():
     from tests.test_imports import _modules_after
 
-    loaded = _modules_after("import deployer.runtime.chat")
+    loaded = _modules_after("import deployer.runtime.chat.template")
     assert not {"llama_cpp", "jinja2", "jsonschema"} & loaded
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from deployer.runtime.chat import ChatTemplate
-from deployer.runtime.chat_families import write_calls
-from deployer.runtime.protocol import ApiError, normalize_chat
+from deployer.runtime.chat.families import write_calls
+from deployer.runtime.chat.template import ChatTemplate
+from deployer.runtime.errors import ApiError
+from deployer.runtime.protocols.checks import normalize_chat
 from tests.test_chat_parse import TOOLS, assert_deltas_add_up, calls_of, parse_pieces, parse_whole
 
 LLAMA = Path(__file__).parent / "llama_templates"
@@ -237,8 +238,8 @@ if __name__ == "__main__":
 
 
 def test_hand_written_entries_cover_what_learning_cannot_and_agree_where_it_can():
-    from deployer.runtime.chat_families import HAND_WRITTEN
-    from deployer.runtime.chat_learn import NotLearned, learn
+    from deployer.runtime.chat.families import HAND_WRITTEN
+    from deployer.runtime.chat.learn import NotLearned, learn
 
     for entry in HAND_WRITTEN:
         matching = [

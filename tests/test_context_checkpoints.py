@@ -15,7 +15,7 @@ from dataclasses import replace
 import openai
 import pytest
 
-from deployer.runtime.checkpoints import Checkpoints
+from deployer.runtime.engine.checkpoints import Checkpoints
 from tests.serving import GEMMA_TEST_SETTINGS, Server, gemma_config
 
 MODEL = "gemma-3-270m"

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from deployer.runtime.fetch import fetch_image, inline_remote_images, refused_address
-from deployer.runtime.media import CHAT, MESSAGES, RESPONSES, MediaLimits, take_request_images
-from deployer.runtime.protocol import ApiError
+from deployer.runtime.errors import ApiError
+from deployer.runtime.media.fetch import fetch_image, inline_remote_images, refused_address
+from deployer.runtime.media.images import CHAT, MESSAGES, RESPONSES, MediaLimits, take_request_images
 from tests.images import png
 
 IMAGE = png(12, 9, seed=1)

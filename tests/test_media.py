@@ -7,7 +7,9 @@ import struct
 
 import pytest
 
-from deployer.runtime.media import (
+from deployer.runtime.engine.scheduler import Scheduler, Sequence
+from deployer.runtime.errors import ApiError
+from deployer.runtime.media.images import (
     MESSAGES,
     RESPONSES,
     MediaLimits,
@@ -16,8 +18,6 @@ from deployer.runtime.media import (
     split_prompt,
     take_request_images,
 )
-from deployer.runtime.protocol import ApiError
-from deployer.runtime.scheduler import Scheduler, Sequence
 from tests.images import data_url, png, png_header
 from tests.test_scheduler import drain, run_step
 

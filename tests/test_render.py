@@ -23,6 +23,7 @@ from modal._utils.name_utils import is_valid_tag as modal_is_valid_tag
 from deployer import render as render_mod
 from deployer.errors import RenderError
 from deployer.render import (
+    HOST_THREADS,
     Provenance,
     app_data,
     check_rendered,
@@ -89,7 +90,7 @@ def test_target_model_renders_to_h100_with_fallbacks_volume_secret_and_scale_to_
     # the planner's 8 slots (17.8 GiB of weights + 8 × 3.5 GiB of KV cache fit an H100):
     # Modal adds a container once 8 requests run, and routes at most 16 (8 queued) to one
     assert (server["target_concurrent_inputs"], server["max_concurrent_inputs"]) == (8, 16)
-    assert server["cpu"] == 4.0
+    assert server["cpu"] == 6.0  # llama.cpp's 4 threads, the event loop and the model thread
     assert server["timeout"] == 600
     assert server["startup_timeout"] == startup_timeout(gguf.stat().st_size) > 300
     assert server["web_servers"] == {"serve": {"port": 8000, "startup_timeout": 60.0}}
@@ -125,7 +126,7 @@ def test_target_gpu_list_is_the_planners(tmp_path, fake_hub, dark_champion):
         pytest.param(
             {},
             ("H100", "A100-80GB"),
-            {"gpu": ["H100", "A100-80GB"], "target_concurrent_inputs": 4, "max_concurrent_inputs": 8, "cpu": 4.0},
+            {"gpu": ["H100", "A100-80GB"], "target_concurrent_inputs": 4, "max_concurrent_inputs": 8, "cpu": 6.0},
             id="defaults-4-slots-4-queued-4-cores",
         ),
         pytest.param({}, ("H100:2", "H200:2"), {"gpu": ["H100:2", "H200:2"]}, id="two-gpus-per-container"),
@@ -153,7 +154,8 @@ def test_target_gpu_list_is_the_planners(tmp_path, fake_hub, dark_champion):
             {"target_concurrent_inputs": 2, "max_concurrent_inputs": 2},
             id="no-queue-in-the-container",
         ),
-        pytest.param({"server": {"threads": 12}}, ("L4",), {"cpu": 12.0}, id="threads-reserve-their-cores"),
+        pytest.param({"server": {"threads": 12}}, ("L4",), {"cpu": 14.0}, id="threads-reserve-their-cores"),
+        pytest.param({"server": {"threads": 1}}, ("L4",), {"cpu": 3.0}, id="one-thread-three-cores"),
         pytest.param(
             {"scaling": {"memory_snapshot": True}},
             ("H100",),
@@ -175,7 +177,8 @@ def test_manifest_settings_reach_modal(tmp_path, keys, gpus, expect):
     assert {key: server[key] for key in expect} == expect
     assert data["runtime"]["concurrency"] == server["max_concurrent_inputs"]
     assert data["runtime"]["parallel"] == server["target_concurrent_inputs"]
-    assert data["runtime"]["n_threads"] == server["cpu"]  # as many llama.cpp threads as reserved cores
+    # a core per llama.cpp thread, and one each for the event loop and the model thread
+    assert data["runtime"]["n_threads"] + HOST_THREADS == server["cpu"]
 
 
 def test_hf_token_secret_goes_to_the_download_only(tmp_path):

@@ -150,7 +150,7 @@ def test_repr_never_shows_the_key():
 
 def test_importing_the_runtime_is_lean():
     code = (
-        "import sys, deployer.runtime, deployer.runtime.protocol, deployer.runtime.config\n"
+        "import sys, deployer.runtime, deployer.runtime.protocols.checks, deployer.runtime.config\n"
         "print('\\n'.join(sys.modules))"
     )
     loaded = set(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from deployer.runtime.protocol import (
+from deployer.runtime.errors import ApiError
+from deployer.runtime.protocols.checks import (
     MAX_N,
-    ApiError,
     normalize_chat,
     normalize_completion,
     normalize_embedding,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from deployer.runtime.protocol import ApiError
+from deployer.runtime.errors import ApiError
 from deployer.runtime.protocols import messages, openai, responses
 from deployer.runtime.protocols.items import ItemStream
 from deployer.runtime.protocols.request import GenerationRequest

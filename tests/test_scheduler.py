@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from deployer.runtime.scheduler import Scheduler, Sequence, State
+from deployer.runtime.engine.scheduler import Scheduler, Sequence, State
+
+EOG = 2  # the end-of-generation token of these tests
 
 
 def seqs(owner: str, prompt: list[int], n: int = 1, max_new: int = 8) -> list[Sequence]:
@@ -12,23 +14,17 @@ def seqs(owner: str, prompt: list[int], n: int = 1, max_new: int = 8) -> list[Se
 
 
 def run_step(scheduler: Scheduler, token: int = 7) -> list[tuple[str, int, int, bool]]:
-    """One step: admit, plan, 'decode', sample ``token`` for every row that asked for logits."""
+    """One step: admit, plan, 'decode' each batch, sample ``token`` for every row that asked for logits."""
     scheduler.admit()
     batches = scheduler.step()
-    entries = [entry for batch in batches for entry in batch]
     for batch in batches:
-        scheduler.fed(batch)
-    for entry in entries:
-        if entry.logits:
-            seq = entry.seq
-            for follower in (
-                [f for f in seq.followers if f.state is State.FOLLOWING] if seq.state is State.PROMPT else []
-            ):
-                scheduler.sampled(follower, token)
-            scheduler.sampled(seq, token)
-            for done in [s for s in (seq, *seq.followers) if s.state is State.DECODING and scheduler.must_stop(s)]:
-                scheduler.finish(done)
-    return [(e.seq.owner, e.seq.index, len(e.tokens), e.logits) for e in entries]
+        sampled = []
+        for entry in (e for e in batch if e.logits):
+            if entry.seq.state is State.PROMPT:  # its waiting choices sample the same row
+                sampled += [(f, token) for f in entry.seq.followers if f.state is State.FOLLOWING]
+            sampled.append((entry.seq, token))
+        scheduler.update(batch, sampled, is_eog=lambda t: t == EOG)
+    return [(e.seq.owner, e.seq.index, len(e.tokens), e.logits) for batch in batches for e in batch]
 
 
 def drain(scheduler: Scheduler) -> None:
@@ -175,3 +171,26 @@ def test_no_sequence_ever_outgrows_its_context(parallel):
         assert sum(seq.n_past for seq in s.running) <= parallel * n_ctx
     assert s.idle
     assert all(g[0].generated == g[0].max_new for g in groups)
+
+
+def test_update_applies_a_decode_and_ends_sequences_by_token_and_by_length():
+    s = Scheduler(parallel=3, n_ctx=4096, n_batch=512)
+    s.add(seqs("eog", [1, 3, 4]))
+    s.add(seqs("short", [5, 6], max_new=1))
+    s.add(seqs("runs", [8, 9]))
+    s.admit()
+    (batch,) = s.step()
+    by_owner = {e.seq.owner: e.seq for e in batch}
+    outcomes = s.update(
+        batch, [(by_owner["eog"], EOG), (by_owner["short"], 7), (by_owner["runs"], 7)], lambda t: t == EOG
+    )
+    assert [(o.seq.owner, o.token, o.finish) for o in outcomes] == [
+        ("eog", EOG, "stop"),
+        ("short", 7, "length"),
+        ("runs", 7, None),
+    ]
+    # the ended ones left their slots in the same call; their prompts stay cached for reuse
+    assert [seq.owner for seq in s.running] == ["runs"]
+    assert by_owner["eog"].state is State.FINISHED and by_owner["eog"].slot is None
+    assert sorted(len(slot.cache) for slot in s.slots) == [0, 0, 0]  # partial chunks are never trusted
+    assert by_owner["runs"].next_token == 7 and by_owner["runs"].n_past == 2

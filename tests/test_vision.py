@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deployer.runtime import RuntimeConfig
-from deployer.runtime.media import Image, sniff
+from deployer.runtime.media.images import Image, sniff
 from tests import ggufgen
 from tests.images import png
 

@@ -14,7 +14,7 @@ from deployer.manifest import MAX_PARALLEL, MAX_THREADS
 
 if TYPE_CHECKING:
     from deployer.runtime import RuntimeConfig
-    from deployer.runtime.engine import Engine
+    from deployer.runtime.engine.core import Engine
 
 
 @click.command()

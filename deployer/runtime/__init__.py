@@ -1,4 +1,4 @@
-"""The serving runtime: an OpenAI-compatible server with continuous batching, on llama-cpp-python.
+"""The serving runtime: OpenAI's and Anthropic's APIs with continuous batching, on llama.cpp.
 
 Runs locally (``gguf-deploy serve``) and in the Modal container
 (``python -m deployer.runtime --config FILE.json``). Lean by design: importing it does not import
@@ -8,6 +8,18 @@ llama.cpp are imported when :func:`serve` runs, llama.cpp on the thread that loa
     RuntimeConfig     the one configuration object (JSON in the container)
     runtime_config    pure: manifest + model path -> RuntimeConfig
     serve             blocking: bind, load, answer until SIGTERM/SIGINT
+
+The rooms, and the one way the arrows point (a test checks):
+
+    server, app, access, metrics      the process and the HTTP app: routes, auth, limits, logs
+      -> protocols/                   the wire: one module per protocol (decoder and encoder) onto
+                                      one GenerationRequest; prepare turns it into the engine's work
+      -> chat/, media/                the prompt: chat templates and tool-call parsing; images
+      -> engine/                      the model thread: scheduler, sampling, checkpoints, and the
+                                      ModelInterface it drives
+    llama                             the one llama.cpp edge: implements ModelInterface; only the
+                                      server names it (``load_model``)
+    config, cpu, errors, logs         shared by all
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ from deployer.runtime.config import API_KEY_ENV, RuntimeConfig, runtime_config
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from deployer.runtime.engine import Engine
+    from deployer.runtime.engine.core import Engine
 
 __all__ = ["API_KEY_ENV", "RuntimeConfig", "runtime_config", "serve"]
 

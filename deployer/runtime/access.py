@@ -18,7 +18,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployer.runtime import logs
-from deployer.runtime.engine import Job, classify
+from deployer.runtime.engine.core import Job, classify
+from deployer.runtime.errors import api_error
 from deployer.runtime.metrics import Metrics
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -110,7 +111,7 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:  # a bug: answer 500 in OpenAI's shape if we still can
-            error = classify(exc)
+            error = api_error(classify(exc))
             log.status, log.error = error.status, error.code or error.type
             if not started:
                 await JSONResponse(error.body(), status_code=error.status)(scope, receive, send_with_id)

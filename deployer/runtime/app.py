@@ -42,16 +42,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployer.runtime import logs
 from deployer.runtime.access import CLIENT_CLOSED, AccessLog, RequestLog, log_of
-from deployer.runtime.calls import Responder, completion_prompt, generation, json_grammar, run_embedding
 from deployer.runtime.config import RuntimeConfig
-from deployer.runtime.engine import Engine, Job
-from deployer.runtime.fetch import inline_remote_images
-from deployer.runtime.media import CHAT, MESSAGES, RESPONSES, Image, Shape, limits_of, take_request_images
-from deployer.runtime.protocol import ApiError, bad_request, normalize_embedding, parse_json
+from deployer.runtime.engine.core import Engine, Job
+from deployer.runtime.engine.errors import EngineError, ShuttingDown
+from deployer.runtime.engine.sampling import Generation
+from deployer.runtime.errors import ApiError, api_error, bad_request
+from deployer.runtime.media.fetch import inline_remote_images
+from deployer.runtime.media.images import CHAT, MESSAGES, RESPONSES, Image, Shape, limits_of, take_request_images
+from deployer.runtime.media.projector import media_prompt
+from deployer.runtime.prepare import completion_prompt, generation, json_grammar
 from deployer.runtime.protocols import messages, openai, responses
+from deployer.runtime.protocols.checks import normalize_embedding, parse_json
+from deployer.runtime.protocols.openai import Responder, run_embedding
 from deployer.runtime.protocols.request import GenerationRequest
-from deployer.runtime.sampling import Generation
-from deployer.runtime.vision import media_prompt
 
 ErrorEncoder = Callable[[ApiError], Response]
 Handler = Callable[[Request], Awaitable[Response]]
@@ -131,6 +134,8 @@ class _Api:
                 return await handler(request)
             except ApiError as error:
                 return _error_response(request, error, errors)
+            except EngineError as error:  # Busy, at submit
+                return _error_response(request, api_error(error), errors)
             except ClientDisconnect:  # gone while sending its body
                 log_of(request).status = CLIENT_CLOSED
                 return Response(status_code=CLIENT_CLOSED)
@@ -225,7 +230,7 @@ class _Api:
         decoded = openai.decode_completion(await self._json(request))
         model = self.engine.model
         prompt = completion_prompt(model, decoded)
-        grammar = json_grammar(decoded) or decoded.grammar
+        grammar = json_grammar(model, decoded) or decoded.grammar
         work = generation(model, decoded, n_ctx=self.config.n_ctx, prompt=prompt, grammar=grammar)
         echo = decoded.prompt if decoded.echo and isinstance(decoded.prompt, str) else ""
         return await self._generate(
@@ -332,7 +337,7 @@ class _Api:
 
     async def _take_images(self, body: Any, shape: Shape, **carry: Any) -> tuple[Any, str, list[Image]]:
         """The body with its images taken out (``media.take_request_images``), remote ones fetched first
-        when the manifest turns them on (``deployer.runtime.fetch``)."""
+        when the manifest turns them on (``deployer.runtime.media.fetch``)."""
         limits = limits_of(self.config)
         if limits.remote and limits.projector:
             body = await inline_remote_images(body, shape, limits)
@@ -370,7 +375,7 @@ class _Api:
             prompt = media.tokens
         else:
             prompt = model.tokenize(rendered.prompt, add_special=rendered.add_bos)
-        grammar = rendered.grammar or json_grammar(decoded) or decoded.grammar
+        grammar = rendered.grammar or json_grammar(model, decoded) or decoded.grammar
         work = generation(
             model, decoded, n_ctx=self.config.n_ctx, prompt=prompt, grammar=grammar, extra_stop=rendered.stop
         )
@@ -424,7 +429,7 @@ class _Api:
             elif kind == "result":
                 result = value
             elif kind == "error":
-                error = value
+                error = api_error(value)
             elif kind == "end":
                 break
         await job.done
@@ -445,7 +450,7 @@ class _Api:
             await job.done
             log_of(request).record(job)
             errors = getattr(request.state, "errors", _openai_error)
-            return _error_response(request, value if kind == "error" else _stopping(), errors)
+            return _error_response(request, api_error(value) if kind == "error" else _stopping(), errors)
         return _EventStream(job, encoder.events(value), encoder, log_of(request))
 
     async def _abandoned(self, request: Request, job: Job) -> Response:
@@ -501,9 +506,10 @@ class _EventStream(StreamingResponse):
             if kind == "pieces":
                 yield self.encoder.events(value)
             elif kind == "error":
-                self.log.error = value.code or value.type
+                error = api_error(value)
+                self.log.error = error.code or error.type
                 failed = True
-                yield self.encoder.error_event(value)
+                yield self.encoder.error_event(error)
             elif kind == "end":
                 break
         if self.job.tally.cut:  # a shutdown cut it: say so, rather than end as if complete
@@ -530,7 +536,7 @@ class _EventStream(StreamingResponse):
 
 
 def _stopping() -> ApiError:
-    return ApiError(503, "the server is shutting down; retry", type="server_error", code="shutting_down")
+    return api_error(ShuttingDown())
 
 
 def _too_large(cap: int) -> ApiError:

@@ -44,7 +44,7 @@ class RuntimeConfig:
     flash_attn: bool = True
     kv_cache_type: str = "f16"
     swa_full: bool = False  # sliding-window layers cache the whole context (llama.cpp's default is their window)
-    ctx_checkpoints: int = 8  # per slot, with a window-sized SWA cache: see deployer.runtime.checkpoints
+    ctx_checkpoints: int = 8  # per slot, with a window-sized SWA cache: see deployer.runtime.engine.checkpoints
     chat_format: str | None = None  # None: the GGUF's own chat template
     embeddings: bool = False
     n_gpu_layers: int = -1  # every layer on the GPU (ignored by a CPU-only build)
@@ -66,7 +66,7 @@ class RuntimeConfig:
     max_images: int = 8  # images per request (a 400 names the limit beyond it)
     max_image_bytes: int = 20 * 1024 * 1024  # one image's encoded bytes (413 beyond)
     max_image_pixels: int = 50_000_000  # one image's width × height (400 beyond: decoding it would take GBs)
-    remote_images: bool = False  # fetch http(s) image URLs (public addresses only: deployer.runtime.fetch)
+    remote_images: bool = False  # fetch http(s) image URLs (public addresses only: deployer.runtime.media.fetch)
     remote_image_timeout_s: float = 10.0  # one remote image, from the lookup to its last byte
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,14 @@
-"""The llama.cpp edge: one model, one context of ``parallel`` sequences, a batch, samplers.
+"""The llama.cpp edge: the only module that imports llama-cpp-python.
+
+    load(config)        route llama.cpp's log into ours, then load the :class:`Model`
+    Model               one model, one context of ``parallel`` sequences, a batch, samplers, the
+                        projector; implements :class:`deployer.runtime.engine.model.ModelInterface`
+    Sampler             one sequence's llama.cpp sampler chain
+    Projector           libmtmd (``llama_cpp.mtmd_cpp``): prompts with images as chunks, an image
+                        chunk encoded and decoded into one sequence
+    json_grammar, schema_converter, chat_formatter
+                        what the runtime borrows from llama-cpp-python's Python side: its
+                        JSON-schema-to-GBNF converter and its named chat formats
 
 Everything here calls llama-cpp-python's low-level API (``llama_cpp.llama_cpp``): no
 ``llama_cpp.Llama``, whose context holds one sequence. Nothing above this module touches a
@@ -15,15 +25,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Sequence
+import inspect
+import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import llama_cpp
 import numpy as np
+from llama_cpp import llama_chat_format, mtmd_cpp
+from llama_cpp.llama_grammar import JSON_GBNF, SchemaConverter, json_schema_to_gbnf
 
+from deployer.runtime import logs
 from deployer.runtime.config import KV_TYPES, RuntimeConfig
 from deployer.runtime.cpu import cpu_flags, physical_cores, repack_weights
-from deployer.runtime.sampling import Sampling
+from deployer.runtime.engine.sampling import Sampling
+from deployer.runtime.errors import bad_request
+from deployer.runtime.media.images import Image
+from deployer.runtime.media.projector import MediaPrompt, placeholder
 
 _SWA_ONLY = llama_cpp.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY  # a sequence's state: only the sliding-window layers' cache
 PENALTY_LAST_N = 64  # llama-cpp-python's (and llama.cpp's) default window for repeat/presence/frequency penalties
@@ -146,9 +164,9 @@ class Sampler:
             self.grammar = None
 
 
-def check_grammar(model: Model, text: str) -> bool:
+def check_grammar(vocab: Any, text: str) -> bool:
     """Whether llama.cpp parses ``text`` as a GBNF grammar with a ``root`` rule (a bad one must never reach sampling)."""
-    sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, text.encode("utf-8"), b"root")
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
     if not sampler:
         return False
     llama_cpp.llama_sampler_free(sampler)
@@ -160,16 +178,53 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
 
     ValueError naming what the converter cannot express (it raises plain exceptions on such schemas).
     """
-    import json
-
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
     if schema is None:
         return JSON_GBNF
     try:
         return json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:
         raise ValueError(str(exc)) from exc
+
+
+def schema_converter() -> Any:
+    """A fresh JSON-schema-to-GBNF converter (llama-cpp-python's port of llama.cpp's), no remote refs."""
+    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+
+def chat_formatter(name: str) -> Callable[..., Any]:
+    """The prompt formatter llama-cpp-python registered as ``name`` (``format_gemma`` for "gemma", ...)."""
+    try:
+        handler = llama_chat_format.LlamaChatCompletionHandlerRegistry().get_chat_completion_handler_by_name(name)
+    except Exception as exc:
+        raise ValueError(f"chat_format '{name}' is not one llama-cpp-python knows") from exc
+    formatter = inspect.getclosurevars(handler).nonlocals.get("chat_formatter")
+    if formatter is None:
+        raise ValueError(f"chat_format '{name}' has its own handler, not a prompt format this server can use")
+    return formatter
+
+
+_LEVELS = {1: "debug", 2: "info", 3: "warn", 4: "error", 5: "cont"}  # enum ggml_log_level
+_callbacks: list[Any] = []  # ctypes callbacks must outlive every call llama.cpp makes to them
+
+
+def route_logs(verbose: bool) -> None:
+    """llama.cpp's own log lines as JSON events too (warnings and errors; everything when verbose)."""
+
+    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    def callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        if verbose or level in (3, 4):  # called for every line llama.cpp writes: the check comes first
+            message = text.decode("utf-8", errors="replace").strip()
+            if message:
+                logs.event("llama.cpp", level=_LEVELS.get(level, str(level)), text=message)
+
+    _callbacks.append(callback)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def load(config: RuntimeConfig) -> Model:
+    """The model of ``config``, llama.cpp's log routed into the runtime's (on the model thread)."""
+    route_logs(config.verbose)
+    return Model(config)
 
 
 def model_params(config: RuntimeConfig) -> Any:
@@ -202,6 +257,117 @@ def context_params(config: RuntimeConfig, *, embeddings: bool = False) -> Any:
     return params
 
 
+class ProjectorError(Exception):
+    pass
+
+
+class Projector:
+    """libmtmd's context for one loaded model."""
+
+    def __init__(self, model: Any, path: str, *, n_threads: int, use_gpu: bool = True) -> None:
+        self._m = mtmd_cpp
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu = use_gpu  # llama-server's default (--no-mmproj-offload turns it off): a CPU build ignores it
+        params.n_threads = n_threads
+        params.print_timings = False
+        params.warmup = True  # reserve the compute buffer of one image now, not on the first request
+        self.ctx = mtmd_cpp.mtmd_init_from_file(path.encode(), model, params)
+        if not self.ctx:
+            raise ProjectorError(f"{path}: libmtmd could not load the projector (see its log above)")
+        self.vision = bool(mtmd_cpp.mtmd_support_vision(self.ctx))
+        self.audio = bool(mtmd_cpp.mtmd_support_audio(self.ctx))
+        self.mrope = bool(mtmd_cpp.mtmd_decode_use_mrope(self.ctx))
+
+    def tokenize(self, pieces: list[str], images: list[Image], *, add_bos: bool) -> MediaPrompt:
+        """``pieces[0] image[0] pieces[1] ... pieces[-1]`` as chunks; a 400 for an image libmtmd cannot decode."""
+        m = self._m
+        if not self.vision:
+            raise bad_request("this model's projector has no vision encoder: it takes no images", "messages")
+        if self.mrope:
+            raise bad_request(
+                "images for this model (an M-RoPE projector, Qwen-VL style) are not served yet", "messages"
+            )
+        keep: list[Any] = []  # ctypes objects that must outlive mtmd_tokenize_from_parts
+        bitmaps: list[Any] = []
+        parts: list[Any] = []
+        try:
+            for i, piece in enumerate(pieces):
+                if piece:
+                    raw = piece.encode("utf-8")
+                    text = m.mtmd_input_text()
+                    text.text, text.text_len, text.add_special, text.parse_special = raw, len(raw), add_bos, True
+                    keep += [raw, text]
+                    parts.append(m.mtmd_input_part(ctypes.pointer(text), None))
+                if i < len(images):
+                    bitmap = self._bitmap(images[i], i)
+                    bitmaps.append(bitmap)
+                    parts.append(m.mtmd_input_part(None, bitmap))
+            array = (ctypes.POINTER(m.mtmd_input_part) * len(parts))(*(ctypes.pointer(p) for p in parts))
+            chunks = m.mtmd_input_chunks_init()
+            status = m.mtmd_tokenize_from_parts(self.ctx, chunks, array, len(parts), add_bos)
+            if status != 0:
+                m.mtmd_input_chunks_free(chunks)
+                raise bad_request(f"the images could not be tokenized (libmtmd status {status})", "messages")
+        finally:
+            for bitmap in bitmaps:
+                m.mtmd_bitmap_free(bitmap)
+        return self._prompt(chunks, images)
+
+    def _bitmap(self, image: Image, index: int) -> Any:
+        m = self._m
+        buffer = (ctypes.c_uint8 * len(image.data)).from_buffer_copy(image.data)
+        bitmap = m.mtmd_helper_bitmap_init_from_buf(self.ctx, buffer, len(image.data), False)
+        if not bitmap:
+            hint = " (libmtmd decodes WebP only where ffmpeg is installed)" if image.format == "WebP" else ""
+            raise bad_request(
+                f"image {index + 1} of the request could not be decoded as {image.format}: it is truncated or "
+                f"corrupt{hint}",
+                "messages",
+                "invalid_image",
+            )
+        if m.mtmd_bitmap_is_audio(bitmap):
+            m.mtmd_bitmap_free(bitmap)
+            raise bad_request(f"image {index + 1} of the request is audio, not an image", "messages", "invalid_image")
+        return bitmap
+
+    def _prompt(self, chunks: Any, images: list[Image]) -> MediaPrompt:
+        m = self._m
+        tokens: list[int] = []
+        spans: list[tuple[int, int]] = []
+        chunk_at: dict[int, Any] = {}
+        image_tokens = 0
+        for i in range(m.mtmd_input_chunks_size(chunks)):
+            chunk = m.mtmd_input_chunks_get(chunks, i)
+            kind = m.mtmd_input_chunk_get_type(chunk)
+            if kind == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t(0)
+                pointer = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                tokens.extend(pointer[k] for k in range(n.value))
+                continue
+            n_tokens = m.mtmd_input_chunk_get_n_tokens(chunk)
+            occurrence = len(spans)
+            value = placeholder(images[occurrence].digest, occurrence)
+            spans.append((len(tokens), len(tokens) + n_tokens))
+            chunk_at[len(tokens)] = chunk
+            tokens.extend([value] * n_tokens)
+            image_tokens += n_tokens
+        return MediaPrompt(tokens, spans, chunk_at, image_tokens, lambda: m.mtmd_input_chunks_free(chunks))
+
+    def evaluate(self, lctx: Any, chunk: Any, pos: int, seq: int, n_batch: int, logits: bool) -> None:
+        """Encode one image chunk and decode its embeddings into ``seq`` from ``pos`` on."""
+        new_pos = llama_cpp.llama_pos(0)
+        status = self._m.mtmd_helper_eval_chunk_single(
+            self.ctx, lctx, chunk, pos, seq, n_batch, logits, ctypes.byref(new_pos)
+        )
+        if status != 0:
+            raise ProjectorError(f"libmtmd could not evaluate an image (status {status})")
+
+    def close(self) -> None:
+        if self.ctx:
+            self._m.mtmd_free(self.ctx)
+            self.ctx = None
+
+
 class Model:
     """The loaded model, its context of ``parallel`` sequences, and one reusable batch."""
 
@@ -214,7 +380,7 @@ class Model:
             raise LlamaError("llama.cpp could not load the file (see its log above)")
         self.ctx: Any = None
         self.embed_ctx: Any = None
-        self.projector: Any = None  # deployer.runtime.vision.Projector, when the config names an mmproj file
+        self.projector: Projector | None = None  # when the config names an mmproj file
         self.batch: Any = None
         try:
             self._init(config)
@@ -251,8 +417,6 @@ class Model:
             if not self.embed_ctx:
                 raise LlamaError("llama.cpp could not create the embeddings context")
         if config.mmproj_path:
-            from deployer.runtime.vision import Projector, ProjectorError
-
             try:
                 self.projector = Projector(
                     self.model, config.mmproj_path, n_threads=self.n_threads, use_gpu=config.n_gpu_layers != 0
@@ -364,6 +528,26 @@ class Model:
     def sampler(self, sampling: Sampling, seed: int) -> Sampler:
         """A sampler chain of one sequence's settings (the engine asks the model, so a fake one can answer)."""
         return Sampler(self, sampling, seed)
+
+    def check_grammar(self, text: str) -> bool:
+        return check_grammar(self.vocab, text)
+
+    def json_grammar(self, schema: dict[str, Any] | None) -> str:
+        return json_grammar(schema)
+
+    def schema_converter(self) -> Any:
+        return schema_converter()
+
+    def chat_formatter(self, name: str) -> Callable[..., Any]:
+        return chat_formatter(name)
+
+    def evaluate_image(self, chunk: Any, pos: int, seq: int, logits: bool) -> None:
+        """Encode one image chunk and decode it into ``seq`` from ``pos`` on (LlamaError when libmtmd fails)."""
+        assert self.projector is not None
+        try:
+            self.projector.evaluate(self.ctx, chunk, pos, seq, self.n_batch, logits)
+        except ProjectorError as exc:
+            raise LlamaError(str(exc)) from exc
 
     def can_rewind(self, seq: int) -> bool:
         """Whether ``seq``'s cache still holds position 0 (a sliding-window cache may have dropped it)."""

@@ -10,6 +10,11 @@
     gguf_deploy_time_to_first_token_seconds           histogram: admission queue + prompt + first token
     gguf_deploy_time_per_output_token_seconds         histogram: the gaps between a request's tokens
     gguf_deploy_request_latency_seconds               histogram: request in to last token out
+    gguf_deploy_engine_seconds_total{stage}           the model thread's time: decode (llama.cpp's
+                                                      batch), sample (sampler chains), schedule
+                                                      (admission, steps, applying results), text
+                                                      (detokenizing, stop strings), handover (to the
+                                                      event loop); all but decode is host cost per token
 
 Each server has a registry of its own (tests run several in one process).
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 PREFIX = "gguf_deploy"
+STAGES = ("decode", "sample", "schedule", "text", "handover")  # of the model thread's time
 # seconds; the finer buckets matter on a GPU, the coarse ones on a CPU
 _TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TPOT = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -59,6 +65,8 @@ class Metrics:
         self.waiting = Gauge(f"{PREFIX}_requests_waiting", "Requests accepted and waiting for a slot.", registry=r)
         self.running = Gauge(f"{PREFIX}_requests_running", "Requests holding at least one slot.", registry=r)
         self.kv_usage = Gauge(f"{PREFIX}_kv_cache_usage_ratio", "KV cache cells in use, 0..1.", registry=r)
+        engine = Counter(f"{PREFIX}_engine_seconds", "The model thread's time, by stage.", ["stage"], registry=r)
+        self.engine_seconds = {stage: engine.labels(stage=stage) for stage in STAGES}
 
     def watch(self, state: Callable[[], dict[str, float]]) -> None:
         """Read the gauges from ``state()`` (keys: slots, slots_busy, waiting, running, kv_usage) when scraped."""

@@ -2,9 +2,10 @@
 
 The port is bound first, so "port in use" is a clear error, and ``/health`` answers 503 while
 the model loads on its own thread (the imports of the web stack overlap the load). SIGTERM and
-SIGINT stop accepting connections, let running requests finish for ``shutdown_grace_s``, then
-cancel what is left on the model: a queued request gets 503, a generation is cut at its next
-token (a stream ends with an error event, a plain request gets 503). :func:`serve` returns
+SIGINT stop accepting connections and drain the engine: a request still waiting for a slot gets a
+503 with ``Retry-After`` at once (the client, or Modal, retries it on another container), a new
+one too; the admitted ones have ``shutdown_grace_s`` to finish, then what is left is cut at its
+next token (a stream ends with an error event, a plain request gets 503). :func:`serve` returns
 normally (exit status 0).
 """
 
@@ -20,8 +21,9 @@ from typing import Any
 
 from deployer.errors import ServeError
 from deployer.runtime import logs
+from deployer.runtime.chat.template import template_of
 from deployer.runtime.config import API_KEY_ENV, RuntimeConfig
-from deployer.runtime.engine import Engine
+from deployer.runtime.engine.core import Engine
 
 # after the grace period, the requests just cancelled get this long to send their answers before
 # uvicorn kills their handlers (a traceback each); a generation stops at its next token, but a
@@ -53,7 +55,7 @@ def serve(
     sock = bind(host, port)
     logs.configure()
     failed = threading.Event()
-    engine = Engine(config)
+    engine = Engine(config, load_model=_load_llama, load_chat=template_of)
     engine.start(on_ready=on_ready, on_failure=lambda _engine: failed.set())  # loads while uvicorn imports
     try:
         server = _server(config, engine, failed)
@@ -100,6 +102,7 @@ def _server(config: RuntimeConfig, engine: Engine, failed: threading.Event) -> A
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             import asyncio
 
+            engine.drain()  # the queued requests get a 503 now; the running ones have the grace period
             asyncio.get_running_loop().call_later(config.shutdown_grace_s, engine.cancel_all)
             await super().shutdown(sockets)
 
@@ -137,3 +140,10 @@ def _server(config: RuntimeConfig, engine: Engine, failed: threading.Event) -> A
             timeout_graceful_shutdown=config.shutdown_grace_s + ANSWER_AFTER_CANCEL_S,
         )
     )
+
+
+def _load_llama(config: RuntimeConfig) -> Any:
+    """llama.cpp's model: imported here, on the model thread, so the web stack never waits for it."""
+    from deployer.runtime import llama
+
+    return llama.load(config)

@@ -2,7 +2,7 @@
 
     request      GenerationRequest: the one typed request every protocol maps onto, and the
                  extensions (llama-server's and vLLM's fields) every protocol honours
-    openai       Chat Completions and Completions: decoders (encoders: ``deployer.runtime.calls``)
+    openai       Chat Completions and Completions: decoders (encoders: ``deployer.runtime.prepare``)
     responses    OpenAI's Responses API: decoder, encoder (JSON and SSE events)
     store        the Responses API's per-container store (LRU, bounded in bytes)
     messages     Anthropic's Messages API: decoder, encoder, errors in Anthropic's shape

@@ -1,6 +1,6 @@
 """The chat parser's deltas as a sequence of output items: what the Responses and Messages encoders share.
 
-The parser (``deployer.runtime.chat_parser``) settles an answer into ``reasoning_content``,
+The parser (``deployer.runtime.chat.parser``) settles an answer into ``reasoning_content``,
 ``content`` and ``tool_calls`` deltas. Agent protocols show an answer as items (Responses) or content
 blocks (Messages) that each open, grow and close, in order. :class:`ItemStream` does that
 bookkeeping once; each encoder only names the events.

@@ -16,11 +16,11 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from deployer.runtime.protocol import ApiError, bad_request
+from deployer.runtime.engine.sampling import Delta
+from deployer.runtime.errors import ApiError, bad_request
 from deployer.runtime.protocols.items import Event, Item, ItemStream, arguments_object, items_of
 from deployer.runtime.protocols.openai import decode_chat
 from deployer.runtime.protocols.request import SAMPLING_EXTENSIONS, GenerationRequest, refuse_unknown
-from deployer.runtime.sampling import Piece
 
 FIELDS = frozenset(
     {
@@ -301,7 +301,7 @@ def _thinking(value: Any) -> dict[str, Any]:
 class MessagesEncoder:
     """The answer as an Anthropic message, or (streaming) as its event sequence."""
 
-    parser: Any  # deployer.runtime.chat_parser.ChatParser
+    parser: Any  # deployer.runtime.chat.parser.ChatParser
     model_name: str
     stops: tuple[str, ...]  # the request's stop_sequences
     tally: Any  # the job's token counts (filled in before the first piece arrives)
@@ -312,12 +312,12 @@ class MessagesEncoder:
     _started: bool = False
     _items: ItemStream = field(default_factory=ItemStream)
 
-    def add(self, pieces: list[Piece]) -> None:
+    def add(self, pieces: list[Delta]) -> None:
         for piece in pieces:
             self._text += piece.text
             self._ended(piece)
 
-    def _ended(self, piece: Piece) -> None:
+    def _ended(self, piece: Delta) -> None:
         if piece.finish_reason is not None:
             self._finish, self._stop = piece.finish_reason, piece.stop
 
@@ -328,7 +328,7 @@ class MessagesEncoder:
         blocks = [b for b in (self._block(item) for item in items_of(message)) if b is not None]
         return {**self._message(blocks), **self._reason(), "usage": self._usage(tally)}
 
-    def events(self, pieces: list[Piece]) -> bytes:
+    def events(self, pieces: list[Delta]) -> bytes:
         out = b""
         if not self._started:
             self._started = True

@@ -1,15 +1,30 @@
-"""OpenAI's Chat Completions and Completions: request bodies onto :class:`GenerationRequest`.
+"""OpenAI's Chat Completions, Completions and Embeddings: the decoders and the encoders.
 
-``deployer.runtime.protocol`` makes a body plain (every shape today's SDKs send) and checks the
-messages and tools; this module maps what is left, field by field, and refuses what is neither
-OpenAI's nor an honoured extension. The encoders are :class:`deployer.runtime.calls.Responder`.
+Decoders: :mod:`deployer.runtime.protocols.checks` makes a body plain (every shape today's SDKs
+send) and checks the messages and tools; :func:`decode_chat` and :func:`decode_completion` map what
+is left onto :class:`GenerationRequest`, field by field, and refuse what is neither OpenAI's nor an
+honoured extension.
+
+Encoders: :class:`Responder` turns the engine's deltas into ``chat.completion`` /
+``text_completion`` objects or their stream chunks, with usage and ``cached_tokens``, logprobs,
+and (chat) the message fields the model's chat parser finds; :func:`run_embedding` answers
+``/v1/embeddings`` on the model thread.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import math
+import struct
+import time
+import uuid
 from typing import Any
 
-from deployer.runtime.protocol import bad_request, normalize_chat, normalize_completion
+from deployer.runtime.engine.core import Job, Tally
+from deployer.runtime.engine.sampling import Delta, TokenLogprob
+from deployer.runtime.errors import ApiError, bad_request
+from deployer.runtime.protocols.checks import EmbeddingBody, normalize_chat, normalize_completion
 from deployer.runtime.protocols.request import (
     EXTENSIONS,
     GenerationRequest,
@@ -182,3 +197,239 @@ def reasoning_template_kwargs(effort: Any, where: str) -> dict[str, Any]:
     if effort not in REASONING_EFFORTS:
         raise bad_request(f"{where} must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}", where)
     return {"reasoning_effort": effort, "enable_thinking": effort != "none"}
+
+
+# ## Responses
+
+
+class Responder:
+    """Turns the pieces of one request into OpenAI's objects: stream chunks, or one result at the end.
+
+    ``parsers`` (chat) make message fields of the text, one per choice (see ``deployer.runtime.chat.template``);
+    without them the text is the content.
+    """
+
+    def __init__(
+        self, call: GenerationRequest, model_name: str, *, parsers: list[Any] | None = None, echo: str = ""
+    ) -> None:
+        self.call = call
+        self.chat = call.kind == "chat"
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model_name
+        self.parsers = parsers
+        self.echo = echo
+        self._texts = [echo] * call.n
+        self._logprobs: list[list[TokenLogprob]] = [[] for _ in range(call.n)]
+        self._finish: list[str | None] = [None] * call.n
+        self._started = [False] * call.n
+
+    @property
+    def object(self) -> str:
+        if self.chat:
+            return "chat.completion.chunk" if self.call.stream else "chat.completion"
+        return "text_completion"
+
+    def head(self) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
+
+    # -- streaming
+
+    def chunks(self, pieces: list[Delta]) -> list[dict[str, Any]]:
+        """The stream chunks of one step's pieces."""
+        out: list[dict[str, Any]] = []
+        for piece in pieces:
+            self._record(piece)
+            if self.chat:
+                out.extend(self._chat_chunks(piece))
+            else:
+                text = piece.text
+                if self.echo and not self._started[piece.index]:
+                    text, self._started[piece.index] = self.echo + text, True
+                choice = {
+                    "text": text,
+                    "index": piece.index,
+                    "logprobs": self._completion_logprobs(
+                        piece.logprobs, len(self._texts[piece.index]) - len(piece.text)
+                    )
+                    if self._wants_logprobs
+                    else None,
+                    "finish_reason": piece.finish_reason,
+                }
+                out.append({**self.head(), "choices": [choice]})
+        return out
+
+    def _chat_chunks(self, piece: Delta) -> list[dict[str, Any]]:
+        index = piece.index
+        deltas: list[dict[str, Any]] = []
+        if not self._started[index]:
+            self._started[index] = True
+            deltas.append({"role": "assistant", "content": ""})
+        finish = piece.finish_reason
+        if self.parsers is None:
+            if piece.text:
+                deltas.append({"content": piece.text})
+        else:
+            parser = self.parsers[index]
+            if piece.text:
+                deltas.extend(parser.feed(piece.text))
+            if finish is not None:
+                held, _message, override = parser.finish()
+                deltas.extend(held)
+                finish = override or finish
+        logprobs = self._chat_logprobs(piece.logprobs) if self._wants_logprobs else None
+        chunks = [self._chat_chunk(index, delta, None, None) for delta in deltas]
+        if logprobs is not None:
+            if chunks:
+                chunks[-1]["choices"][0]["logprobs"] = logprobs
+            else:
+                chunks.append(self._chat_chunk(index, {}, None, logprobs))
+        if finish is not None:
+            chunks.append(self._chat_chunk(index, {}, finish, None))
+        return chunks
+
+    def _chat_chunk(self, index: int, delta: dict[str, Any], finish: str | None, logprobs: Any) -> dict[str, Any]:
+        return {
+            **self.head(),
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        }
+
+    # -- server-sent events (the encoder interface every protocol's encoder has)
+
+    def events(self, pieces: list[Delta]) -> bytes:
+        return b"".join(map(sse, self.chunks(pieces)))
+
+    def error_event(self, error: ApiError) -> bytes:
+        return sse(error.body())  # after the headers: an error event, as OpenAI's SDKs expect
+
+    def end(self, tally: Tally) -> bytes:
+        tail = sse({**self.head(), "choices": [], "usage": usage(tally)}) if self.call.include_usage else b""
+        return tail + b"data: [DONE]\n\n"
+
+    # -- the whole result
+
+    def add(self, pieces: list[Delta]) -> None:
+        for piece in pieces:
+            self._record(piece)
+
+    def _record(self, piece: Delta) -> None:
+        self._texts[piece.index] += piece.text
+        self._logprobs[piece.index].extend(piece.logprobs)
+        if piece.finish_reason is not None:
+            self._finish[piece.index] = piece.finish_reason
+
+    def result(self, tally: Tally) -> dict[str, Any]:
+        choices = []
+        for index in range(self.call.n):
+            finish = self._finish[index] or "length"
+            if self.chat:
+                message: dict[str, Any] = {"role": "assistant", "content": self._texts[index], "refusal": None}
+                if self.parsers is not None:
+                    parser = self.parsers[index]
+                    parser.feed(self._texts[index])
+                    _held, message, override = parser.finish()
+                    finish = override or finish
+                choices.append(
+                    {
+                        "index": index,
+                        "message": message,
+                        "logprobs": self._chat_logprobs(self._logprobs[index]) if self._wants_logprobs else None,
+                        "finish_reason": finish,
+                    }
+                )
+            else:
+                choices.append(
+                    {
+                        "text": self._texts[index],
+                        "index": index,
+                        "logprobs": self._completion_logprobs(self._logprobs[index], len(self.echo))
+                        if self._wants_logprobs
+                        else None,
+                        "finish_reason": finish,
+                    }
+                )
+        return {**self.head(), "choices": choices, "usage": usage(tally)}
+
+    # -- logprobs
+
+    @property
+    def _wants_logprobs(self) -> bool:
+        return self.call.logprobs is not None
+
+    @staticmethod
+    def _chat_logprobs(tokens: Any) -> dict[str, Any]:
+        return {
+            "content": [
+                {
+                    "token": t.token,
+                    "logprob": t.logprob,
+                    "bytes": list(t.bytes),
+                    "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(b)} for s, b, lp in t.top],
+                }
+                for t in tokens
+            ],
+            "refusal": None,
+        }
+
+    @staticmethod
+    def _completion_logprobs(tokens: Any, offset: int) -> dict[str, Any]:
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.token)
+        return {
+            "tokens": [t.token for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{s: lp for s, _b, lp in t.top} for t in tokens],
+            "text_offset": offsets,
+        }
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event of JSON data (OpenAI's streams: no event names)."""
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage(tally: Tally) -> dict[str, Any]:
+    """OpenAI's usage object, with the prompt tokens served from the cache."""
+    return {
+        "prompt_tokens": tally.prompt_tokens,
+        "completion_tokens": tally.completion_tokens,
+        "total_tokens": tally.prompt_tokens + tally.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": tally.cached_tokens},
+    }
+
+
+# ## Embeddings
+
+
+def run_embedding(model: Any, job: Job, call: EmbeddingBody, model_name: str) -> None:
+    """Embed every input: one unit-length vector each (the model's pooling, else the mean of its token vectors)."""
+    if call.dimensions is not None and call.dimensions != model.n_embd:
+        raise bad_request(
+            f"dimensions: this model returns {model.n_embd}-dimensional embeddings and cannot shorten them",
+            "dimensions",
+        )
+    data = []
+    count = 0
+    for index, text in enumerate(call.inputs):
+        tokens = model.tokenize(text, add_special=True)
+        if len(tokens) > model.n_batch:
+            raise bad_request(
+                f"input[{index}] is {len(tokens)} tokens, longer than {model.n_batch}, the most this server embeds at once",
+                "input",
+            )
+        count += len(tokens)
+        pooled = _unit(model.embed(tokens))
+        encoded: Any = base64.b64encode(struct.pack(f"<{len(pooled)}f", *pooled)).decode() if call.base64 else pooled
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    job.tally.prompt_tokens = count
+    job.emit(
+        "result",
+        {"object": "list", "data": data, "model": model_name, "usage": {"prompt_tokens": count, "total_tokens": count}},
+    )
+
+
+def _unit(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 0 else list(vector)

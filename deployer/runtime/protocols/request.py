@@ -1,7 +1,7 @@
 """The one generation request every wire protocol maps onto, and the extensions they all honour.
 
 A protocol's decoder turns its body into a :class:`GenerationRequest` (messages in the chat form
-``deployer.runtime.chat`` renders, or a completion prompt; tools; sampling; stop; limits; the
+``deployer.runtime.chat.template`` renders, or a completion prompt; tools; sampling; stop; limits; the
 response format; the chat template's variables). Every field a body carries is one of three things:
 part of the protocol (the decoder maps it), an extension the server honours (:data:`EXTENSIONS`,
 the fields clients send to llama-server and vLLM), or refused with a 400 that names it
@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from deployer.runtime.protocol import ApiError, bad_request
+from deployer.runtime.errors import ApiError, bad_request
 
 # template variables a request may not set: the server passes them itself
 RESERVED_TEMPLATE_VARIABLES = frozenset(

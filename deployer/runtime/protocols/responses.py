@@ -21,12 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployer.runtime.protocol import ApiError, bad_request
+from deployer.runtime.engine.sampling import Delta
+from deployer.runtime.errors import ApiError, bad_request
 from deployer.runtime.protocols.items import Event, Item, ItemStream, items_of
 from deployer.runtime.protocols.openai import BOOKKEEPING, decode_chat
 from deployer.runtime.protocols.request import SAMPLING_EXTENSIONS, GenerationRequest, refuse_unknown
 from deployer.runtime.protocols.store import ResponseStore
-from deployer.runtime.sampling import Piece
 
 DROPPED_TOOLS = frozenset({"web_search", "web_search_preview"})  # Codex sends them by default: left out
 REFUSED_TOOLS = ("file_search", "computer_use_preview", "code_interpreter", "image_generation", "mcp", "local_shell")
@@ -54,7 +54,7 @@ INCLUDES = frozenset({"reasoning.encrypted_content"})
 
 
 @dataclass(frozen=True)
-class ResponsesCall:
+class ResponsesBody:
     """A decoded ``/v1/responses`` body."""
 
     request: GenerationRequest
@@ -67,7 +67,7 @@ class ResponsesCall:
 # ## Requests
 
 
-def decode(body: Any, store: ResponseStore) -> ResponsesCall:
+def decode(body: Any, store: ResponseStore) -> ResponsesBody:
     """A ``/v1/responses`` body as the internal request, or a 400 naming the field."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -136,7 +136,7 @@ def decode(body: Any, store: ResponseStore) -> ResponsesCall:
         "user": params.get("user"),
         "store": store_it,
     }
-    return ResponsesCall(request, conversation, echo, store_it, tuple(dropped))
+    return ResponsesBody(request, conversation, echo, store_it, tuple(dropped))
 
 
 _CHAT_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
@@ -291,8 +291,8 @@ def _format(text: Any) -> dict[str, Any]:
 class ResponsesEncoder:
     """The answer as a Response object, or (streaming) as Responses events with sequence numbers."""
 
-    call: ResponsesCall
-    parser: Any  # deployer.runtime.chat_parser.ChatParser
+    call: ResponsesBody
+    parser: Any  # deployer.runtime.chat.parser.ChatParser
     model_name: str
     count_tokens: Callable[[str], int]
     on_done: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None
@@ -307,7 +307,7 @@ class ResponsesEncoder:
 
     # -- the whole answer
 
-    def add(self, pieces: list[Piece]) -> None:
+    def add(self, pieces: list[Delta]) -> None:
         for piece in pieces:
             self._text += piece.text
             self._finish = piece.finish_reason or self._finish
@@ -322,7 +322,7 @@ class ResponsesEncoder:
 
     # -- streaming
 
-    def events(self, pieces: list[Piece]) -> bytes:
+    def events(self, pieces: list[Delta]) -> bytes:
         out = b""
         if not self._started:
             self._started = True

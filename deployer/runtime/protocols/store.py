@@ -3,7 +3,7 @@ and ``GET`` / ``DELETE /v1/responses/{id}``. Bounded (LRU, in count and in bytes
 an id from another replica, or from before a restart, is a 404 that says so.
 
 A conversation with images keeps them beside its turns, with the marker that stands for them in
-the turns' text (``deployer.runtime.media``): a follow-up turn carries them into its own prompt."""
+the turns' text (``deployer.runtime.media.images``): a follow-up turn carries them into its own prompt."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import json
 from collections import OrderedDict
 from typing import Any
 
-from deployer.runtime.media import Image
-from deployer.runtime.protocol import ApiError
+from deployer.runtime.errors import ApiError
+from deployer.runtime.media.images import Image
 
 Media = tuple[str, tuple[Image, ...]]  # the marker in the stored turns' text, and the images it stands for
 NO_MEDIA: Media = ("", ())

@@ -3,29 +3,31 @@
     ChatTemplate.load(template=, chat_format=, bos_token=, eos_token=, reasoning_format=)   once, at model load
     ChatTemplate.render(messages, tools=, tool_choice=, parallel_tool_calls=) -> RenderedChat
     RenderedChat.parser() -> ChatParser        one per choice: feed(text) -> deltas; finish() -> message
-                                               (deployer.runtime.chat_parser)
+                                               (deployer.runtime.chat.parser)
 
 A GGUF's Jinja template is rendered the way Hugging Face ``transformers.apply_chat_template`` renders
 it (sandboxed; ``messages``, ``tools``, ``add_generation_prompt``, ``bos_token``, ``eos_token``, and
-the request's template variables). Its syntax (:class:`~deployer.runtime.chat_families.Syntax`, learned
-from the template by :mod:`deployer.runtime.chat_learn`, or hand-written) says how the model writes
+the request's template variables). Its syntax (:class:`~deployer.runtime.chat.families.Syntax`, learned
+from the template by :mod:`deployer.runtime.chat.learn`, or hand-written) says how the model writes
 tool calls and reasoning, which the parser reads back into OpenAI's ``tool_calls`` and
-``reasoning_content``, and which grammar (:mod:`deployer.runtime.chat_grammar`) forces them for
+``reasoning_content``, and which grammar (:mod:`deployer.runtime.chat.grammar`) forces them for
 ``tool_choice`` "required" or a named function. A llama-cpp-python ``chat_format`` builds the prompt
 with its formatter and has no tools.
 
-Pure: llama_cpp is imported only to look a ``chat_format`` up and to convert JSON schemas to GBNF.
+Pure: llama_cpp is never imported here; a ``chat_format``'s formatter and the JSON-schema converter
+of tool grammars come in through :meth:`ChatTemplate.load` (from the model interface).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deployer.runtime.chat_families import (
+from deployer.runtime.chat.families import (
     GENERIC,
     TEMPLATE_VARIABLES,
     TOOL_SHAPES,
@@ -34,10 +36,14 @@ from deployer.runtime.chat_families import (
     hand_written,
     write_calls,
 )
-from deployer.runtime.chat_learn import PROBE_TOOL as LEARN_TOOL
-from deployer.runtime.chat_learn import NotLearned, learn, learn_reasoning, reasoning_in_parts
-from deployer.runtime.chat_parser import THINK_CLOSE, THINK_OPEN, ChatParser, ParseSpec
-from deployer.runtime.protocol import bad_request
+from deployer.runtime.chat.learn import PROBE_TOOL as LEARN_TOOL
+from deployer.runtime.chat.learn import NotLearned, learn, learn_reasoning, reasoning_in_parts
+from deployer.runtime.chat.parser import THINK_CLOSE, THINK_OPEN, ChatParser, ParseSpec
+from deployer.runtime.errors import bad_request
+
+if TYPE_CHECKING:
+    from deployer.runtime.config import RuntimeConfig
+    from deployer.runtime.engine.model import ModelInterface
 
 PROBE_TOOL = "gguf_deploy_probe_tool"  # rendered once at load: does the template show tools at all?
 
@@ -123,8 +129,10 @@ class ChatTemplate:
         reasoning_format: str,
         add_bos_token: bool,
         thinking: bool | None = None,
+        schema_converter: Callable[[], Any] | None = None,
     ) -> None:
         self.source = source
+        self._schema_converter = schema_converter
         # the manifest's default for thinking, as the variables templates read it (a request's own win)
         self.defaults: dict[str, Any] = {} if thinking is None else {"enable_thinking": thinking, "thinking": thinking}
         self.syntax: Syntax | None = None  # how the model writes calls (None: the template shows no tools)
@@ -191,16 +199,23 @@ class ChatTemplate:
         reasoning_format: str = "auto",
         add_bos_token: bool = True,
         thinking: bool | None = None,
+        formatter_of: Callable[[str], Any] | None = None,
+        schema_converter: Callable[[], Any] | None = None,
     ) -> ChatTemplate | None:
         """The model's chat formatting; None when it has none. A ``chat_format`` wins over the template.
 
         ``add_bos_token`` is the model's ``tokenizer.ggml.add_bos_token`` (llama.cpp's default: true).
+        What comes from llama-cpp-python comes through the model interface: ``formatter_of`` looks a
+        chat_format up, ``schema_converter`` makes the converter tool-call grammars are built with
+        (without one, a required or named tool call is a 400).
         ValueError for an unknown chat_format or a template that does not compile.
         """
         common = {"bos_token": bos_token, "eos_token": eos_token, "reasoning_format": reasoning_format,
-                  "thinking": thinking}  # fmt: skip
+                  "thinking": thinking, "schema_converter": schema_converter}  # fmt: skip
         if chat_format is not None:
-            formatter = _formatter(chat_format)
+            if formatter_of is None:
+                raise ValueError(f"chat_format '{chat_format}' needs the model's formatter lookup (formatter_of)")
+            formatter = formatter_of(chat_format)
             return cls(source=None, formatter=formatter, name=chat_format, add_bos_token=add_bos_token, **common)
         if not template:
             return None
@@ -344,10 +359,16 @@ class ChatTemplate:
         syntax = self.syntax or GENERIC
         grammar = None
         if use_tools and (choice == "required" or named):
-            from deployer.runtime.chat_grammar import tool_grammar
+            from deployer.runtime.chat.grammar import tool_grammar
 
             reasoning = syntax if self.thinks else replace(syntax, reasoning_open="", reasoning_close="")
-            grammar = tool_grammar(reasoning, offered, parallel_tool_calls and not named, think_open)
+            try:
+                if self._schema_converter is None:
+                    raise ValueError("no JSON-schema converter was given")
+                converter = self._schema_converter()
+            except ValueError as exc:
+                raise bad_request(f"this server cannot force a tool call: {exc}", "tool_choice") from exc
+            grammar = tool_grammar(converter, reasoning, offered, parallel_tool_calls and not named, think_open)
         stop = tuple(s for s in (self._eos, *syntax.stop) if s)
         harmony = syntax.layout == "harmony"
         spec = ParseSpec(
@@ -404,20 +425,18 @@ class ChatTemplate:
         return RenderedChat(result.prompt, self._add_bos_token and not result.added_special, tuple(stop), None)
 
 
-def _formatter(name: str) -> Any:
-    """The prompt formatter llama-cpp-python registered as ``name`` (``format_gemma`` for "gemma", ...)."""
-    import inspect
-
-    from llama_cpp import llama_chat_format
-
-    try:
-        handler = llama_chat_format.LlamaChatCompletionHandlerRegistry().get_chat_completion_handler_by_name(name)
-    except Exception as exc:
-        raise ValueError(f"chat_format '{name}' is not one llama-cpp-python knows") from exc
-    formatter = inspect.getclosurevars(handler).nonlocals.get("chat_formatter")
-    if formatter is None:
-        raise ValueError(f"chat_format '{name}' has its own handler, not a prompt format this server can use")
-    return formatter
+def template_of(model: ModelInterface, config: RuntimeConfig) -> ChatTemplate | None:
+    """The loaded model's chat formatting, as ``config`` asks (the engine's ``load_chat``)."""
+    return ChatTemplate.load(
+        template=model.metadata.get("tokenizer.chat_template"),
+        chat_format=config.chat_format,
+        bos_token=model.token_text(model.bos),
+        eos_token=model.token_text(model.eos),
+        reasoning_format=config.reasoning_format,
+        thinking=config.thinking,
+        formatter_of=model.chat_formatter,
+        schema_converter=model.schema_converter,
+    )
 
 
 def _open_final(prompt: str, text: str) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from deployer.runtime.chat_families import KEY_HOLE, Syntax
+from deployer.runtime.chat.families import KEY_HOLE, Syntax
 
 NAME_A, NAME_B = "fn_alpha", "fn_bravo"  # equal lengths: the second call lines up with the first
 KEY, KEY2, VALUE, VALUE2, NUMBER = "pk_alpha", "pk_bravo", "VAL_XQ", "VAL_YQ", 73519
@@ -322,7 +322,7 @@ def _nested_text(syntax: Syntax, rest: str) -> str | None:
 
 def _learn_nested(syntax: Syntax, rest_of: Callable[[dict[str, Any]], str]) -> Syntax:
     """Whether objects and arrays are written as nested elements (MiniMax M3), and the key of an array's items."""
-    from deployer.runtime.chat_nested import read_elements
+    from deployer.runtime.chat.nested import read_elements
 
     try:
         value = _nested_text(syntax, rest_of({KEY: {KEY2: VALUE2}}))

@@ -1,4 +1,4 @@
-"""Reading tool calls out of generated text with a :class:`~deployer.runtime.chat_families.Syntax`.
+"""Reading tool calls out of generated text with a :class:`~deployer.runtime.chat.families.Syntax`.
 
 Pure functions of text. A scan returns the pieces of the text that are settled (plain text, reasoning,
 or a complete unit of calls) and at most one unsettled unit (calls still being written), so that
@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from deployer.runtime.chat_families import Syntax, closing
+from deployer.runtime.chat.families import Syntax, closing
 
 ID_HOLE = "\x1f"  # where a marker text holds the call's id (chat_learn writes it)
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -46,8 +46,8 @@ class Reasoning:
     text: str
 
 
-Piece = str | Unit | Reasoning
-Scan = tuple[list[Piece], Unit | None, int, bool]  # settled pieces, unsettled unit, next position, fresh
+Scanned = str | Unit | Reasoning
+Scan = tuple[list[Scanned], Unit | None, int, bool]  # settled pieces, unsettled unit, next position, fresh
 
 
 def held_back(buf: str, markers: tuple[str, ...]) -> int:
@@ -388,7 +388,7 @@ class _Reader:
 
 def scan(syntax: Syntax, buf: str, pos: int, fresh: bool, final: bool, memo: Memo) -> Scan:
     """The pieces of ``buf[pos:]``: text, and units of calls in ``syntax``."""
-    pieces: list[Piece] = []
+    pieces: list[Scanned] = []
     trigger = syntax.trigger if re.search(r"[\w<>|\[\]]{2,}", syntax.trigger) else ""
     openers = tuple(m for m in (trigger, syntax.optional_open) if m)
     while True:

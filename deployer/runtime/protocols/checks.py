@@ -16,43 +16,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from deployer.runtime.errors import bad_request
+
 MAX_N = 8  # choices per request: each one takes a slot of its own
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",  # OpenAI's field name
-        code: str | None = None,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.code = code
-        self.param = param
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    """A 400 about one field of the request."""
-    return ApiError(400, message, param=param, code=code)
-
-
 @dataclass(frozen=True)
-class Call:
+class PlainBody:
     """One generation request, made plain.
 
     ``params`` is the rest of the body, for ``deployer.runtime.protocols.openai`` to map.
@@ -69,7 +41,7 @@ class Call:
 
 
 @dataclass(frozen=True)
-class EmbeddingCall:
+class EmbeddingBody:
     """One embeddings request, made plain."""
 
     inputs: list[str]
@@ -378,7 +350,7 @@ def _tools(params: dict[str, Any]) -> None:
         params["parallel_tool_calls"] = parallel
 
 
-def normalize_chat(body: Any) -> Call:
+def normalize_chat(body: Any) -> PlainBody:
     """A ``/v1/chat/completions`` body made plain, or :class:`ApiError`.
 
     Tools end up in ``params``: ``tools`` (validated), ``tool_choice`` ("none", "auto", "required" or
@@ -400,7 +372,7 @@ def normalize_chat(body: Any) -> Call:
     if forced and (json_schema is not None or json_object or params.get("grammar") is not None):
         what = "grammar" if params.get("grammar") is not None else "response_format"
         raise bad_request(f"give either {what} or a tool_choice that forces a call, not both", what)
-    return Call("chat", params, n, stream, include_usage, json_schema, json_object)
+    return PlainBody("chat", params, n, stream, include_usage, json_schema, json_object)
 
 
 def _response_format(value: Any) -> tuple[dict[str, Any] | None, bool]:
@@ -461,7 +433,7 @@ def _tokens(value: list[int]) -> list[int]:
     return list(value)
 
 
-def normalize_completion(body: Any) -> Call:
+def normalize_completion(body: Any) -> PlainBody:
     """A ``/v1/completions`` body made plain, or :class:`ApiError`."""
     params = _object(body)
     if "prompt" not in params:
@@ -475,15 +447,15 @@ def normalize_completion(body: Any) -> Call:
     n, stream, include_usage = _common(params)
     if isinstance(prompt, str):
         params["prompt"] = prompt
-        return Call("completion", params, n, stream, include_usage)
+        return PlainBody("completion", params, n, stream, include_usage)
     params["prompt"] = ""  # the stock type takes text only; the tokens travel beside it
-    return Call("completion", params, n, stream, include_usage, prompt_tokens=prompt)
+    return PlainBody("completion", params, n, stream, include_usage, prompt_tokens=prompt)
 
 
 # ## Embeddings
 
 
-def normalize_embedding(body: Any) -> EmbeddingCall:
+def normalize_embedding(body: Any) -> EmbeddingBody:
     """A ``/v1/embeddings`` body made plain, or :class:`ApiError`."""
     params = _object(body)
     value = params.get("input")
@@ -502,4 +474,4 @@ def normalize_embedding(body: Any) -> EmbeddingCall:
     if encoding not in ("float", "base64"):
         raise bad_request(f"encoding_format must be 'float' or 'base64', got {encoding!r}", "encoding_format")
     dimensions = _positive_int(params, "dimensions")
-    return EmbeddingCall(list(inputs), encoding == "base64", dimensions)
+    return EmbeddingBody(list(inputs), encoding == "base64", dimensions)

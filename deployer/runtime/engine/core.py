@@ -4,13 +4,14 @@ One model, one context of ``parallel`` sequences (slots), one thread that runs t
 llama-server runs: take new requests, give free slots to waiting sequences (longest cached prefix
 first), decode one batch of prompt chunks and one token per generating sequence, sample each at
 its own row with its own sampler chain, hand the new text to the event loop. The decisions are in
-:mod:`deployer.runtime.scheduler`; llama.cpp is behind :mod:`deployer.runtime.llama`.
+:mod:`deployer.runtime.engine.scheduler`; the model is whatever ``load_model`` returns, behind
+:class:`deployer.runtime.engine.model.ModelInterface` (llama.cpp's: :func:`deployer.runtime.llama.load`).
 
 In front of it, a bound of ``concurrency`` requests in flight (in slots or waiting for one): a
-request beyond it is refused at once (429 + Retry-After), so nothing hangs and no running stream
-is ever cut off for a newer one. A request whose client goes away frees its slot at the next step.
-
-llama_cpp is imported on the model thread only (lean imports: see ``deployer.runtime``).
+request beyond it is refused at once (:class:`Busy`), so nothing hangs and no running stream is
+ever cut off for a newer one. A request whose client goes away frees its slot at the next step.
+The engine raises and reports only its own errors (:mod:`deployer.runtime.engine.errors`); the app
+answers them in each protocol's shape.
 """
 
 from __future__ import annotations
@@ -28,19 +29,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deployer.runtime import logs
-from deployer.runtime.checkpoints import Checkpoints
 from deployer.runtime.config import KV_TYPES, RuntimeConfig
-from deployer.runtime.metrics import Metrics
-from deployer.runtime.protocol import ApiError
-from deployer.runtime.sampling import Generation, Piece, TextStream, TokenLogprob
-from deployer.runtime.scheduler import Entry, Scheduler, Sequence, State
+from deployer.runtime.engine.checkpoints import Checkpoints
+from deployer.runtime.engine.errors import Busy, EngineError, Failed, ShuttingDown
+from deployer.runtime.engine.sampling import Delta, Generation, TextStream, TokenLogprob
+from deployer.runtime.engine.scheduler import Entry, Outcome, Scheduler, Sequence, State
+from deployer.runtime.errors import ApiError
+from deployer.runtime.metrics import STAGES, Metrics
 
 if TYPE_CHECKING:  # asyncio is imported by the web stack, after the model thread has started
     import asyncio
 
     import numpy as np
 
-    from deployer.runtime.llama import Model, Sampler
+    from deployer.runtime.engine.model import ModelInterface as Model
+    from deployer.runtime.engine.model import SamplerInterface as Sampler
 
 __all__ = ["KV_TYPES", "Engine", "Job", "Tally", "classify"]
 
@@ -65,31 +68,12 @@ class Tally:
     cut: bool = False  # stopped early because the request was cancelled
 
 
-_LEVELS = {1: "debug", 2: "info", 3: "warn", 4: "error", 5: "cont"}  # enum ggml_log_level
-_callbacks: list[Any] = []  # ctypes callbacks must outlive every call llama.cpp makes to them
-
-
-def route_llama_logs(verbose: bool) -> None:
-    """llama.cpp's own log lines as JSON events too (warnings and errors; everything when verbose)."""
-    import ctypes
-
-    import llama_cpp
-
-    @llama_cpp.llama_log_callback  # type: ignore[misc]
-    def callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-        if verbose or level in (3, 4):  # called for every line llama.cpp writes: the check comes first
-            message = text.decode("utf-8", errors="replace").strip()
-            if message:
-                logs.event("llama.cpp", level=_LEVELS.get(level, str(level)), text=message)
-
-    _callbacks.append(callback)
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-
-
 # ## Jobs
 
 
-Item = tuple[str, Any]  # ("pieces", [Piece]) | ("result", dict) | ("error", ApiError) | ("end", Tally)
+# ("pieces", [Delta]) | ("result", dict) | ("error", EngineError, or the ApiError a work function raised)
+# | ("end", Tally)
+Item = tuple[str, Any]
 
 
 class Job:
@@ -126,15 +110,12 @@ class Job:
     # -- the model thread
 
     def emit(self, kind: str, value: Any = None) -> None:
-        self._call_soon(self._items.put_nowait, (kind, value))
+        """Send an item to the event loop, with the rest of this step's (see :meth:`Engine._flush`)."""
+        self._engine._outbox.append((self, kind, value))
 
     def _finish(self) -> None:
         self.emit("end", self.tally)
-        self._call_soon(lambda: self.done.done() or self.done.set_result(self.tally))
-
-    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop is gone: the server is shutting down
-            self._loop.call_soon_threadsafe(fn, *args)
+        self.emit(_DONE, self.tally)
 
     # -- the event loop
 
@@ -150,6 +131,19 @@ class Job:
     @property
     def queue_ms(self) -> int | None:
         return None if self.started is None else int((self.started - self.created) * 1000)
+
+
+_DONE = "done"  # not an item: resolves the job's ``done`` future
+
+
+def _deliver(items: list[tuple[Job, str, Any]]) -> None:
+    """On the event loop: one step's items, for every job at once (one wake-up per step, not per token)."""
+    for job, kind, value in items:
+        if kind == _DONE:
+            if not job.done.done():
+                job.done.set_result(value)
+        else:
+            job._items.put_nowait((kind, value))
 
 
 @dataclass(eq=False)
@@ -171,18 +165,22 @@ class Engine:
         config: RuntimeConfig,
         metrics: Metrics | None = None,
         *,
-        load_model: Callable[[RuntimeConfig], Any] | None = None,
+        load_model: Callable[[RuntimeConfig], Model],
+        load_chat: Callable[[Model, RuntimeConfig], Any] | None = None,
     ) -> None:
-        """``load_model``: another model than llama.cpp's (the tests' fake one), with the same interface."""
+        """``load_model`` makes the model on the model thread: :func:`deployer.runtime.llama.load`, or
+        the tests' fake one (the engine never imports llama.cpp); ``load_chat`` then reads its chat
+        template (:func:`deployer.runtime.chat.template.template_of`: the engine never renders one)."""
         self.config = config
         self._load_model = load_model
+        self._load_chat = load_chat
         self.metrics = metrics or Metrics()
         self.state = "loading"  # -> ready | failed; -> closed
         self.error: str | None = None
         self.load_seconds: float | None = None
         self.model: Model | None = None
         self.has_chat_template = True
-        self.chat_template: Any = None  # deployer.runtime.chat.ChatTemplate, once loaded
+        self.chat_template: Any = None  # what load_chat made of the model's template (the app renders with it)
         self.scheduler = Scheduler(config.parallel, config.n_ctx, config.n_batch)
         self.checkpoints = Checkpoints(config.parallel, config.ctx_checkpoints)
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -192,7 +190,10 @@ class Engine:
         self._jobs: set[Job] = set()  # accepted and not finished (model thread only)
         self._others: list[Job] = []  # non-generation work, waiting its turn (model thread only)
         self._choices: dict[Sequence, _Choice] = {}
+        self._outbox: list[tuple[Job, str, Any]] = []  # items for the event loop, sent once per decode
+        self._laps = dict.fromkeys(STAGES, 0.0)  # seconds per stage since the last report
         self._closing = False  # set by cancel_all(): nothing new starts
+        self._draining = False  # set by drain(): nothing new is accepted, nothing waiting starts
         self._stop = False
         self._thread = threading.Thread(target=self._main, name="gguf-deploy-model", daemon=True)
         self._on_ready: Callable[[Engine], None] | None = None
@@ -218,21 +219,15 @@ class Engine:
     # -- admission (the event loop)
 
     def submit(self, generation: Generation | None = None, *, work: Callable[[Model, Job], None] | None = None) -> Job:
-        """Accept a generation (or other work); :class:`ApiError` 429 at once when ``concurrency`` are in."""
+        """Accept a generation (or other work); :class:`Busy` at once when ``concurrency`` are in."""
         import asyncio
 
         loop = asyncio.get_running_loop()
         with self._lock:
+            if self._draining or self._closing:
+                raise ShuttingDown()
             if self._in_flight >= self.config.concurrency:
-                wait = self.retry_after()
-                raise ApiError(
-                    429,
-                    f"the server is busy: {self._in_flight} requests are running or queued "
-                    f"(its limit is {self.config.concurrency}); retry in {wait} s",
-                    type="rate_limit_error",
-                    code="server_busy",
-                    headers={"Retry-After": str(wait)},
-                )
+                raise Busy(self._in_flight, self.config.concurrency, self.retry_after())
             self._in_flight += 1
             job = Job(self, loop, generation=generation, work=work)
         self._inbox.put(job)
@@ -269,7 +264,22 @@ class Engine:
                 self._iterate()
             except Exception as exc:  # a bug: the requests in flight get a 500, the server goes on
                 self._fail_all(classify(exc))
+            self._flush()
         self._fail_all(_stopping_error())
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand what the model thread produced to the event loop: one call for every job (GIL and
+        wake-ups are paid once per decode, not once per token and job)."""
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+        by_loop: dict[Any, list[tuple[Job, str, Any]]] = {}
+        for item in items:
+            by_loop.setdefault(item[0]._loop, []).append(item)
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: the server is shutting down
+                loop.call_soon_threadsafe(_deliver, batch)
 
     def _resumable(self, slot: int, keep: int) -> int:
         """Where a slot's cache can be cut back to, at most ``keep``: anywhere, unless windowed layers
@@ -279,7 +289,7 @@ class Engine:
             return self.checkpoints.nearest(slot, keep)
         return keep if self.model.can_rewind(slot) else 0
 
-    def _checkpoint(self, entries: list[Entry]) -> None:
+    def _checkpoint(self, entries: list[Entry], slots: dict[Sequence, int]) -> None:
         """After a decode: a prompt that completed a whole chunk (a position the prompt cache may reuse)
         keeps a checkpoint of its windowed layers there.
 
@@ -292,10 +302,11 @@ class Engine:
         assert model is not None
         for entry in entries:
             seq, end = entry.seq, entry.pos + len(entry.tokens)
-            if len(entry.tokens) == self.config.n_batch and seq.trusted == end and seq.slot is not None:
-                state = model.save_window(seq.slot.id)
-                model.restore_window(seq.slot.id, state)
-                self.checkpoints.put(seq.slot.id, end, state)
+            if len(entry.tokens) == self.config.n_batch and seq.trusted == end and seq in slots:
+                slot = slots[seq]
+                state = model.save_window(slot)
+                model.restore_window(slot, state)
+                self.checkpoints.put(slot, end, state)
 
     def _iterate(self) -> None:
         """One turn of the loop: take new requests, drop cancelled ones, fill free slots, decode one step."""
@@ -306,15 +317,35 @@ class Engine:
         if self._others:
             self._run_other(self._others.pop(0))
             return
+        lap = time.perf_counter()
         self._admit()
-        for batch in self.scheduler.step():
-            out: dict[Job, list[Piece]] = {}
+        batches = self.scheduler.step()
+        lap = self._lap("schedule", lap)
+        for batch in batches:
+            out: dict[Job, list[Delta]] = {}
             if not self._decode(batch, out):
                 return
-            for job, pieces in out.items():  # at once: a first token does not wait for the step's other decodes
+            lap = time.perf_counter()
+            for job, pieces in out.items():
                 job.emit("pieces", pieces)
                 if job.open_choices == 0:
                     self._end_job(job)
+            lap = self._lap("schedule", lap)
+            self._flush()  # at once: a first token does not wait for the step's other decodes
+            lap = self._lap("handover", lap)
+        self._report_laps()
+
+    def _lap(self, stage: str, since: float) -> float:
+        """Add the time since ``since`` to ``stage`` (the model thread's time, by stage); now."""
+        now = time.perf_counter()
+        self._laps[stage] += now - since
+        return now
+
+    def _report_laps(self) -> None:
+        for stage, seconds in self._laps.items():
+            if seconds:
+                self.metrics.engine_seconds[stage].inc(seconds)
+                self._laps[stage] = 0.0
 
     def _load(self) -> bool:
         for key, value in OPENMP_ENV.items():  # before the first `import llama_cpp` of the process
@@ -322,13 +353,7 @@ class Engine:
         started = time.monotonic()
         logs.event("loading", model=self.config.model_name, path=self.config.model_path)
         try:
-            if self._load_model is not None:
-                self.model = self._load_model(self.config)
-            else:
-                route_llama_logs(self.config.verbose)
-                from deployer.runtime.llama import Model
-
-                self.model = Model(self.config)
+            self.model = self._load_model(self.config)
         except Exception as exc:  # llama.cpp reports a bad file through LlamaError/ValueError/OSError
             self.error = f"{self.config.model_path}: llama.cpp could not load the model ({exc})"
             self.state = "failed"
@@ -336,18 +361,9 @@ class Engine:
             if self._on_failure:
                 self._on_failure(self)
             return False
-        from deployer.runtime.chat import ChatTemplate
-
         model = self.model
         try:
-            self.chat_template = ChatTemplate.load(
-                template=model.metadata.get("tokenizer.chat_template"),
-                chat_format=self.config.chat_format,
-                bos_token=model.token_text(model.bos),
-                eos_token=model.token_text(model.eos),
-                reasoning_format=self.config.reasoning_format,
-                thinking=self.config.thinking,
-            )
+            self.chat_template = self._load_chat(model, self.config) if self._load_chat else None
         except Exception as exc:  # a template Jinja cannot even parse: completions still work
             logs.event("chat_template_unusable", model=self.config.model_name, level="warn", error=str(exc))
             self.chat_template = None
@@ -393,8 +409,13 @@ class Engine:
         self.scheduler.add(Sequence(job, i, generation.prompt, limit, spans=spans) for i in range(generation.n))
 
     def _reap(self) -> None:
-        """End the jobs that were cancelled (client gone, shutdown): their slots are free for this step."""
-        for job in [job for job in self._jobs if job.cancel_event.is_set() or self._closing]:
+        """End the jobs that were cancelled (client gone, shutdown): their slots are free for this step.
+        While draining, the jobs that have not started end at once with :class:`ShuttingDown`."""
+        for job in [job for job in self._jobs if job.cancel_event.is_set() or self._closing or self._draining]:
+            if not (job.cancel_event.is_set() or self._closing) and job.started is not None:
+                continue  # draining: an admitted request finishes
+            if self._draining and job.started is None and not job.cancel_event.is_set():
+                job.emit("error", ShuttingDown())  # never started: the client (or Modal) retries elsewhere
             if job.state == "queued" or job.started is None:
                 job.state = "cancelled"
             else:
@@ -421,74 +442,94 @@ class Engine:
             sampler = self.model.sampler(generation.sampling, seed)
             self._choices[seq] = _Choice(sampler, TextStream(generation.stop))
 
-    def _decode(self, entries: list[Entry], out: dict[Job, list[Piece]]) -> bool:
-        """Decode one batch and sample what it computed; False when llama.cpp failed (the requests got a 500)."""
-        assert self.model is not None
+    def _decode(self, entries: list[Entry], out: dict[Job, list[Delta]]) -> bool:
+        """Decode one batch, sample every row it computed, apply the results (:meth:`Scheduler.update`),
+        and put the new text in ``out``; False when llama.cpp failed (the requests got a 500)."""
+        model = self.model
+        assert model is not None
+        lap = time.perf_counter()
         try:
             if entries[0].seq.span_at(entries[0].pos) is not None:  # an image: a batch of its own (Scheduler.step)
                 rows = self._evaluate_image(entries[0])
             else:
-                rows = self.model.decode([(e.seq.slot.id, e.tokens, e.pos, e.logits) for e in entries])
-        except self.model.errors as exc:  # nothing a request did: fail the running ones, start again clean
+                rows = model.decode([(e.seq.slot.id, e.tokens, e.pos, e.logits) for e in entries])
+        except model.errors as exc:  # nothing a request did: fail the running ones, start again clean
             self._fail_all(classify(exc))
             return False
-        self.scheduler.fed(entries)
-        if self.model.windowed:  # before sampling: a sequence that stops now still leaves its checkpoints
-            self._checkpoint(entries)
-        now = time.monotonic()
+        lap = self._lap("decode", lap)
+        slots = {e.seq: e.seq.slot.id for e in entries if e.seq.slot is not None}  # before update frees any
+        sampled: list[tuple[Sequence, int]] = []
+        logprobs: dict[Sequence, tuple[TokenLogprob, ...]] = {}
+        copies: list[tuple[int, int]] = []
         for entry, row in zip((e for e in entries if e.logits), rows, strict=True):
             seq = entry.seq
-            if seq.state is State.PROMPT:  # the others of its request share this prompt: copy it, sample the same row
+            group = []  # the followers first: they take the prompt from the leader, which may end at once
+            if seq.state is State.PROMPT:  # the others of its request share this prompt: they sample the same row
                 for follower in [f for f in seq.followers if f.state is State.FOLLOWING]:
-                    assert seq.slot is not None and follower.slot is not None
-                    self.model.copy(seq.slot.id, follower.slot.id)
-                    self.checkpoints.copy(seq.slot.id, follower.slot.id)
-                    self._advance(follower, row, out, now)
-            self._advance(seq, row, out, now)
+                    assert follower.slot is not None
+                    copies.append((slots[seq], follower.slot.id))
+                    group.append(follower)
+            group.append(seq)
+            for member in group:
+                token, logprob = self._sample(member, row)
+                sampled.append((member, token))
+                if logprob:
+                    logprobs[member] = logprob
+        lap = self._lap("sample", lap)
+        outcomes = self.scheduler.update(entries, sampled, model.is_eog)
+        if model.windowed:  # the sequences that ended now still leave their checkpoints
+            self._checkpoint(entries, slots)
+        for source, target in copies:  # the followers' caches: before the next decode reads them
+            model.copy(source, target)
+            self.checkpoints.copy(source, target)
+        lap = self._lap("schedule", lap)
+        now = time.monotonic()
+        for outcome in outcomes:
+            self._emit_token(outcome, logprobs.get(outcome.seq, ()), out, now)
+        self._lap("text", lap)
         return True
 
     def _evaluate_image(self, entry: Entry) -> list[int]:
         """Encode one image of a prompt and decode it into its sequence (libmtmd); the row of its
         logits when the prompt ends with it (-1: the last output)."""
-        from deployer.runtime.llama import LlamaError
-        from deployer.runtime.vision import ProjectorError
-
         model, seq = self.model, entry.seq
-        assert model is not None and model.projector is not None and seq.slot is not None
-        chunk = seq.owner.generation.media.chunk_at[entry.pos]
-        try:
-            model.projector.evaluate(model.ctx, chunk, entry.pos, seq.slot.id, model.n_batch, entry.logits)
-        except ProjectorError as exc:
-            raise LlamaError(str(exc)) from exc
+        assert model is not None and seq.slot is not None
+        model.evaluate_image(seq.owner.generation.media.chunk_at[entry.pos], entry.pos, seq.slot.id, entry.logits)
         return [-1] if entry.logits else []
 
-    def _advance(self, seq: Sequence, row: int, out: dict[Job, list[Piece]], now: float) -> None:
-        """Sample ``seq``'s next token at ``row``; its text (and maybe its end) goes into ``out``."""
-        model, job, choice = self.model, seq.owner, self._choices[seq]
+    def _sample(self, seq: Sequence, row: int) -> tuple[int, tuple[TokenLogprob, ...]]:
+        """``seq``'s next token at ``row`` (its own sampler chain), and its logprobs when asked for."""
+        model, choice = self.model, self._choices[seq]
         assert model is not None
-        generation: Generation = job.generation
-        logprobs = ()
-        if generation.logprobs is not None:
-            logits = model.logits(row)
+        generation: Generation = seq.owner.generation
         banned = model.eog_tokens if seq.generated < generation.min_tokens else ()
+        if generation.logprobs is None:
+            return choice.sampler.sample(row, banned), ()
+        logits = model.logits(row)  # before sampling: the chain may change them in place
         token = choice.sampler.sample(row, banned)
-        if generation.logprobs is not None:
-            logprobs = (_logprob(model, logits, token, generation.logprobs),)
-        self.scheduler.sampled(seq, token)
+        return token, (_logprob(model, logits, token, generation.logprobs),)
+
+    def _emit_token(
+        self, outcome: Outcome, logprobs: tuple[TokenLogprob, ...], out: dict[Job, list[Delta]], now: float
+    ) -> None:
+        """A sampled token as text (stop strings held back and matched); the choice ends with its outcome or a stop string."""
+        model, seq = self.model, outcome.seq
+        assert model is not None
+        job, choice = seq.owner, self._choices[seq]
         if job.first_token is None:
             job.first_token = now
-        finish = None
-        if model.is_eog(token):
-            text, finish = choice.text.flush(), "stop"
+        finish = outcome.finish
+        if finish == "stop":  # an end-of-generation token: not part of the text, not counted
+            text = choice.text.flush()
         else:
             job.tally.completion_tokens += 1
-            text, stopped = choice.text.feed(model.piece(token))
+            text, stopped = choice.text.feed(model.piece(outcome.token))
             if stopped:
                 finish = "stop"
-            elif self.scheduler.must_stop(seq):
-                text, finish = text + choice.text.flush(), "length"
+            elif finish == "length":
+                text += choice.text.flush()
         if text or logprobs or finish is not None:  # text held back (a possible stop string) waits for the next
-            out.setdefault(job, []).append(Piece(seq.index, text, logprobs, finish, choice.text.matched))
+            out.setdefault(job, []).append(Delta(seq.index, text, logprobs, finish, choice.text.matched))
         if finish is not None:
             self._end_seq(seq)
 
@@ -526,7 +567,7 @@ class Engine:
             )
         job._finish()
 
-    def _fail_all(self, error: ApiError) -> None:
+    def _fail_all(self, error: EngineError) -> None:
         for job in list(self._jobs):
             job.emit("error", error)
             self._end_job(job)
@@ -552,6 +593,12 @@ class Engine:
         self._end_job(job)
 
     # -- shutdown
+
+    def drain(self) -> None:
+        """The server is stopping: refuse new requests, end the waiting ones now (503, so that they are
+        retried elsewhere at once), let the admitted ones finish."""
+        self._draining = True
+        self._wake()
 
     def cancel_all(self) -> None:
         """Cut every running generation at its next step; the waiting ones end without starting."""
@@ -590,11 +637,11 @@ def _token(model: Model, token: int, logprob: float) -> tuple[str, bytes, float]
     return data.decode("utf-8", errors="replace"), data, logprob
 
 
-def _stopping_error() -> ApiError:
-    return ApiError(503, "the server is shutting down; retry", type="server_error", code="shutting_down")
+def _stopping_error() -> ShuttingDown:
+    return ShuttingDown()
 
 
-def classify(exc: BaseException) -> ApiError:
-    """An unexpected exception as a 500 (logged with its traceback): a bug, never the client's fault."""
+def classify(exc: BaseException) -> Failed:
+    """An unexpected exception (logged with its traceback): a bug or llama.cpp's failure, never the client's fault."""
     logs.event("internal_error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-    return ApiError(500, f"internal error ({type(exc).__name__}); see the server log", type="server_error")
+    return Failed(type(exc).__name__)

@@ -1,8 +1,12 @@
 """Continuous batching, decided: which sequences hold which slots, and what the next decode computes.
 
 Pure bookkeeping (no llama.cpp, no threads), so it is tested without a model. The engine asks
-:meth:`Scheduler.admit` and :meth:`Scheduler.step` what to do, runs the decode, and reports back
-with :meth:`Scheduler.fed` and :meth:`Scheduler.finish`; this module never sees logits or text.
+:meth:`Scheduler.admit` and :meth:`Scheduler.step` what to do, runs the decode, samples, and
+hands each decode's results back in one call, :meth:`Scheduler.update` (as vLLM v1's
+``update_from_output``): the fed tokens are in the cache, each sampled token is its sequence's
+next, and a sequence that ended (an end-of-generation token, or its length) leaves its slot. The
+engine ends the others (a stop string, a client gone) with :meth:`Scheduler.finish`. This module
+never sees logits or text.
 
 * **Slots.** ``parallel`` slots, one sequence each, as llama-server's. A waiting sequence goes to
   the free slot whose cached tokens share the longest reusable prefix with its prompt.
@@ -85,6 +89,15 @@ class Entry:
     tokens: list[int]
     pos: int
     logits: bool  # sample after this decode (the last prompt token, or a decode token)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one sampled token did to its sequence (:meth:`Scheduler.update`)."""
+
+    seq: Sequence
+    token: int
+    finish: str | None  # "stop": an end-of-generation token; "length": the sequence may generate no more
 
 
 @dataclass(frozen=True)
@@ -230,6 +243,24 @@ class Scheduler:
         running = [slot.seq for slot in self.slots if slot.seq is not None and slot.seq.state is state]
         return sorted(running, key=lambda seq: seq.arrival)
 
+    def update(
+        self, entries: list[Entry], sampled: list[tuple[Sequence, int]], is_eog: Callable[[int], bool]
+    ) -> list[Outcome]:
+        """Apply one successful decode of ``entries`` and the tokens sampled after it, in one place.
+
+        A sequence whose token ends its generation (``is_eog``) or that reached its length is
+        finished here: its slot is free for the next step. Returns one :class:`Outcome` per sampled token.
+        """
+        self.fed(entries)
+        outcomes = []
+        for seq, token in sampled:
+            self.sampled(seq, token)
+            finish = "stop" if is_eog(token) else "length" if seq.generated >= seq.max_new else None
+            if finish is not None:
+                self.finish(seq)
+            outcomes.append(Outcome(seq, token, finish))
+        return outcomes
+
     def fed(self, entries: list[Entry]) -> None:
         """The decode of ``entries`` (one batch of :meth:`step`) succeeded: their tokens are in the cache."""
         for entry in entries:
@@ -266,10 +297,6 @@ class Scheduler:
         seq.state = State.DECODING
         seq.next_token = token
         seq.generated += 1
-
-    def must_stop(self, seq: Sequence) -> bool:
-        """Whether ``seq`` has generated all it may (``max_new`` is capped by the room left in its context)."""
-        return seq.generated >= seq.max_new
 
     def finish(self, seq: Sequence) -> None:
         """``seq`` is done (finished, failed or cancelled): its slot is free at once."""

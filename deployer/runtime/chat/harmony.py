@@ -2,15 +2,15 @@
 
 ``<|channel|>analysis<|message|>...<|end|>`` is reasoning; a header naming ``to=functions.NAME`` (in the
 channel header, or in the role header before it) a call whose message is the arguments; any other
-channel text. Same contract as :func:`deployer.runtime.chat_scan.scan`.
+channel text. Same contract as :func:`deployer.runtime.chat.scan.scan`.
 """
 
 from __future__ import annotations
 
 import re
 
-from deployer.runtime.chat_families import Syntax
-from deployer.runtime.chat_scan import CallScan, Memo, Piece, Reasoning, Scan, Unit, held_back
+from deployer.runtime.chat.families import Syntax
+from deployer.runtime.chat.scan import CallScan, Memo, Reasoning, Scan, Scanned, Unit, held_back
 
 _HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>")
 _RECIPIENT = re.compile(r"to=functions\.([A-Za-z0-9_.\-]+)")
@@ -19,7 +19,7 @@ _RECIPIENT = re.compile(r"to=functions\.([A-Za-z0-9_.\-]+)")
 def scan_harmony(syntax: Syntax, buf: str, pos: int, fresh: bool, final: bool, memo: Memo) -> Scan:
     """gpt-oss: ``<|channel|>analysis<|message|>...<|end|>`` is reasoning, a header naming ``to=functions.NAME``
     a call (its message the arguments), any other channel text."""
-    pieces: list[Piece] = []
+    pieces: list[Scanned] = []
     while True:
         k = buf.find("<|channel|>", pos)
         if k < 0:

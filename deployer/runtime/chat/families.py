@@ -1,12 +1,12 @@
 """How a model writes tool calls and reasoning: a :class:`Syntax`, learned from its chat template, or hand-written.
 
-Most syntaxes are learned (:mod:`deployer.runtime.chat_learn` renders probe conversations through the
+Most syntaxes are learned (:mod:`deployer.runtime.chat.learn` renders probe conversations through the
 model's own template and reads the markers off the differences). :data:`HAND_WRITTEN` keeps the few
 that rendering cannot reveal, each with the reason; :data:`AMENDMENTS` adds to a learned syntax what a
 template never writes back (a marker the model may put before its calls, an extra stop token).
 
-A syntax is pure data; :mod:`deployer.runtime.chat_scan` reads text with it and
-:mod:`deployer.runtime.chat_grammar` writes the GBNF that forces it.
+A syntax is pure data; :mod:`deployer.runtime.chat.scan` reads text with it and
+:mod:`deployer.runtime.chat.grammar` writes the GBNF that forces it.
 
 Layouts (each call is ``call_open`` + core + ``call_close``; calls are joined by ``separator`` and
 wrapped in ``block_open`` ... ``block_close``):

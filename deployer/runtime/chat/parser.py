@@ -16,10 +16,11 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from deployer.runtime import chat_harmony, chat_scan
-from deployer.runtime.chat_families import GENERIC, Syntax
-from deployer.runtime.chat_nested import nested_value
-from deployer.runtime.chat_scan import CallScan, Memo, Reasoning, Unit, held_back
+from deployer.runtime.chat.families import GENERIC, Syntax
+from deployer.runtime.chat.harmony import scan_harmony
+from deployer.runtime.chat.nested import nested_value
+from deployer.runtime.chat.scan import CallScan, Memo, Reasoning, Unit, held_back
+from deployer.runtime.chat.scan import scan as scan_text
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -77,7 +78,7 @@ class _ThinkSplitter:
 
 
 @dataclass
-class _Call:
+class _ToolCall:
     id: str
     name: str
     arguments: str
@@ -99,8 +100,8 @@ class ChatParser:
         self._pos, self._fresh = 0, True  # where the settled part of _buf ends
         self._memo: Memo = {}  # JSON objects scanned so far, by where they start
         self._content = ""  # settled content text
-        self._calls: list[_Call] = []  # settled calls
-        self._preview: list[_Call] = []  # calls being written (constrained output only)
+        self._calls: list[_ToolCall] = []  # settled calls
+        self._preview: list[_ToolCall] = []  # calls being written (constrained output only)
         self._tools = {t["function"]["name"]: t["function"] for t in spec.tools}
         self._sent_content = self._sent_reasoning = ""
         self._sent_calls: list[int] = []  # characters of arguments sent, per call index
@@ -155,7 +156,7 @@ class ChatParser:
             self._content += self._buf[self._pos :]
             self._pos = len(self._buf)
             return
-        scanner = chat_harmony.scan_harmony if self._spec.harmony else chat_scan.scan
+        scanner = scan_harmony if self._spec.harmony else scan_text
         pieces, open_unit, self._pos, self._fresh = scanner(
             family or GENERIC, self._buf, self._pos, self._fresh, final, self._memo
         )
@@ -183,7 +184,7 @@ class ChatParser:
         else:
             self._content += unit.raw  # not a call this request can take: the model's text, as written
 
-    def _as_calls(self, scans: list[CallScan], first: int, done: bool) -> list[_Call]:
+    def _as_calls(self, scans: list[CallScan], first: int, done: bool) -> list[_ToolCall]:
         out = []
         for scan in scans:
             if scan.params is not None and scan.name is not None and done:  # tagged: arguments from the parameters
@@ -196,7 +197,7 @@ class ChatParser:
             args = scan.args or ""
             if done and scan.args_done:
                 args = _arguments_text(args)
-            out.append(_Call(self._id(index), scan.name, args, done and scan.args_done))
+            out.append(_ToolCall(self._id(index), scan.name, args, done and scan.args_done))
         return out
 
     def _id(self, index: int) -> str:

@@ -3,7 +3,7 @@
     <number><real>1.5</real><imaginary>-2.5</imaginary></number>    <tags><item>a</item><item>b</item></tags>
 
 The layout is the call's own (``key_open`` KEY ``key_close`` VALUE ``value_close``, one element per key or
-per array item); :mod:`deployer.runtime.chat_learn` learns whether a template writes it and the key of an
+per array item); :mod:`deployer.runtime.chat.learn` learns whether a template writes it and the key of an
 array's items. A diff cannot tell where one element ends and the next begins when every marker starts with
 the same text (M3's ``]<]minimax[>[``): the learned elements may be shifted by ``nested_lead``, which is
 moved from the front of a nested value to its end before it is read.
@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-from deployer.runtime.chat_families import KEY_HOLE, Syntax
+from deployer.runtime.chat.families import KEY_HOLE, Syntax
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from deployer.runtime.media import MESSAGES, MediaLimits, Shape, map_image_parts, too_big
-from deployer.runtime.protocol import ApiError, bad_request
+from deployer.runtime.errors import ApiError, bad_request
+from deployer.runtime.media.images import MESSAGES, MediaLimits, Shape, map_image_parts, too_big
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 _HEAD_CAP = 16 * 1024  # the status line and headers

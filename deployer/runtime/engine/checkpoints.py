@@ -6,7 +6,7 @@ position: the full-attention layers can be cut back to any prefix, the windowed 
 llama-server does (``--ctx-checkpoints``, llama.cpp PR #15293), the engine saves the windowed
 layers' state of a sequence (``llama_state_seq_get_data_ext`` with
 ``LLAMA_STATE_SEQ_FLAGS_SWA_ONLY``) each time its prompt completes a whole ``n_batch`` chunk: the
-positions the prompt cache may reuse (:mod:`deployer.runtime.scheduler`). A later prompt sharing
+positions the prompt cache may reuse (:mod:`deployer.runtime.engine.scheduler`). A later prompt sharing
 the prefix restores the nearest checkpoint and evaluates only the rest.
 
 This module is the bookkeeping, pure (the saved bytes are opaque here): per slot, checkpoints by

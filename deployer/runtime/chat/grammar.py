@@ -1,6 +1,6 @@
 """GBNF that forces tool calls in the model's own syntax (``tool_choice`` "required" or a named function).
 
-The grammar writes exactly what :func:`deployer.runtime.chat_families.write_calls` writes, with each
+The grammar writes exactly what :func:`deployer.runtime.chat.families.write_calls` writes, with each
 tool's arguments constrained by its JSON schema (llama-cpp-python's converter), so the parser reads
 back every call the grammar lets through.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from deployer.runtime.chat_families import Syntax, closing, json_core
-from deployer.runtime.chat_scan import ID_HOLE
-from deployer.runtime.protocol import bad_request
+from deployer.runtime.chat.families import Syntax, closing, json_core
+from deployer.runtime.chat.scan import ID_HOLE
+from deployer.runtime.errors import bad_request
 
 _ARGS = "\x00"  # where the arguments rule goes in a call's text
 
@@ -45,11 +45,14 @@ def _text_rule(value_close: str, spec: dict[str, Any]) -> str:
     return f"[^{escaped}]{{0,{most}}}" if isinstance(most, int) and most >= 0 else f"[^{escaped}]*"
 
 
-def tool_grammar(syntax: Syntax, tools: list[dict[str, Any]], parallel: bool, think_opened: bool) -> str:
-    """GBNF: one (or, when ``parallel``, one or more) calls of ``tools`` in ``syntax``."""
-    from llama_cpp.llama_grammar import SchemaConverter
+def tool_grammar(
+    converter: Any, syntax: Syntax, tools: list[dict[str, Any]], parallel: bool, think_opened: bool
+) -> str:
+    """GBNF: one (or, when ``parallel``, one or more) calls of ``tools`` in ``syntax``.
 
-    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    ``converter``: a fresh JSON-schema-to-GBNF converter (llama.cpp's SchemaConverter, from the model
+    interface): the argument rules are its, the call syntax around them is ours.
+    """
     converter._add_rule("tc-id", f"[a-zA-Z0-9]{{{syntax.call_id_length}}}")
     converter._add_rule("tc-index", "[0-9]+")
     alternatives = []

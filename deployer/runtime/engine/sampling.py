@@ -37,7 +37,9 @@ class Generation:
     min_tokens: int = 0  # end-of-generation tokens are banned until this many were generated
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
-    media: Any = None  # deployer.runtime.vision.MediaPrompt: the prompt's images (their runs in prompt), if any
+    media: Any = (
+        None  # deployer.runtime.media.projector.MediaPrompt: the prompt's images (their runs in prompt), if any
+    )
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
-class Piece:
+class Delta:
     """What one step added to one choice: text, the logprobs of its tokens, and how it ended."""
 
     index: int

@@ -7,7 +7,7 @@ Pure (no llama.cpp): runs on the event loop before anything reaches the model th
     take_request_images(body, ...)  a request body → the same body with every image part replaced by a
                                     text part holding a per-request marker, the marker, and the images
     image_from_bytes(mime, data)    a (mime, bytes) part of any protocol → :class:`Image` (sniffed, checked)
-    map_image_parts(body, shape, f) each image part of a body through f (also for deployer.runtime.fetch)
+    map_image_parts(body, shape, f) each image part of a body through f (also for deployer.runtime.media.fetch)
     image_part(marker)              what stands where an image stood
 
 Chat Completions ``image_url`` parts, Responses ``input_image`` parts and Anthropic ``image`` blocks
@@ -17,7 +17,7 @@ spells it (``messages[0].content[1]``, ``input[0].content[1]``).
 
 The marker is random per request, so no text a user sends can pose as an image. After the chat
 template has rendered the prompt, :func:`split_prompt` cuts it at the markers: the text between them
-is tokenized as text, each marker becomes the image's chunk (libmtmd, deployer.runtime.vision).
+is tokenized as text, each marker becomes the image's chunk (libmtmd, deployer.runtime.media.projector).
 
 The format is read from the bytes' magic, never from the declared type, and the width and height
 from the header, before any decoder sees them: a 40,000 × 40,000 PNG of a few kilobytes would decode
@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deployer.runtime.protocol import ApiError, bad_request
+from deployer.runtime.errors import ApiError, bad_request
 
 FORMATS = ("PNG", "JPEG", "WebP", "GIF")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,", re.IGNORECASE)
@@ -48,7 +48,7 @@ class MediaLimits:
     max_images: int
     max_bytes: int
     max_pixels: int
-    remote: bool = False  # http(s) image URLs are fetched (deployer.runtime.fetch); else a 400
+    remote: bool = False  # http(s) image URLs are fetched (deployer.runtime.media.fetch); else a 400
     fetch_timeout_s: float = 10.0  # one remote image: lookup, connection and body
 
 
