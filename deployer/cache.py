@@ -22,8 +22,7 @@ from typing import Any
 
 from deployer.atomic import write_atomic
 from deployer.errors import HubError
-from deployer.facts import Conversion, GgufHeader, ModelFacts, ShardFacts, TensorInfo
-from deployer.projector import ProjectorFacts
+from deployer.facts import Conversion, GgufHeader, ModelFacts, ProjectorFacts, ShardFacts, TensorInfo
 
 CACHE_ENV = "GGUF_DEPLOY_CACHE"
 FORMAT = 2  # bump when the stored shape of ModelFacts changes: old entries become misses

@@ -3,8 +3,10 @@
     GgufHeader   one parsed GGUF header (metadata + tensor infos), from gguf_header.py
     ShardFacts   one file on the Hub: path, size, sha256
     Conversion   for Transformers weights: the files the converter reads, and what it makes
+    ProjectorFacts  a multimodal projector (mmproj) file and what its header says (deployer.projector
+                 reads it), and its memory: weights and one encode's compute buffer
     ModelFacts   a resolved model: repo, commit, every shard, and the header merged over shards
-                 (and its multimodal projector's facts, deployer.projector.ProjectorFacts)
+                 (and its multimodal projector's facts)
 
 The planner and the estimator read only these types; hub.py and gguf_header.py produce them.
 """
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import prod
-from typing import TYPE_CHECKING
 
 from deployer.quants import quant_for_file_type
 
-if TYPE_CHECKING:  # projector.py reads headers, which import this module
-    from deployer.projector import ProjectorFacts
+# The compute buffer of one encode, in f32 activations of n tokens × width: the attention
+# scores (tokens² per head, as clip.cpp computes them without flash attention: the larger case),
+# the feed-forward's two intermediates and a few residual-stream copies the allocator keeps alive.
+RESIDUAL_COPIES = 6
+AUDIO_FRAMES = 1500  # Whisper-style encoders: 30 s of audio after the conv stem
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,53 @@ class Conversion:
     @property
     def source_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class ProjectorFacts:
+    """An mmproj file on the Hub and what its header says."""
+
+    file: str  # path in the repo
+    size: int  # bytes
+    sha256: str | None
+    projector_type: str  # clip.projector_type: "gemma3", "qwen2.5vl", "ultravox", ...
+    has_vision: bool
+    has_audio: bool
+    image_size: int  # clip.vision.image_size (pixels per side the encoder sees); 0 without vision
+    patch_size: int  # clip.vision.patch_size; 0 without vision
+    embedding_length: int  # the encoder's width (clip.vision/audio.embedding_length)
+    projection_dim: int  # the width of what it hands the language model: must equal the model's n_embd
+    head_count: int
+    feed_forward_length: int
+    image_max_pixels: int = 0  # clip.vision.image_max_pixels: dynamic-resolution encoders' cap
+    weight_bytes: int = 0  # tensor data
+
+    @property
+    def modalities(self) -> str:
+        """``vision``, ``audio`` or ``vision+audio``."""
+        return "+".join(m for m, on in (("vision", self.has_vision), ("audio", self.has_audio)) if on)
+
+    @property
+    def encoder_tokens(self) -> int:
+        """Tokens one encode works on: the patches of the largest image (or audio frames)."""
+        if not self.has_vision or not self.patch_size:
+            return AUDIO_FRAMES
+        side = self.image_size // self.patch_size
+        tokens = side * side
+        if self.image_max_pixels:
+            tokens = max(tokens, self.image_max_pixels // (self.patch_size * self.patch_size))
+        return tokens
+
+    @property
+    def compute_bytes(self) -> int:
+        """The compute buffer of one encode (one image batch), f32 activations."""
+        n = self.encoder_tokens
+        return 4 * n * (self.head_count * n + 2 * self.feed_forward_length + RESIDUAL_COPIES * self.embedding_length)
+
+    @property
+    def memory_bytes(self) -> int:
+        """GPU bytes the projector adds: its weights and one encode's compute buffer."""
+        return self.weight_bytes + self.compute_bytes
 
 
 @dataclass(frozen=True)

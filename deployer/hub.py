@@ -4,6 +4,10 @@
     HfHubClient    the real one, on huggingface_hub (honours HF_ENDPOINT, HF_TOKEN, its user agent)
     Resolver       revision → commit, the file and every shard of a split model, the GGUF header
                    read by growing HTTP Range requests (never the tensor data), and the cache
+    Conversions    the protocol of what the Resolver is given to resolve a GGUF that a conversion
+                   writes (``convert_from``): its path, and its facts predicted from the checkpoint.
+                   :data:`deployer.conversion.resolve.CONVERSIONS` is the one; this module knows
+                   nothing of checkpoints and imports nothing of :mod:`deployer.conversion`
 
 Every huggingface_hub / httpx exception is translated here into a :class:`~deployer.errors.HubError`
 with a message for people; nothing past this module sees them.
@@ -189,12 +193,29 @@ def _quoted(names: list[str]) -> str:
 Progress = Callable[[str], None]
 
 
+class Conversions(Protocol):
+    """What resolving a ``convert_from`` manifest needs, passed into the :class:`Resolver`."""
+
+    def converted_file(self, repo: str, source: str, quant: str) -> str:
+        """The path, below the commit's folder, of the GGUF that converting ``source`` weights to ``quant`` writes."""
+        ...
+
+    def fetch(
+        self, client: HubClient, snapshot: RepoSnapshot, revision: str, file: str, progress: Progress
+    ) -> ModelFacts | None:
+        """The predicted facts of ``file`` when it is such a path, else None (a file the repo holds)."""
+        ...
+
+
 class Resolver:
     """Resolves manifests' models, from the cache when it can, else from the hub (then cached).
 
     Online, a revision that is a 40-hex commit whose facts are cached costs no request at all;
     a branch or tag costs one (what it points to now), and the header is read only on a miss.
     ``offline=True`` never touches the hub: a miss is :class:`OfflineCacheMiss`.
+
+    ``conversions`` (:data:`deployer.conversion.resolve.CONVERSIONS`) resolves the GGUF a conversion
+    writes; without it, a ``convert_from`` manifest is refused (ValueError).
     """
 
     def __init__(
@@ -204,6 +225,7 @@ class Resolver:
         *,
         offline: bool = False,
         progress: Progress | None = None,
+        conversions: Conversions | None = None,
     ) -> None:
         if client is None and not offline:
             raise ValueError("an online Resolver needs a HubClient")
@@ -211,21 +233,27 @@ class Resolver:
         self.cache = cache
         self.offline = offline
         self.progress = progress or (lambda message: None)
+        self.conversions = conversions
 
     @classmethod
-    def default(cls, *, offline: bool = False, progress: Progress | None = None) -> Resolver:
+    def default(
+        cls, *, offline: bool = False, progress: Progress | None = None, conversions: Conversions | None = None
+    ) -> Resolver:
         """The usual wiring: :class:`HfHubClient` (none offline) and the cache in :func:`default_cache_dir`."""
         client = None if offline else HfHubClient()
-        return cls(client, FactsCache(default_cache_dir()), offline=offline, progress=progress)
+        return cls(client, FactsCache(default_cache_dir()), offline=offline, progress=progress, conversions=conversions)
 
     def resolve_manifest(self, loaded: LoadedManifest) -> ModelFacts:
         """The facts of the model a manifest names (see :meth:`resolve`); for ``convert_from``, the
         GGUF the conversion will write, predicted from the checkpoint's headers."""
         manifest = loaded.manifest
         if manifest.convert_from is not None:
-            from deployer.checkpoint_hub import converted_file
-
-            file = converted_file(manifest.repo, manifest.convert_from, manifest.quant)
+            if self.conversions is None:
+                raise ValueError(
+                    f"{manifest.repo}: convert_from needs a Resolver given conversions "
+                    "(deployer.conversion.resolve.CONVERSIONS)"
+                )
+            file = self.conversions.converted_file(manifest.repo, manifest.convert_from, manifest.quant)
             return self.resolve(manifest.repo, manifest.revision, file)
         assert manifest.file is not None  # the manifest names a file or convert_from
         facts = self.resolve(manifest.repo, manifest.revision, manifest.file)
@@ -279,12 +307,11 @@ class Resolver:
         return facts
 
     def _fetch(self, snapshot: RepoSnapshot, revision: str, file: str) -> ModelFacts:
-        from deployer.checkpoint_hub import conversion_of, fetch_conversion
-
-        wanted = conversion_of(file)
-        if wanted is not None:  # the GGUF a conversion writes: predicted from the checkpoint
-            assert self.client is not None
-            return fetch_conversion(self.client, snapshot, revision, *wanted, progress=self.progress)
+        assert self.client is not None
+        if self.conversions is not None:  # the GGUF a conversion writes: predicted from the checkpoint
+            predicted = self.conversions.fetch(self.client, snapshot, revision, file, self.progress)
+            if predicted is not None:
+                return predicted
         shards = _shards(snapshot, revision, file)
         raws = []
         for number, shard in enumerate(shards, start=1):

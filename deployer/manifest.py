@@ -75,7 +75,7 @@ CHAT_FORMATS: tuple[str, ...] = (
 MAX_PARALLEL = 64  # slots per container; llama.cpp allows 256 sequences, the planner chooses at most 8
 MAX_THREADS = 1024
 MAX_CONCURRENCY = 256
-# Transformers checkpoint formats a manifest can name in convert_from (the file patterns in deployer.checkpoint)
+# Transformers checkpoint formats a manifest can name in convert_from (the file patterns in deployer.conversion.resolve)
 CONVERT_SOURCES: tuple[str, ...] = ("safetensors", "pytorch")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -2,7 +2,8 @@
 
 A vision (or audio) GGUF ships its encoder and projector as a second file beside the weights;
 llama.cpp's libmtmd loads it (tools/mtmd/clip.cpp). Its header is read like the model's, by
-growing range requests, and reduced to :class:`ProjectorFacts`:
+growing range requests, and reduced to :class:`~deployer.facts.ProjectorFacts` (with the other facts,
+which hold it):
 
     projector_facts(raw, file, size, sha256)   RawGguf of an mmproj file → ProjectorFacts
     add_projector(estimate, facts)               the model's memory estimate with the projector on GPU 0
@@ -18,67 +19,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from deployer.errors import GgufError
 from deployer.estimate import MemoryEstimate
+from deployer.facts import ProjectorFacts
 from deployer.gguf_header import GgufArray, RawGguf, Scalar
 
-# The compute buffer of one encode, in f32 activations of n tokens × width: the attention
-# scores (tokens² per head, as clip.cpp computes them without flash attention: the larger case),
-# the feed-forward's two intermediates and a few residual-stream copies the allocator keeps alive.
-RESIDUAL_COPIES = 6
-AUDIO_FRAMES = 1500  # Whisper-style encoders: 30 s of audio after the conv stem
 PROJECTOR_PATTERN = re.compile(r"(^|/)mmproj[^/]*\.gguf$", re.IGNORECASE)
 # Precisions `gguf-deploy new` prefers, best first: the encoder is small and sensitive to rounding
 PREFERRED_PRECISIONS = ("F16", "BF16", "Q8_0")
-
-
-@dataclass(frozen=True)
-class ProjectorFacts:
-    """An mmproj file on the Hub and what its header says."""
-
-    file: str  # path in the repo
-    size: int  # bytes
-    sha256: str | None
-    projector_type: str  # clip.projector_type: "gemma3", "qwen2.5vl", "ultravox", ...
-    has_vision: bool
-    has_audio: bool
-    image_size: int  # clip.vision.image_size (pixels per side the encoder sees); 0 without vision
-    patch_size: int  # clip.vision.patch_size; 0 without vision
-    embedding_length: int  # the encoder's width (clip.vision/audio.embedding_length)
-    projection_dim: int  # the width of what it hands the language model: must equal the model's n_embd
-    head_count: int
-    feed_forward_length: int
-    image_max_pixels: int = 0  # clip.vision.image_max_pixels: dynamic-resolution encoders' cap
-    weight_bytes: int = 0  # tensor data
-
-    @property
-    def modalities(self) -> str:
-        """``vision``, ``audio`` or ``vision+audio``."""
-        return "+".join(m for m, on in (("vision", self.has_vision), ("audio", self.has_audio)) if on)
-
-    @property
-    def encoder_tokens(self) -> int:
-        """Tokens one encode works on: the patches of the largest image (or audio frames)."""
-        if not self.has_vision or not self.patch_size:
-            return AUDIO_FRAMES
-        side = self.image_size // self.patch_size
-        tokens = side * side
-        if self.image_max_pixels:
-            tokens = max(tokens, self.image_max_pixels // (self.patch_size * self.patch_size))
-        return tokens
-
-    @property
-    def compute_bytes(self) -> int:
-        """The compute buffer of one encode (one image batch), f32 activations."""
-        n = self.encoder_tokens
-        return 4 * n * (self.head_count * n + 2 * self.feed_forward_length + RESIDUAL_COPIES * self.embedding_length)
-
-    @property
-    def memory_bytes(self) -> int:
-        """GPU bytes the projector adds: its weights and one encode's compute buffer."""
-        return self.weight_bytes + self.compute_bytes
 
 
 def projector_facts(raw: RawGguf, file: str, size: int, sha256: str | None = None) -> ProjectorFacts:

@@ -48,7 +48,7 @@ FILE_TYPES: dict[str, int] = {
 QUANTS: tuple[str, ...] = tuple(FILE_TYPES)
 # What a conversion of Transformers weights can produce. llama.cpp's converter writes the first
 # four itself (--outtype); the others are quantized from its F16 (or BF16) output by llama.cpp's
-# quantizer (llama_model_quantize), whose per-tensor mixes deployer.checkpoint predicts.
+# quantizer (llama_model_quantize), whose per-tensor mixes deployer.conversion.checkpoint predicts.
 CONVERTER_QUANTS: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0")
 QUANTIZER_QUANTS: tuple[str, ...] = (
     *("Q4_0", "Q4_1", "Q5_0", "Q5_1"),

@@ -31,7 +31,7 @@ from typing import Any
 
 from deployer import __version__
 from deployer.atomic import write_atomic
-from deployer.convert_app import convert_jobs, convert_resources, download_bytes, download_files
+from deployer.conversion.job import convert_jobs, convert_resources, download_bytes, download_files
 from deployer.errors import RenderError
 from deployer.plan import Plan
 from deployer.runtime.config import runtime_config
@@ -44,7 +44,16 @@ HEADER_START, HEADER_END = "# <gguf-deploy header>", "# </gguf-deploy header>"
 
 # What the container runs of this package (`python -m deployer.runtime`): the runtime, and the
 # package modules it imports (a test keeps this list complete). Its source is part of the deploy.
-RUNTIME_SOURCES = ("__init__.py", "errors.py", "runtime", "converter.py", "gguf_header.py", "facts.py", "quants.py")
+RUNTIME_SOURCES = (
+    "__init__.py",
+    "errors.py",
+    "runtime",
+    "conversion/__init__.py",
+    "conversion/converter.py",
+    "gguf_header.py",
+    "facts.py",
+    "quants.py",
+)
 
 MODELS_DIR = "/models"  # where the template mounts the Volume; the runtime config names files below it
 TAG_MAX = 63  # Modal: tag keys and values are 1-63 characters of [A-Za-z0-9._-]

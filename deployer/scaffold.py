@@ -25,6 +25,7 @@ from typing import Any
 import tomli_w
 
 from deployer.atomic import write_atomic
+from deployer.conversion.resolve import WEIGHTS, converted_file
 from deployer.errors import GgufDeployError, GgufError, HubError, ManifestInvalid, PlanError
 from deployer.facts import ModelFacts
 from deployer.gguf_header import SHARD_NAME
@@ -62,8 +63,6 @@ def quants_in(files: Iterable[str]) -> list[str]:
 
 def checkpoint_format(files: Iterable[str]) -> str | None:
     """The ``convert_from`` of a repository's Transformers weights (SafeTensors first), or None."""
-    from deployer.checkpoint_hub import WEIGHTS
-
     listed = list(files)
     return next((fmt for fmt, pattern in WEIGHTS.items() if any(pattern.match(f) for f in listed)), None)
 
@@ -180,8 +179,6 @@ def new_manifest(
     snapshot = client.snapshot(repo, revision)
     convert_from = checkpoint_format(snapshot.files) if file is None and not _models(snapshot.files) else None
     if convert_from is not None:  # no GGUF, but weights llama.cpp's converter reads
-        from deployer.checkpoint_hub import converted_file
-
         target = converted_file(repo, convert_from, quant)
         name = name or manifest_name(f"{repo.rsplit('/', 1)[-1]}-{quant}.gguf", app_prefix, repo)
         source: dict[str, Any] = {"file": None, "convert_from": convert_from}

@@ -321,7 +321,7 @@ CONVERT_TIMEOUT = PLAN["resources"]["convert_timeout"]  # sized from the checkpo
 )
 def convert_weights() -> None:
     """Convert the downloaded checkpoint into the planned GGUF, unless the Volume already holds it."""
-    from deployer.converter import Expected, convert_checkpoint
+    from deployer.conversion.converter import Expected, convert_checkpoint
 
     volume.reload()  # see the checkpoint download_weights committed
     for job in PLAN["convert"]:

@@ -8,23 +8,23 @@ import re
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 
-from deployer.checkpoint import (
+from deployer.conversion.checkpoint import (
     DEFAULT_TYPES,
-    FAMILIES,
+    LAYOUTS,
     MIXES,
     SourceTensor,
     Where,
     converted_type,
-    family_of,
     intermediate_quant,
+    layout_of,
     more_bits,
     predict,
     quantized_type,
     source_bytes,
     tensors_from_config,
 )
-from deployer.checkpoint_hub import checkpoint_files, conversion_of, converted_file
-from deployer.convert_app import convert_memory_mib, convert_timeout
+from deployer.conversion.job import convert_memory_mib, convert_timeout
+from deployer.conversion.resolve import checkpoint_files, conversion_of, converted_file
 from deployer.errors import HubError, ManifestInvalid, PlanError
 from deployer.quants import CONVERT_QUANTS, NOT_CONVERTED, QUANTIZER_QUANTS, QUANTS
 from tests.plans import loaded_manifest
@@ -174,7 +174,7 @@ LLAMA3_8B = {
 def test_llama3_8b_shaped_mixes(quant, counts, published_gb):
     from collections import Counter
 
-    tensors = tensors_from_config(LLAMA3_8B, FAMILIES["LlamaForCausalLM"])
+    tensors = tensors_from_config(LLAMA3_8B, LAYOUTS["LlamaForCausalLM"])
     predicted = predict(LLAMA3_8B, tensors, quant, tokenizer_bytes=9_000_000)
     found = Counter(T(t.ggml_type) for t in predicted.header.tensors)
     assert found == {**counts, T.F32: 65}
@@ -201,14 +201,14 @@ def test_qwen_widths_fall_back_where_k_blocks_do_not_fit():
 
 
 def _predict(config, quant):
-    return predict(config, tensors_from_config(config, family_of(config, "org/m")), quant)
+    return predict(config, tensors_from_config(config, layout_of(config, "org/m")), quant)
 
 
 # ## Tensor names and shapes
 
 
 def _by_name(config, quant="Q8_0", **kw):
-    tensors = tensors_from_config(config, family_of(config, "org/m"))
+    tensors = tensors_from_config(config, layout_of(config, "org/m"))
     return {t.name: t for t in predict(config, tensors, quant, **kw).header.tensors}
 
 
@@ -230,9 +230,9 @@ def test_llama_tensors_get_llama_cpp_names_and_reversed_shapes():
         pytest.param("MistralForCausalLM", "llama", "blk.0.attn_q.weight", "blk.0.attn_q.bias", id="mistral-is-llama"),
     ],
 )
-def test_families(architecture, arch, present, absent):
+def test_architecture_layouts(architecture, arch, present, absent):
     config = {**LLAMA, "architectures": [architecture]}
-    tensors = tensors_from_config(config, family_of(config, "org/m"))
+    tensors = tensors_from_config(config, layout_of(config, "org/m"))
     predicted = predict(config, tensors, "Q8_0")
     names = {t.name for t in predicted.header.tensors}
     assert predicted.header.arch == arch
@@ -249,7 +249,7 @@ def test_llama3_rope_scaling_adds_the_frequency_factors():
 
 
 def test_header_fields_for_the_estimator():
-    tensors = tensors_from_config(LLAMA, FAMILIES["LlamaForCausalLM"])
+    tensors = tensors_from_config(LLAMA, LAYOUTS["LlamaForCausalLM"])
     header = predict(LLAMA, tensors, "Q8_0", has_chat_template=True).header
     assert (header.arch, header.file_type, header.quant) == ("llama", 7, "Q8_0")
     assert (header.context_length, header.block_count, header.embedding_length) == (4096, 2, 512)
@@ -259,7 +259,7 @@ def test_header_fields_for_the_estimator():
 
 
 def test_size_is_header_plus_aligned_tensors_and_grows_with_the_tokenizer():
-    tensors = tensors_from_config(LLAMA, FAMILIES["LlamaForCausalLM"])
+    tensors = tensors_from_config(LLAMA, LAYOUTS["LlamaForCausalLM"])
     small, large, huge = (predict(LLAMA, tensors, "Q8_0", tokenizer_bytes=n) for n in (0, 20_000, 10**6))
     assert small.size == small.header.data_offset + sum(-(-t.n_bytes // 32) * 32 for t in small.header.tensors)
     assert large.size - small.size == pytest.approx(20_000, abs=32)
@@ -269,7 +269,7 @@ def test_size_is_header_plus_aligned_tensors_and_grows_with_the_tokenizer():
 
 
 def test_a_tensor_without_a_llama_cpp_name_is_one_line():
-    tensors = [*tensors_from_config(LLAMA, FAMILIES["LlamaForCausalLM"]), SourceTensor("model.mystery", (4, 4), "F32")]
+    tensors = [*tensors_from_config(LLAMA, LAYOUTS["LlamaForCausalLM"]), SourceTensor("model.mystery", (4, 4), "F32")]
     with pytest.raises(PlanError, match=r"^org/m: tensor 'model.mystery' has no llama.cpp name"):
         predict(LLAMA, tensors, "Q8_0", repo="org/m")
 
@@ -305,7 +305,7 @@ def test_a_tensor_without_a_llama_cpp_name_is_one_line():
 )
 def test_refusals(config, message):
     with pytest.raises(PlanError) as caught:
-        family_of(config, "org/m")
+        layout_of(config, "org/m")
     assert re.search(message, str(caught.value)), str(caught.value)
     assert "\n" not in str(caught.value)
 
@@ -359,11 +359,11 @@ def test_conversion_container_grows_with_the_checkpoint():
 
 
 def test_conversion_container_covers_the_quantizers_intermediate():
-    from deployer.convert_app import convert_resources, intermediate_bytes
+    from deployer.conversion.job import convert_resources, intermediate_bytes
     from deployer.facts import Conversion, ModelFacts, ShardFacts
 
     config = {**LLAMA, "torch_dtype": "float32"}  # an F32 checkpoint: its 16-bit intermediate is half of it
-    tensors = tensors_from_config(config, FAMILIES["LlamaForCausalLM"])
+    tensors = tensors_from_config(config, LAYOUTS["LlamaForCausalLM"])
     weights = ShardFacts("model.safetensors", 64 * 2**30, None)  # as if it were large
 
     def facts(quant: str) -> ModelFacts:

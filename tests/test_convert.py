@@ -16,7 +16,8 @@ from gguf.constants import GGMLQuantizationType as T
 
 from benchmarks.estimate_vs_llama import measure
 from deployer.cache import FactsCache
-from deployer.converter import LLAMA_CPP_PYTHON_VERSION, Expected, check_converted, fetch_converter
+from deployer.conversion.converter import LLAMA_CPP_PYTHON_VERSION, Expected, check_converted, fetch_converter
+from deployer.conversion.resolve import CONVERSIONS
 from deployer.errors import ConversionError
 from deployer.estimate import MIB, EstimateSettings, estimate
 from deployer.facts import ModelFacts
@@ -47,7 +48,7 @@ def converter(tmp_path_factory) -> Path:
 
 
 def _resolver(fake_hub, tmp_path: Path) -> Resolver:
-    return Resolver(HfHubClient(endpoint=fake_hub.url), FactsCache(tmp_path / "cache"))
+    return Resolver(HfHubClient(endpoint=fake_hub.url), FactsCache(tmp_path / "cache"), conversions=CONVERSIONS)
 
 
 # ## Planning: headers only
@@ -277,7 +278,7 @@ def test_quantized_file_is_the_predicted_mix_and_answers_through_openai(quantize
 @pytest.mark.model
 @pytest.mark.convert
 def test_a_failing_quantizer_is_one_error_and_leaves_nothing(tmp_path):
-    from deployer.converter import quantize
+    from deployer.conversion.converter import quantize
 
     not_gguf = tmp_path / "broken.gguf"
     not_gguf.write_bytes(b"GGUF" + b"\0" * 60)
@@ -328,7 +329,7 @@ def test_serve_converts_into_the_local_cache_once_and_answers_through_openai(
     fake_hub, tiny_safetensors, converter, monkeypatch, start_server, tmp_path
 ):
     from deployer.cache import default_cache_dir
-    from deployer.converter import default_converter_dir
+    from deployer.conversion.converter import default_converter_dir
     from deployer.local_model import find_model_file
 
     fake_hub.add_repo(REPO, tiny_safetensors)
@@ -352,7 +353,7 @@ def test_serve_converts_into_the_local_cache_once_and_answers_through_openai(
     def no_converter() -> list[str]:
         raise AssertionError("a cached conversion needs neither the converter nor its packages")
 
-    monkeypatch.setattr("deployer.converter.missing_packages", no_converter)
+    monkeypatch.setattr("deployer.conversion.converter.missing_packages", no_converter)
     assert find_model_file(loaded.manifest, offline=True).path == found.path
 
 
@@ -360,7 +361,7 @@ def test_serve_says_which_extra_to_install(fake_hub, tmp_path, tiny_safetensors,
     from deployer.local_model import find_model_file
 
     fake_hub.add_repo(REPO, tiny_safetensors)
-    monkeypatch.setattr("deployer.converter.missing_packages", lambda: ["torch", "transformers"])
+    monkeypatch.setattr("deployer.conversion.converter.missing_packages", lambda: ["torch", "transformers"])
     with pytest.raises(ConversionError, match=r"needs torch, transformers: pip install 'gguf-deploy\[convert\]'"):
         find_model_file(loaded_manifest(**MANIFEST).manifest)
 
@@ -401,7 +402,7 @@ def test_the_converter_pin_is_the_engine_the_tests_run():
 def test_every_planned_architecture_is_registered_in_the_converter(converter):
     import ast
 
-    from deployer.checkpoint import FAMILIES
+    from deployer.conversion.checkpoint import LAYOUTS
 
     registered: set[str] = set()
     for source in (converter / "conversion").glob("*.py"):
@@ -409,7 +410,7 @@ def test_every_planned_architecture_is_registered_in_the_converter(converter):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "register":
                 registered |= {arg.value for arg in node.args if isinstance(arg, ast.Constant)}
     assert len(registered) > 100, "the converter's registry was not found"
-    assert set(FAMILIES) <= registered
+    assert set(LAYOUTS) <= registered
     assert (converter / "convert_hf_to_gguf.py").is_file() and (converter / "gguf-py" / "gguf").is_dir()
 
 
@@ -458,12 +459,12 @@ SHAPES = {
 @pytest.mark.model
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_predicted_mixes_are_llama_cpps_at_real_widths(shape, tmp_path):
-    from deployer.checkpoint import family_of, predict, tensors_from_config
+    from deployer.conversion.checkpoint import layout_of, predict, tensors_from_config
     from deployer.quants import NOT_CONVERTED, QUANTIZER_QUANTS
     from tests.quantizer import dry_run, sparse_gguf
 
     config = {"max_position_embeddings": 8192, "torch_dtype": "float16", **SHAPES[shape]}
-    tensors = tensors_from_config(config, family_of(config, "org/m"))
+    tensors = tensors_from_config(config, layout_of(config, "org/m"))
     source = sparse_gguf(tmp_path / "f16.gguf", predict(config, tensors, "F16").header)
     imatrix_types = [q for q, why in NOT_CONVERTED.items() if "importance matrix" in why]
     runs = dry_run(source, [*QUANTIZER_QUANTS, *imatrix_types])

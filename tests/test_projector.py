@@ -160,7 +160,7 @@ def test_the_manifest_key_is_checked():
 def test_the_app_downloads_the_projector_beside_the_model_and_serves_it():
     from dataclasses import replace
 
-    from deployer.projector import ProjectorFacts
+    from deployer.facts import ProjectorFacts
     from deployer.render import Provenance, render
     from tests.plans import make_plan
 

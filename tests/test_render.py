@@ -305,14 +305,24 @@ def _package_imports(path: Path) -> set[str]:
 def test_config_hash_covers_every_package_module_the_container_runs():
     package = ROOT / "deployer"
     hashed = set(render_mod.runtime_source_files())
-    imported = {"deployer"}.union(*(_package_imports(p) for p in (package / "runtime").rglob("*.py")))
-    for module in imported:
+    # what the containers start from: the runtime, and the modules the app's own functions import
+    # (the conversion function's deployer.conversion.converter); then what those import, and so on
+    imported = {"deployer"}.union(
+        _package_imports(TEMPLATE), *(_package_imports(p) for p in (package / "runtime").rglob("*.py"))
+    )
+    seen: set[Path] = set()
+    while imported:
+        module = imported.pop()
         parts = module.split(".")[1:]
-        folder = package.joinpath(*parts)
-        source = folder / "__init__.py" if folder.is_dir() else folder.with_suffix(".py")
-        if source.exists():  # else a name imported from a module, not a module
-            assert source in hashed, f"{module} runs in the container but is not in render.RUNTIME_SOURCES"
+        for depth in range(len(parts) + 1):  # a module's packages run first: their __init__.py too
+            folder = package.joinpath(*parts[:depth])
+            source = folder / "__init__.py" if folder.is_dir() else folder.with_suffix(".py")
+            if source.exists() and source not in seen:  # else a name imported from a module, not a module
+                assert source in hashed, f"{module} runs in the container but is not in render.RUNTIME_SOURCES"
+                seen.add(source)
+                imported |= _package_imports(source)
     assert hashed >= {package / "errors.py", package / "__init__.py", package / "runtime" / "__main__.py"}
+    assert package / "conversion" / "converter.py" in seen
 
 
 def test_config_hash_covers_the_runtime_and_the_modules_it_imports(monkeypatch, tmp_path):

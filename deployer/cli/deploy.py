@@ -203,10 +203,13 @@ def _planner(ctx: click.Context, offline: bool) -> Callable[[LoadedManifest], An
     given = (ctx.find_root().obj or {}).get("planner")
     if given is not None:
         return given
+    from deployer.conversion.resolve import CONVERSIONS
     from deployer.hub import Resolver
     from deployer.plan import plan
 
-    resolver = Resolver.default(offline=offline, progress=lambda message: click.echo(message, err=True))
+    resolver = Resolver.default(
+        offline=offline, progress=lambda message: click.echo(message, err=True), conversions=CONVERSIONS
+    )
 
     def plan_one(loaded: LoadedManifest) -> Any:
         return plan(loaded, resolver.resolve_manifest(loaded))

@@ -137,11 +137,17 @@ def new(
       gguf-deploy new unsloth/gemma-3-4b-it-GGUF --quant Q4_K_M --context 16384 --name gemma-4b
     """
     from deployer.cache import FactsCache, default_cache_dir
+    from deployer.conversion.resolve import CONVERSIONS
     from deployer.hub import HfHubClient, Resolver
     from deployer.scaffold import new_manifest
 
     client = HfHubClient()
-    resolver = Resolver(client, FactsCache(default_cache_dir()), progress=lambda message: click.echo(message, err=True))
+    resolver = Resolver(
+        client,
+        FactsCache(default_cache_dir()),
+        progress=lambda message: click.echo(message, err=True),
+        conversions=CONVERSIONS,
+    )
     result = new_manifest(
         repo,
         client=client,

@@ -49,6 +49,7 @@ def plan(ctx: click.Context, paths: tuple[str, ...], as_json: bool, markdown: bo
     """
     from rich.console import Console
 
+    from deployer.conversion.resolve import CONVERSIONS
     from deployer.hub import Resolver
 
     if as_json and markdown:
@@ -56,7 +57,9 @@ def plan(ctx: click.Context, paths: tuple[str, ...], as_json: bool, markdown: bo
     loaded, problems = load_manifests(paths or DEFAULT_PATHS, app_prefix=app_prefix(ctx))
     stderr = Console(stderr=True, highlight=False)
     with stderr.status("planning…") as status:
-        resolver = Resolver.default(offline=offline, progress=lambda message: status.update(message))
+        resolver = Resolver.default(
+            offline=offline, progress=lambda message: status.update(message), conversions=CONVERSIONS
+        )
         results = plan_all(
             loaded,
             resolver.resolve_manifest,

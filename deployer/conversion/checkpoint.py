@@ -1,14 +1,16 @@
 """Transformers checkpoints: ``config.json`` and a tensor listing → the GGUF llama.cpp's converter writes. Pure.
 
 A model published as SafeTensors or PyTorch ``.bin`` weights is planned before anything is
-downloaded: its ``config.json`` and the SafeTensors headers (read by hub.py) say which tensors
-there are; llama.cpp's converter (``convert_hf_to_gguf.py``) renames them with the ``gguf``
-package's tensor map and picks each one's type by its rules; the result is a
+downloaded: its ``config.json`` and the SafeTensors headers (read by :mod:`deployer.conversion.resolve`)
+say which tensors there are; llama.cpp's converter (``convert_hf_to_gguf.py``) renames them with the
+``gguf`` package's tensor map and picks each one's type by its rules; the result is a
 :class:`~deployer.facts.GgufHeader` the estimator and the planner read as they read a real one.
 
-    FAMILIES                           Hugging Face architecture → llama.cpp architecture (the one table)
-    family_of(config, repo)            the Family, or PlanError: quantized weights, an unsupported architecture
-    tensors_from_config(config, fam)   the tensor listing of a ``.bin`` checkpoint (no header to read there)
+    LAYOUTS                            Hugging Face architecture → its ArchitectureLayout (the one table)
+    ArchitectureLayout                 how one Hugging Face architecture converts: llama.cpp's architecture,
+                                       the tensors its decoder layers hold, when llama.cpp calls it "70B"
+    layout_of(config, repo)            the ArchitectureLayout, or PlanError: quantized weights, an unsupported architecture
+    tensors_from_config(config, layout)  the tensor listing of a ``.bin`` checkpoint (no header to read there)
     predict(config, tensors, quant)    → PredictedGguf: the header (tensors, types, architecture fields), size
     quantized_type(name, shape, quant, where)  the type llama.cpp's quantizer gives a matrix (rules: MIXES)
     intermediate_quant(tensors)        F16 or BF16: what the converter writes for the quantizer to read
@@ -64,7 +66,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "float32": 4, "float16":
 
 
 @dataclass(frozen=True)
-class Family:
+class ArchitectureLayout:
     """How one Hugging Face architecture converts: llama.cpp's architecture and its tensor layout."""
 
     arch: MODEL_ARCH
@@ -88,11 +90,11 @@ class Family:
 # The architectures gguf-deploy plans conversions for: each is registered in llama.cpp's
 # converter (a test checks it against the converter's own registry) and has the standard
 # decoder layout below. Another architecture is refused at plan time, by name.
-FAMILIES: dict[str, Family] = {
-    "LlamaForCausalLM": Family(MODEL_ARCH.LLAMA, layers_70b=80, gqa_70b_only=True),
-    "MistralForCausalLM": Family(MODEL_ARCH.LLAMA, layers_70b=80, gqa_70b_only=True),
-    "Qwen2ForCausalLM": Family(MODEL_ARCH.QWEN2, qkv_bias=True, layers_70b=80),
-    "Qwen3ForCausalLM": Family(MODEL_ARCH.QWEN3, qk_norm=True),
+LAYOUTS: dict[str, ArchitectureLayout] = {
+    "LlamaForCausalLM": ArchitectureLayout(MODEL_ARCH.LLAMA, layers_70b=80, gqa_70b_only=True),
+    "MistralForCausalLM": ArchitectureLayout(MODEL_ARCH.LLAMA, layers_70b=80, gqa_70b_only=True),
+    "Qwen2ForCausalLM": ArchitectureLayout(MODEL_ARCH.QWEN2, qkv_bias=True, layers_70b=80),
+    "Qwen3ForCausalLM": ArchitectureLayout(MODEL_ARCH.QWEN3, qk_norm=True),
 }
 
 
@@ -116,8 +118,8 @@ class PredictedGguf:
 # ## Refusals
 
 
-def family_of(config: Mapping[str, Any], repo: str) -> Family:
-    """The family of a checkpoint's ``config.json``; PlanError (one line) when it cannot be converted."""
+def layout_of(config: Mapping[str, Any], repo: str) -> ArchitectureLayout:
+    """The layout of a checkpoint's ``config.json``; PlanError (one line) when it cannot be converted."""
     quant_config = config.get("quantization_config")
     if isinstance(quant_config, Mapping):
         method = str(quant_config.get("quant_method") or "an unknown method").lower()
@@ -131,13 +133,13 @@ def family_of(config: Mapping[str, Any], repo: str) -> Family:
     if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
         raise PlanError(f"{repo}: config.json names no architecture ('architectures'); it cannot be converted")
     name = architectures[0]
-    family = FAMILIES.get(name)
-    if family is None:
+    layout = LAYOUTS.get(name)
+    if layout is None:
         raise PlanError(
-            f"{repo}: architecture '{name}' cannot be converted by gguf-deploy (it converts {', '.join(FAMILIES)}); "
+            f"{repo}: architecture '{name}' cannot be converted by gguf-deploy (it converts {', '.join(LAYOUTS)}); "
             "deploy a GGUF repository of the model instead"
         )
-    return family
+    return layout
 
 
 # ## Tensor listings
@@ -167,8 +169,8 @@ def _dims(config: Mapping[str, Any], repo: str) -> tuple[int, int, int, int, int
     )
 
 
-def tensors_from_config(config: Mapping[str, Any], family: Family, repo: str = "") -> list[SourceTensor]:
-    """The tensors of a checkpoint of ``family`` as Transformers names them (for ``.bin`` files,
+def tensors_from_config(config: Mapping[str, Any], layout: ArchitectureLayout, repo: str = "") -> list[SourceTensor]:
+    """The tensors of a checkpoint of ``layout`` as Transformers names them (for ``.bin`` files,
     whose pickled headers cannot be read by a range request)."""
     hidden, inter, layers, heads, kv_heads, head_dim, vocab = _dims(config, repo)
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
@@ -187,13 +189,13 @@ def tensors_from_config(config: Mapping[str, Any], family: Family, repo: str = "
             SourceTensor(f"{p}.mlp.up_proj.weight", (inter, hidden), dtype),
             SourceTensor(f"{p}.mlp.down_proj.weight", (hidden, inter), dtype),
         ]
-        if family.qkv_bias:
+        if layout.qkv_bias:
             out += [
                 SourceTensor(f"{p}.self_attn.q_proj.bias", (heads * head_dim,), dtype),
                 SourceTensor(f"{p}.self_attn.k_proj.bias", (kv_heads * head_dim,), dtype),
                 SourceTensor(f"{p}.self_attn.v_proj.bias", (kv_heads * head_dim,), dtype),
             ]
-        if family.qk_norm:
+        if layout.qk_norm:
             out += [
                 SourceTensor(f"{p}.self_attn.q_norm.weight", (head_dim,), dtype),
                 SourceTensor(f"{p}.self_attn.k_norm.weight", (head_dim,), dtype),
@@ -306,7 +308,7 @@ _LAYER = re.compile(r"^blk\.(\d+)\.")  # the block of a layer's tensor
 
 
 def quantizable(gguf_name: str, shape: tuple[int, ...]) -> bool:
-    """The quantizer may change this tensor's type (tensor_allows_quantization for the families here:
+    """The quantizer may change this tensor's type (tensor_allows_quantization for the architectures here:
     a matrix named ``*weight``, not a norm); the others keep the converter's type."""
     return len(shape) >= 2 and gguf_name.endswith("weight") and "_norm.weight" not in gguf_name
 
@@ -383,16 +385,16 @@ def predict(
     """
     if quant not in CONVERT_QUANTS:
         raise PlanError(f"{repo}: a conversion writes {', '.join(CONVERT_QUANTS)}, not {quant}")
-    family = family_of(config, repo)
+    layout = layout_of(config, repo)
     hidden, _, layers, heads, kv_heads, head_dim, vocab = _dims(config, repo)
-    names = get_tensor_name_map(family.arch, layers)
+    names = get_tensor_name_map(layout.arch, layers)
     tensors = [t for t in tensors if not t.name.endswith(SKIPPED_SUFFIXES)]
     outtype = quant if quant in CONVERTER_QUANTS else intermediate_quant(tensors)
     named: list[tuple[str, tuple[int, ...]]] = []
     for t in tensors:
         gguf_name = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise PlanError(f"{repo}: tensor '{t.name}' has no llama.cpp name for architecture '{family.name}'")
+            raise PlanError(f"{repo}: tensor '{t.name}' has no llama.cpp name for architecture '{layout.name}'")
         named.append((gguf_name, tuple(reversed(t.shape))))  # GGUF lists the fastest-varying dimension first
     tied = "output.weight" not in {name for name, _ in named}
     infos: list[TensorInfo] = []
@@ -401,7 +403,7 @@ def predict(
         if quant in QUANTIZER_QUANTS and quantizable(gguf_name, shape):
             layer = _LAYER.match(gguf_name)
             where = Where(
-                int(layer[1]) if layer else -1, layers, heads // kv_heads, family.is_70b(layers, heads, kv_heads)
+                int(layer[1]) if layer else -1, layers, heads // kv_heads, layout.is_70b(layers, heads, kv_heads)
             )
             ggml_type = quantized_type(gguf_name, shape, quant, where, tied=tied)
         infos.append(TensorInfo(gguf_name, shape, int(ggml_type), tensor_bytes(shape, ggml_type)))
@@ -413,7 +415,7 @@ def predict(
     header_bytes = HEADER_BASE_BYTES + tokenizer + sum(TENSOR_INFO_BYTES + len(i.name.encode()) for i in infos)
     data_offset = _pad(header_bytes)
     header = GgufHeader(
-        arch=family.name,
+        arch=layout.name,
         file_type=FILE_TYPES[quant],
         context_length=_int(config, "max_position_embeddings", repo),
         block_count=layers,

@@ -1,15 +1,17 @@
-"""The Hugging Face edge for Transformers checkpoints: a repo at a commit → the facts of the GGUF its conversion writes.
+"""Resolving a conversion: a checkpoint repo at a commit, read on the hub → the facts of the GGUF its conversion writes.
 
-Only small things are read: ``config.json``, ``tokenizer_config.json`` and, for SafeTensors, each
-file's JSON header by range requests (huggingface_hub's ``parse_safetensors_file_metadata``).
-A ``.bin`` checkpoint's pickled header cannot be read that way: its tensors follow from
-``config.json`` and are checked against the file sizes of the Hub's listing. The prediction
-itself is :func:`deployer.checkpoint.predict`.
+Only small things are read, through :class:`deployer.hub.HubClient`: ``config.json``,
+``tokenizer_config.json`` and, for SafeTensors, each file's JSON header by range requests
+(huggingface_hub's ``parse_safetensors_file_metadata``). A ``.bin`` checkpoint's pickled header
+cannot be read that way: its tensors follow from ``config.json`` and are checked against the file
+sizes of the Hub's listing. The prediction itself is :func:`deployer.conversion.checkpoint.predict`.
 
     converted_file(repo, source, quant)   where the converted GGUF lives below the commit's folder
     conversion_of(file)                   (source, quant) of such a path, else None
     checkpoint_files(files, source)       the files the converter reads, or HubError saying what the repo holds
     fetch_conversion(client, snapshot, revision, source, quant) -> ModelFacts
+    CONVERSIONS                           converted_file and fetch_conversion as :class:`deployer.hub.Conversions`,
+                                          which a :class:`~deployer.hub.Resolver` is given to resolve ``convert_from``
 """
 
 from __future__ import annotations
@@ -17,14 +19,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from deployer.checkpoint import SourceTensor, family_of, predict, source_bytes, tensors_from_config
+from deployer.conversion.checkpoint import SourceTensor, layout_of, predict, source_bytes, tensors_from_config
 from deployer.errors import HubError, PlanError
 from deployer.facts import Conversion, ModelFacts, ShardFacts
-
-if TYPE_CHECKING:
-    from deployer.hub import HubClient, RepoSnapshot
+from deployer.hub import Conversions, HubClient, Progress, RepoSnapshot
 
 CONVERTED_DIR = "gguf-deploy"  # below the commit's folder; no Hugging Face repo is expected to use it
 _CONVERTED = re.compile(rf"^{CONVERTED_DIR}/(safetensors|pytorch)-([A-Z0-9_]+)/[^/]+\.gguf$")
@@ -99,7 +99,7 @@ def fetch_conversion(
     weights, side = checkpoint_files(repo, snapshot.files, source)
     progress(f"reading {repo}/config.json")
     config = _json(client, snapshot, "config.json")
-    family = family_of(config, repo)
+    layout = layout_of(config, repo)
     tokenizer_config = _json(client, snapshot, "tokenizer_config.json") if "tokenizer_config.json" in side else {}
     if source == "safetensors":
         tensors = []
@@ -108,7 +108,7 @@ def fetch_conversion(
             header = client.safetensors_header(repo, snapshot.commit, file)
             tensors += [SourceTensor(name, shape, dtype) for name, (dtype, shape) in header.items()]
     else:
-        tensors = tensors_from_config(config, family, repo)
+        tensors = tensors_from_config(config, layout, repo)
         _check_bin_sizes(repo, tensors, sum(snapshot.files[f].size for f in weights))
     predicted = predict(
         config,
@@ -122,6 +122,24 @@ def fetch_conversion(
     gguf = ShardFacts(converted_file(repo, source, quant), predicted.size, None)
     conversion = Conversion(source, quant, files, str(config["architectures"][0]))
     return ModelFacts(repo, revision, snapshot.commit, (gguf,), predicted.header, conversion)
+
+
+class _CheckpointConversions:
+    """:class:`deployer.hub.Conversions` for Transformers checkpoints: the paths of :func:`converted_file`."""
+
+    def converted_file(self, repo: str, source: str, quant: str) -> str:
+        return converted_file(repo, source, quant)
+
+    def fetch(
+        self, client: HubClient, snapshot: RepoSnapshot, revision: str, file: str, progress: Progress
+    ) -> ModelFacts | None:
+        wanted = conversion_of(file)
+        if wanted is None:  # a file the repo holds
+            return None
+        return fetch_conversion(client, snapshot, revision, *wanted, progress=progress)
+
+
+CONVERSIONS: Conversions = _CheckpointConversions()
 
 
 def _json(client: HubClient, snapshot: RepoSnapshot, file: str) -> Mapping[str, Any]:

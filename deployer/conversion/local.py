@@ -1,6 +1,6 @@
 """``gguf-deploy serve`` of a ``convert_from`` manifest: the converted GGUF in the local cache.
 
-The same steps as the Modal app's, with the same code (:mod:`deployer.converter`): resolve the
+The same steps as the Modal app's, with the same code (:mod:`deployer.conversion.converter`): resolve the
 checkpoint (the plan's facts, cached), download its files into the Hugging Face cache at the exact
 commit, fetch llama.cpp's converter of the pinned release into the cache, convert, check, rename.
 The result lives in ``<cache>/converted/<repo>/<commit>/...``; a second run finds it and converts
@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from deployer.cache import FactsCache, default_cache_dir
-from deployer.converter import (
+from deployer.conversion.converter import (
     Expected,
     check_converted,
     convert_checkpoint,
@@ -22,8 +22,10 @@ from deployer.converter import (
     fetch_converter,
     require_packages,
 )
+from deployer.conversion.resolve import CONVERSIONS, converted_file
 from deployer.errors import ConversionError, ServeError
 from deployer.facts import ModelFacts
+from deployer.hub import HfHubClient, Resolver
 from deployer.manifest import Manifest
 
 
@@ -46,12 +48,10 @@ def convert_locally(
     log: Callable[[str], None] = print,
 ) -> Path:
     """The GGUF converted from ``manifest``'s checkpoint, in the local cache (converted once)."""
-    from deployer.checkpoint_hub import converted_file
-    from deployer.hub import HfHubClient, Resolver
-
     assert manifest.convert_from is not None
     cache_dir = default_cache_dir(environ)
-    resolver = Resolver(None if offline else HfHubClient(), FactsCache(cache_dir), offline=offline)
+    client = None if offline else HfHubClient()
+    resolver = Resolver(client, FactsCache(cache_dir), offline=offline, conversions=CONVERSIONS)
     facts = resolver.resolve(
         manifest.repo, manifest.revision, converted_file(manifest.repo, manifest.convert_from, manifest.quant)
     )

@@ -162,13 +162,13 @@ def _run_converter(checkpoint: Path, out: Path, outtype: str, converter: Path, p
 def quantize(source: Path, out: Path, quant: str, *, python: str = sys.executable) -> None:
     """Quantize the GGUF ``source`` to ``out`` with llama.cpp's quantizer, file type ``quant``.
 
-    Runs in a child process (``python -m deployer.converter``): llama.cpp logs to stderr, which is
+    Runs in a child process (``python -m deployer.conversion.converter``): llama.cpp logs to stderr, which is
     shown when it fails, and a crash in it is a ConversionError, not the end of this process.
     """
     if quant not in QUANTIZER_QUANTS:
         raise ConversionError(f"llama.cpp's quantizer is used for {', '.join(QUANTIZER_QUANTS)}, not {quant}")
-    command = [python, "-m", "deployer.converter", str(source), str(out), quant]
-    package_root = str(Path(__file__).resolve().parent.parent)  # this deployer package, wherever it lies
+    command = [python, "-m", "deployer.conversion.converter", str(source), str(out), quant]
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding this deployer package
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -246,5 +246,5 @@ def _check_intermediate(path: Path, expected: Expected) -> None:
     check_converted(path, Expected(expected.arch, expected.tensor_count, header.file_type))
 
 
-if __name__ == "__main__":  # the quantizer's child process: python -m deployer.converter SOURCE OUT QUANT
+if __name__ == "__main__":  # the quantizer's child process: python -m deployer.conversion.converter SOURCE OUT QUANT
     sys.exit(_quantize_here(*sys.argv[1:4]))

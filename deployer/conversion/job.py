@@ -1,8 +1,9 @@
-"""What a rendered app needs to convert Transformers weights: the job as plain data, and its container's size.
+"""The Modal app's conversion job, planned: what its download step fetches, the job as plain data, its container's size.
 
-Pure. For a model whose facts carry a :class:`~deployer.facts.Conversion`, the app's download step
-fetches the checkpoint's files (verified) into the Volume, and its conversion function writes the
-planned GGUF beside them (``deployer.converter.convert_checkpoint``). For a GGUF model there is no job.
+Pure; :mod:`deployer.render` writes these into the rendered app. For a model whose facts carry a
+:class:`~deployer.facts.Conversion`, the app's download step fetches the checkpoint's files
+(verified) into the Volume, and its conversion function writes the planned GGUF beside them
+(:func:`deployer.conversion.converter.convert_checkpoint`). For a GGUF model there is no job.
 
     download_files(facts)     the files the download step fetches: the GGUF shards, or the checkpoint
     convert_jobs(facts)       [] or [the job]: output file, type, and the header the result must have
