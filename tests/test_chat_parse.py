@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deployer.runtime.chat.template import ChatTemplate, RenderedChat
+from tests.llamaparts import LLAMA_PARTS
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
 WEATHER = {
@@ -39,6 +40,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 @cache
 def template(name: str, reasoning_format: str = "auto") -> ChatTemplate:
     loaded = ChatTemplate.load(
+        **LLAMA_PARTS,
         template=(TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8"),
         chat_format=None,
         bos_token="<s>",

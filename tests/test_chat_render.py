@@ -14,6 +14,7 @@ from deployer.runtime.chat.families import GENERIC, HAND_WRITTEN, hand_written
 from deployer.runtime.chat.template import ChatTemplate
 from deployer.runtime.errors import ApiError
 from deployer.runtime.protocols.checks import normalize_chat
+from tests.llamaparts import LLAMA_PARTS
 from tests.test_chat_parse import ASK, TOOLS, WEATHER, template
 
 TOOL_TEMPLATES = ["hermes", "qwen3", "qwen3_xml", "llama3", "mistral", "devstral", "generic"]
@@ -55,6 +56,7 @@ def test_hand_written_syntaxes_and_the_generic_fallback():
     assert len({e.syntax.origin for e in HAND_WRITTEN}) == len(HAND_WRITTEN) and all(e.why for e in HAND_WRITTEN)
     # shows tools, but an earlier call renders as nothing: nothing to learn from, JSON at the start
     shows = ChatTemplate.load(
+        **LLAMA_PARTS,
         template="{% for t in tools or [] %}{{ t.function.name }}{% endfor %}{% for m in messages %}{{ m.content }}"
         "{% endfor %}",
         chat_format=None,
@@ -122,7 +124,7 @@ def test_a_template_rule_becomes_a_400_with_its_message():
 
 def test_a_broken_template_is_a_400_not_a_crash():
     broken = ChatTemplate.load(
-        template="{{ messages[0].content + 1 }}", chat_format=None, bos_token="<s>", eos_token="</s>"
+        **LLAMA_PARTS, template="{{ messages[0].content + 1 }}", chat_format=None, bos_token="<s>", eos_token="</s>"
     )
     with pytest.raises(ApiError) as caught:
         broken.render(ASK)
@@ -131,12 +133,12 @@ def test_a_broken_template_is_a_400_not_a_crash():
 
 def test_a_template_that_does_not_compile_fails_at_load():
     with pytest.raises(ValueError, match="not valid Jinja"):
-        ChatTemplate.load(template="{% for %}", chat_format=None, bos_token="", eos_token="")
+        ChatTemplate.load(**LLAMA_PARTS, template="{% for %}", chat_format=None, bos_token="", eos_token="")
 
 
 def test_the_sandbox_holds():
     sneaky = ChatTemplate.load(
-        template="{{ messages.__class__.__mro__ }}", chat_format=None, bos_token="", eos_token=""
+        **LLAMA_PARTS, template="{{ messages.__class__.__mro__ }}", chat_format=None, bos_token="", eos_token=""
     )
     with pytest.raises(ApiError):
         sneaky.render(ASK)
@@ -153,7 +155,7 @@ def test_a_template_without_tools_refuses_them(name):
 
 @pytest.mark.model
 def test_a_chat_format_refuses_tools_and_formats_chat():
-    gemma = ChatTemplate.load(template=None, chat_format="gemma", bos_token="<bos>", eos_token="<eos>")
+    gemma = ChatTemplate.load(**LLAMA_PARTS, template=None, chat_format="gemma", bos_token="<bos>", eos_token="<eos>")
     with pytest.raises(ApiError) as caught:
         gemma.render(ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=True)
     assert caught.value.code == "tools_not_supported" and "chat_format 'gemma'" in caught.value.message
@@ -164,7 +166,7 @@ def test_a_chat_format_refuses_tools_and_formats_chat():
 
 
 def test_no_template_and_no_chat_format_is_none():
-    assert ChatTemplate.load(template=None, chat_format=None, bos_token="<s>", eos_token="</s>") is None
+    assert ChatTemplate.load(**LLAMA_PARTS, template=None, chat_format=None, bos_token="<s>", eos_token="</s>") is None
 
 
 @pytest.mark.parametrize("name", [*TOOL_TEMPLATES, "deepseek_r1", "notools"])
@@ -320,6 +322,7 @@ def test_family_grammars_for_a_thinking_template_allow_the_think_block():
     chat = template("qwen3").render(ASK, tools=[WEATHER], tool_choice="required", parallel_tool_calls=True)
     assert '"<think>"' in chat.grammar.splitlines()[-1]
     forced = ChatTemplate.load(
+        **LLAMA_PARTS,
         template=Path(__file__).parent.joinpath("chat_templates/qwen3.jinja").read_text() + "<think>\n",
         chat_format=None,
         bos_token="<s>",
@@ -370,6 +373,7 @@ def test_an_unknown_reasoning_format_is_a_clear_error():
 
 def test_generation_blocks_render_their_body():
     marked = ChatTemplate.load(
+        **LLAMA_PARTS,
         template="{% for m in messages %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}",
         chat_format=None,
         bos_token="",
@@ -380,6 +384,7 @@ def test_generation_blocks_render_their_body():
 
 def test_templates_that_want_string_arguments_get_them():
     stringly = ChatTemplate.load(
+        **LLAMA_PARTS,
         template="{% for m in messages %}{% for c in m.tool_calls or [] %}{{ 'args=' + c.function.arguments }}"
         "{% endfor %}{% endfor %}",
         chat_format=None,
@@ -399,7 +404,9 @@ def test_the_manifest_thinking_default_reaches_the_template(value):
     config = runtime_config(parse_manifest(text.encode(), "manifests/m.toml"), "/m.gguf")
     assert config.thinking is value
     qwen3 = (Path(__file__).parent / "llama_templates" / "Qwen-Qwen3-0.6B.jinja").read_text(encoding="utf-8")
-    chat = ChatTemplate.load(template=qwen3, chat_format=None, bos_token="", eos_token="", thinking=config.thinking)
+    chat = ChatTemplate.load(
+        **LLAMA_PARTS, template=qwen3, chat_format=None, bos_token="", eos_token="", thinking=config.thinking
+    )
     closed = chat.render(ASK).prompt.endswith("<think>\n\n</think>\n\n")
     assert closed is not value, "enable_thinking false closes the think block in the prompt"
     overridden = chat.render(ASK, variables={"enable_thinking": not value}).prompt
@@ -417,6 +424,7 @@ def test_a_thinking_default_that_is_not_a_boolean_is_a_clear_error():
 
 def test_the_sandbox_lets_templates_build_lists_but_not_reach_outside():
     builds = ChatTemplate.load(
+        **LLAMA_PARTS,
         template="{% set seen = [] %}{% for m in messages %}{% set _ = seen.append(m.role) %}{% endfor %}"
         "{{ seen | join(',') }}",
         chat_format=None,
@@ -431,7 +439,7 @@ def test_the_sandbox_lets_templates_build_lists_but_not_reach_outside():
         "{% include '/etc/passwd' %}",
         "{{ messages.__class__ }}",
     ):
-        loaded = ChatTemplate.load(template=sneaky, chat_format=None, bos_token="", eos_token="")
+        loaded = ChatTemplate.load(**LLAMA_PARTS, template=sneaky, chat_format=None, bos_token="", eos_token="")
         try:
             leaked = loaded.render(ASK).prompt  # an unsafe attribute reads as undefined: nothing
         except ApiError as refused:

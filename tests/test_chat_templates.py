@@ -17,6 +17,7 @@ from deployer.runtime.chat.families import write_calls
 from deployer.runtime.chat.template import ChatTemplate
 from deployer.runtime.errors import ApiError
 from deployer.runtime.protocols.checks import normalize_chat
+from tests.llamaparts import LLAMA_PARTS
 from tests.test_chat_parse import TOOLS, assert_deltas_add_up, calls_of, parse_pieces, parse_whole
 
 LLAMA = Path(__file__).parent / "llama_templates"
@@ -39,6 +40,7 @@ DO_IT = ("do_it", {"n": 42, "tags": ["a", "b"], "note": "two\nlines"})
 @cache
 def loaded(name: str) -> ChatTemplate:
     chat = ChatTemplate.load(
+        **LLAMA_PARTS,
         template=(LLAMA / f"{name}.jinja").read_text(encoding="utf-8"),
         chat_format=None,
         bos_token="<s>",
