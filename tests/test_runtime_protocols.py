@@ -270,3 +270,27 @@ def test_template_variables_reach_the_template():
     qwen = template("qwen3")
     assert not qwen.render(ASK).prompt.endswith("</think>\n\n")
     assert qwen.render(ASK, variables={"enable_thinking": False}).prompt.endswith("<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"messages": ASK, "stream": True, "n": 2}, id="chat"),
+        pytest.param({"prompt": "Hi", "stream": True, "logprobs": 1, "n": 2}, id="completion-logprobs"),
+    ],
+)
+def test_stream_events_are_the_chunks_encoded_one_by_one(body):
+    """The pre-encoded head of every chunk writes exactly what encoding each whole chunk writes."""
+    from deployer.runtime.engine.sampling import Delta, TokenLogprob
+    from deployer.runtime.protocols.openai import Responder, sse
+
+    decode = openai.decode_chat if "messages" in body else openai.decode_completion
+    steps = [
+        [Delta(0, "Hel", (TokenLogprob("Hel", b"Hel", -0.5, (("Hel", b"Hel", -0.5),)),)), Delta(1, 'a "q"\n')],
+        [Delta(0, "lo", (TokenLogprob("lo", b"lo", -0.1),), "stop"), Delta(1, "é", (), "length")],
+    ]
+    fast, plain = Responder(decode(body), "m"), Responder(decode(body), "m")
+    plain.id, plain.created = fast.id, fast.created
+    for pieces in steps:
+        assert fast.events(pieces) == b"".join(map(sse, plain.chunks(pieces)))
+    assert fast.events(steps[0])  # never empty: the test compares something

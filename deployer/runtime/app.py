@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -86,10 +86,7 @@ def build_app(config: RuntimeConfig, engine: Engine) -> ASGIApp:
     ]
     app = Starlette(
         routes=routes,
-        middleware=[
-            # browser chat UIs call the API directly; the key, not the origin, is what protects it
-            Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]),
-        ],
+        middleware=[Middleware(_Cors)],  # browser chat UIs call the API directly
         exception_handlers={HTTPException: _http_exception},
     )
     return AccessLog(app, engine.metrics)
@@ -490,46 +487,86 @@ async def _disconnect(receive: Receive) -> None:
         pass
 
 
-class _EventStream(StreamingResponse):
-    """Server-sent events of a job, written by the protocol's encoder; cancels the job when the client goes away."""
+_SSE_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"))
+
+
+class _EventStream:
+    """Server-sent events of a job, written by the protocol's encoder; cancels the job when the client goes away.
+
+    An ASGI response of its own rather than Starlette's ``StreamingResponse``: per token, the event
+    loop reads the job's queue, encodes, and sends, with no generator or per-chunk task in between
+    (when decoding is fast, the event loop's cost per streamed token bounds throughput). One task
+    per stream watches for the client's disconnect.
+    """
 
     def __init__(self, job: Job, first: bytes, encoder: Any, log: RequestLog) -> None:
-        self.job, self.encoder, self.log = job, encoder, log
-        self._complete = False
-        super().__init__(self._events(first), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def _events(self, first: bytes) -> Any:
-        yield first
-        failed = False
-        while True:
-            kind, value = await self.job.next()
-            if kind == "pieces":
-                yield self.encoder.events(value)
-            elif kind == "error":
-                error = api_error(value)
-                self.log.error = error.code or error.type
-                failed = True
-                yield self.encoder.error_event(error)
-            elif kind == "end":
-                break
-        if self.job.tally.cut:  # a shutdown cut it: say so, rather than end as if complete
-            error = _stopping()
-            self.log.error = error.code
-            failed = True
-            yield self.encoder.error_event(error)
-        if not failed or isinstance(self.encoder, Responder):  # OpenAI's chat streams still end with [DONE]
-            yield self.encoder.end(self.job.tally)
-        self._complete = True
+        self.job, self.first, self.encoder, self.log = job, first, encoder, log
+        self._gone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.ensure_future(self._watch(receive))
+        complete = False
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            await send({"type": "http.response.body", "body": self.first, "more_body": True})
+            await send({"type": "http.response.body", "body": await self._rest(send), "more_body": False})
+            complete = not self._gone
         finally:
-            if not self._complete:
+            watcher.cancel()
+            if not complete:
                 self.job.cancel()
                 self.log.status = CLIENT_CLOSED
             await asyncio.shield(self.job.done)
             self.log.record(self.job)
+
+    async def _rest(self, send: Send) -> bytes:
+        """Send the job's events as they come; the last bytes (the stream's end) are returned."""
+        failed = ended = False
+        encoder, job = self.encoder, self.job
+        while not ended:
+            out = b""  # what arrived since the last send goes in one write (a stream behind catches up)
+            for kind, value in await job.take():
+                if kind == "pieces":
+                    out += encoder.events(value)
+                elif kind == "error":
+                    error = api_error(value)
+                    self.log.error = error.code or error.type
+                    failed = True
+                    out += encoder.error_event(error)
+                elif kind == "end":
+                    ended = True
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        tail = b""
+        if job.tally.cut:  # a shutdown cut it: say so, rather than end as if complete
+            error = _stopping()
+            self.log.error = error.code
+            failed = True
+            tail = encoder.error_event(error)
+        if not failed or isinstance(encoder, Responder):  # OpenAI's chat streams still end with [DONE]
+            tail += encoder.end(job.tally)
+        return tail
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._gone = True
+        self.job.cancel()
+
+
+class _Cors:
+    """CORS for browser chat UIs (any origin: the key, not the origin, protects the API); a request
+    without ``Origin`` (every SDK's) passes straight through, its ``send`` unwrapped."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.cors = CORSMiddleware(app, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not any(key == b"origin" for key, _ in scope["headers"]):
+            await self.app(scope, receive, send)
+        else:
+            await self.cors(scope, receive, send)
 
 
 # ## Errors

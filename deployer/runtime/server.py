@@ -131,7 +131,7 @@ def _server(config: RuntimeConfig, engine: Engine, failed: threading.Event) -> A
     return Server(
         uvicorn.Config(
             build_app(config, engine),
-            http="h11",
+            http="httptools",  # C parser and writer: h11 costs ~30 % more event-loop CPU per streamed token
             ws="none",
             lifespan="off",
             log_level="warning",

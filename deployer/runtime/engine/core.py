@@ -24,6 +24,7 @@ import random
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -91,7 +92,6 @@ class Job:
         generation: Generation | None = None,
         work: Callable[[Model, Job], None] | None = None,
     ) -> None:
-        import asyncio
 
         self.generation = generation
         self.work = work
@@ -104,7 +104,8 @@ class Job:
         self.open_choices = generation.n if generation else 1
         self._engine = engine
         self._loop = loop
-        self._items: asyncio.Queue[Item] = asyncio.Queue()
+        self._items: deque[Item] = deque()  # filled by _deliver on the event loop
+        self._waiter: asyncio.Future[None] | None = None  # the event loop waits for items
         self.done: asyncio.Future[Tally] = loop.create_future()
 
     # -- the model thread
@@ -121,7 +122,31 @@ class Job:
 
     async def next(self) -> Item:
         """The next item the model thread produced."""
-        return await self._items.get()
+        while not self._items:
+            await self._wait()
+        return self._items.popleft()
+
+    async def take(self) -> list[Item]:
+        """Every item produced and not yet taken (at least one): a stream that fell behind sends them together."""
+        while not self._items:
+            await self._wait()
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    async def _wait(self) -> None:
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _put(self, item: Item) -> None:
+        """On the event loop: one item in, the waiting reader woken."""
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def cancel(self) -> None:
         """Stop this job: its sequences leave their slots (or the queue) at the next step."""
@@ -143,7 +168,7 @@ def _deliver(items: list[tuple[Job, str, Any]]) -> None:
             if not job.done.done():
                 job.done.set_result(value)
         else:
-            job._items.put_nowait((kind, value))
+            job._put((kind, value))
 
 
 @dataclass(eq=False)

@@ -14,6 +14,7 @@ and (chat) the message fields the model's chat parser finds; :func:`run_embeddin
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import struct
@@ -237,11 +238,15 @@ class Responder:
 
     def chunks(self, pieces: list[Delta]) -> list[dict[str, Any]]:
         """The stream chunks of one step's pieces."""
-        out: list[dict[str, Any]] = []
+        return [{**self.head(), "choices": choices} for choices in self._choices(pieces)]
+
+    def _choices(self, pieces: list[Delta]) -> list[list[dict[str, Any]]]:
+        """The ``choices`` of each stream chunk of one step's pieces (the head is the same for all)."""
+        out: list[list[dict[str, Any]]] = []
         for piece in pieces:
             self._record(piece)
             if self.chat:
-                out.extend(self._chat_chunks(piece))
+                out.extend(chunk["choices"] for chunk in self._chat_chunks(piece))
             else:
                 text = piece.text
                 if self.echo and not self._started[piece.index]:
@@ -256,7 +261,7 @@ class Responder:
                     else None,
                     "finish_reason": piece.finish_reason,
                 }
-                out.append({**self.head(), "choices": [choice]})
+                out.append([choice])
         return out
 
     def _chat_chunks(self, piece: Delta) -> list[dict[str, Any]]:
@@ -297,7 +302,14 @@ class Responder:
     # -- server-sent events (the encoder interface every protocol's encoder has)
 
     def events(self, pieces: list[Delta]) -> bytes:
-        return b"".join(map(sse, self.chunks(pieces)))
+        # every chunk repeats the head: it is encoded once, each chunk encodes only its choices
+        # (the event loop's cost per streamed token is what bounds throughput when decoding is fast)
+        head = self._sse_head
+        return b"".join(head + _dumps(choices).encode() + b"}\n\n" for choices in self._choices(pieces))
+
+    @functools.cached_property
+    def _sse_head(self) -> bytes:
+        return b"data: " + _dumps(self.head())[:-1].encode() + b',"choices":'
 
     def error_event(self, error: ApiError) -> bytes:
         return sse(error.body())  # after the headers: an error event, as OpenAI's SDKs expect
@@ -385,9 +397,12 @@ class Responder:
         }
 
 
+_dumps = json.JSONEncoder(separators=(",", ":")).encode  # compact; made once
+
+
 def sse(data: Any) -> bytes:
     """One server-sent event of JSON data (OpenAI's streams: no event names)."""
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _dumps(data).encode() + b"\n\n"
 
 
 def usage(tally: Tally) -> dict[str, Any]:
