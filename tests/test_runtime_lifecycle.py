@@ -73,8 +73,12 @@ def test_sigterm_when_idle_exits_0(start_server, tiny_llama_file):
     assert server.log_lines()[-1]["event"] == "stopped"
 
 
-def test_sigterm_cancels_a_long_stream_and_the_queue_after_the_grace_period(start_server, gemma_file):
-    server = start_server(gemma_config(gemma_file, n_ctx=1024, shutdown_grace_s=2.0, require_api_key=False))
+def test_sigterm_refuses_the_queue_at_once_and_cuts_a_long_stream_after_the_grace_period(start_server, gemma_file):
+    # one slot: the second request waits for it
+    config = gemma_config(
+        gemma_file, n_ctx=1024, parallel=1, concurrency=2, shutdown_grace_s=2.0, require_api_key=False
+    )
+    server = start_server(config)
     body = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 900, "temperature": 0, "stream": True}
     received: list = []
     queued: list = []
@@ -88,6 +92,7 @@ def test_sigterm_cancels_a_long_stream_and_the_queue_after_the_grace_period(star
 
     def wait_in_queue() -> None:  # behind the stream: it never starts
         queued.append(httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=60))
+        queued.append(len(received))  # how far the stream was when the refusal came
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -106,8 +111,11 @@ def test_sigterm_cancels_a_long_stream_and_the_queue_after_the_grace_period(star
     # the cut is said, not hidden: the stream ends with an error event, the queued request gets a 503
     assert received[-1] == "data: [DONE]"
     assert json.loads(received[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
-    [answer] = queued
+    answer, streamed_by_then = queued
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
+    # refused at once, to be retried elsewhere: while the admitted stream still ran on
+    assert answer.headers["retry-after"] == "0"
+    assert len(received) > streamed_by_then
     assert "Traceback" not in server.log_path.read_text()
     assert server.log_lines()[-1]["event"] == "stopped"
 
