@@ -28,6 +28,12 @@ actual, and never more than 1 % (or 8 MiB) under. The exit status is 1 when a ca
     .venv/bin/python -m benchmarks.estimate_vs_llama            # the whole grid, a markdown table
     .venv/bin/python -m benchmarks.estimate_vs_llama --quick    # one context per model
     .venv/bin/python -m benchmarks.estimate_vs_llama --swa      # sliding-window models: 1, 4, 8 slots
+    .venv/bin/python -m benchmarks.estimate_vs_llama --embeddings   # with the runtime's embeddings context
+
+Embeddings (``[server] embeddings``): the runtime creates a second context beside the generation
+context (``context_params(config, embeddings=True)``: n_ctx = n_batch, one sequence, embeddings
+mode); both are created, and the second one's KV, compute and output buffers are compared with
+the estimate's ``embeddings_context`` (its output buffer as created: one row).
 
 The CPU backend can keep quantized tensors in CPU-only layouts (``CPU_REPACK``, ``AMX``, ...),
 which a GPU never has: the model is loaded with them off (``use_extra_bufts = false``), and any
@@ -84,6 +90,8 @@ CPU_EXTRA_BUFFERS = ("CPU_REPACK", "AMX", "CPU_KLEIDIAI", "CPU_RISCV64_SPACEMIT"
 CASE_TIMEOUT_S = 300
 
 _BUFFER = re.compile(r"^\S+:\s+(?P<buffer>\S+)\s+(?P<kind>model|KV|compute|output) buffer size =\s+(?P<mib>[\d.]+) MiB")
+# printed by the worker between the generation context and the embeddings context
+EMBEDDINGS_MARK = "estimate_vs_llama: embeddings context"
 
 
 @dataclass(frozen=True)
@@ -95,15 +103,41 @@ class Buffers:
     kv: int
     compute: int
     output: int
+    embeddings: ContextBuffers | None = None  # the runtime's second context, when embeddings are on
 
     @property
     def total(self) -> int:
         """What the estimate is compared with: everything but the CPU-only repack copy."""
-        return self.weights + self.kv + self.compute + self.output
+        extra = self.embeddings.total if self.embeddings else 0
+        return self.weights + self.kv + self.compute + self.output + extra
+
+
+@dataclass(frozen=True)
+class ContextBuffers:
+    """One more context of the same model: its own KV, compute and output buffers, in bytes."""
+
+    kv: int
+    compute: int
+    output: int
+
+    @property
+    def total(self) -> int:
+        return self.kv + self.compute + self.output
 
 
 def parse_buffers(log: str) -> Buffers:
-    """Sum llama.cpp's ``<buffer> <kind> buffer size = <n> MiB`` lines of one model load."""
+    """Sum llama.cpp's ``<buffer> <kind> buffer size = <n> MiB`` lines of one model load; the lines
+    after :data:`EMBEDDINGS_MARK` are the embeddings context's."""
+    main, marked, embed_log = log.partition(EMBEDDINGS_MARK)
+    sizes = _sizes(main, {"model", "KV", "compute", "output"})
+    embeddings = None
+    if marked:
+        extra = _sizes(embed_log, {"KV", "compute", "output"}, "the embeddings context")
+        embeddings = ContextBuffers(extra["KV"], extra["compute"], extra["output"])
+    return Buffers(sizes["model"], sizes["repack"], sizes["KV"], sizes["compute"], sizes["output"], embeddings)
+
+
+def _sizes(log: str, needed: set[str], what: str = "") -> dict[str, int]:
     sizes = {"model": 0.0, "repack": 0.0, "KV": 0.0, "compute": 0.0, "output": 0.0}
     seen = set()
     for line in log.splitlines():
@@ -113,11 +147,11 @@ def parse_buffers(log: str) -> Buffers:
         kind = "repack" if found["buffer"] in CPU_EXTRA_BUFFERS else found["kind"]
         sizes[kind] += float(found["mib"])
         seen.add(found["kind"])
-    missing = {"model", "KV", "compute", "output"} - seen
+    missing = needed - seen
     if missing:
-        raise ValueError(f"llama.cpp printed no {', '.join(sorted(missing))} buffer line")
-    as_bytes = {k: round(v * MIB) for k, v in sizes.items()}
-    return Buffers(as_bytes["model"], as_bytes["repack"], as_bytes["KV"], as_bytes["compute"], as_bytes["output"])
+        where = f" for {what}" if what else ""
+        raise ValueError(f"llama.cpp printed no {', '.join(sorted(missing))} buffer line{where}")
+    return {k: round(v * MIB) for k, v in sizes.items()}
 
 
 def runtime_config(model: Path, settings: EstimateSettings) -> RuntimeConfig:
@@ -162,14 +196,15 @@ def _worker(job: str) -> None:
 
 
 def create_context(model_path: Path, settings: EstimateSettings) -> None:
-    """Load the model and create the context the runtime would, with llama.cpp's log on stderr.
+    """Load the model and create the contexts the runtime would, with llama.cpp's log on stderr.
 
-    Through llama-cpp-python's low-level API, from the runtime's ``Llama`` arguments: the batching
+    Through llama-cpp-python's low-level API, with the runtime's own parameters: the batching
     engine's context has ``n_seq_max = parallel``, ``kv_unified = false`` and ``n_ctx = context ×
-    parallel``, which ``llama_cpp.Llama`` cannot set. Embeddings keep what ``Llama`` does (one
-    unified cache for up to 256 sequences). The CPU's extra buffer types are off
-    (``use_extra_bufts = false``): a GPU never has their CPU-only copies of the weights, and on a
-    CPU with AMX they also take weights out of the mapped buffer the comparison reads.
+    parallel``, which ``llama_cpp.Llama`` cannot set. With embeddings, the runtime's second
+    context (``context_params(config, embeddings=True)``) is created beside it, after
+    :data:`EMBEDDINGS_MARK`. The CPU's extra buffer types are off (``use_extra_bufts = false``):
+    a GPU never has their CPU-only copies of the weights, and on a CPU with AMX they also take
+    weights out of the mapped buffer the comparison reads.
     """
     import llama_cpp
     from llama_cpp._logger import set_verbose
@@ -182,16 +217,18 @@ def create_context(model_path: Path, settings: EstimateSettings) -> None:
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params(config))
     if not model:
         raise RuntimeError(f"llama.cpp could not load {model_path}")
-    params = context_params(config)
-    if settings.embeddings:  # the estimate's embeddings model: llama_cpp.Llama's unified cache, logits for every row
-        params.embeddings = True
-        if settings.parallel == 1:
-            params.n_seq_max = min(config.n_batch, llama_cpp.llama_max_parallel_sequences())
-            params.kv_unified = True
-    context = llama_cpp.llama_init_from_model(model, params)
+    context = llama_cpp.llama_init_from_model(model, context_params(config))
     if not context:
         raise RuntimeError(f"llama.cpp could not create a context of {settings.parallel} sequences")
-    llama_cpp.llama_free(context)
+    contexts = [context]
+    if settings.embeddings:  # as deployer.runtime.llama.Model does: both contexts live together
+        print(EMBEDDINGS_MARK, file=sys.stderr, flush=True)
+        embed = llama_cpp.llama_init_from_model(model, context_params(config, embeddings=True))
+        if not embed:
+            raise RuntimeError("llama.cpp could not create the embeddings context")
+        contexts.append(embed)
+    for ctx in contexts:
+        llama_cpp.llama_free(ctx)
     llama_cpp.llama_model_free(model)
 
 
@@ -213,7 +250,13 @@ class Result:
 
     @property
     def est_total(self) -> int:
-        return self.est.weights + self.est.kv + self.est.compute + self.est.output
+        return self.est.weights + self.est.kv + self.est.compute + self.est.output + self.est_embeddings
+
+    @property
+    def est_embeddings(self) -> int:
+        """The embeddings context as llama.cpp creates it: KV, compute, and a one-row output buffer."""
+        ctx = self.est.embeddings_context
+        return ctx.kv + ctx.compute + ctx.output if ctx else 0
 
     @property
     def error(self) -> int:
@@ -245,9 +288,11 @@ def _sliding(name: str) -> bool:
     return name.startswith(("gemma", "tiny-gemma")) or name in SWA_WIDE
 
 
-def grid(paths: dict[str, Path], quick: bool, swa_only: bool = False) -> list[Case]:
+def grid(paths: dict[str, Path], quick: bool, swa_only: bool = False, embeddings_only: bool = False) -> list[Case]:
     if swa_only:
         return [case for name, path in paths.items() if _sliding(name) for case in _swa_cases(name, path)]
+    if embeddings_only:
+        return [case for name, path in paths.items() for case in _embeddings_cases(name, path)]
     cases = []
     for name, path in paths.items():
         if name in SWA_WIDE:
@@ -269,6 +314,7 @@ def grid(paths: dict[str, Path], quick: bool, swa_only: bool = False) -> list[Ca
                 settings = EstimateSettings(8192, n_batch=2048, n_ubatch=2048, flash_attn=flash_attn, backend="cpu")
                 cases.append(Case(name, path, settings))
         cases += _slot_cases(name, path)
+        cases += _embeddings_cases(name, path)
     return cases
 
 
@@ -285,6 +331,19 @@ def _slot_cases(name: str, path: Path) -> list[Case]:
     if _sliding(name):  # one capped sliding window per slot
         cases += _swa_cases(name, path)
     return cases
+
+
+def _embeddings_cases(name: str, path: Path) -> list[Case]:
+    """``embeddings = true``: the generation context and the runtime's embeddings context (n_batch
+    cells, one sequence) together; flash attention off (a KQ matrix over n_batch cells) and slots
+    (which the embeddings context does not have) on the small models."""
+    if name in SWA_WIDE:
+        return []
+    base = EstimateSettings(32768 if name in WIDE else 4096, embeddings=True, backend="cpu")
+    variants = [base]
+    if name not in WIDE:
+        variants += [replace(base, flash_attn=False), replace(base, parallel=4), replace(base, n_batch=2048)]
+    return [Case(name, path, settings) for settings in variants]
 
 
 def _swa_cases(name: str, path: Path) -> list[Case]:
@@ -321,15 +380,27 @@ def _pair(est: int, actual: int) -> str:
 def _settings_words(s: EstimateSettings) -> tuple[str, str]:
     extra = ", SWA full" if s.swa_full else ""
     extra += f", ubatch {s.n_ubatch}" if s.n_ubatch != 512 else ""
+    extra += f", batch {s.n_batch}" if s.n_batch != 512 else ""
     extra += f", **{s.parallel} slots**" if s.parallel > 1 else ""
+    extra += ", **embeddings**" if s.embeddings else ""
     return ("on" if s.flash_attn else "off"), f"{s.kv_cache_type}{extra}"
+
+
+def _embeddings_pair(r: Result) -> str:
+    ctx, act = r.est.embeddings_context, r.actual.embeddings
+    if ctx is None or act is None:
+        return "—"
+    return (
+        f"KV {_pair(ctx.kv, act.kv)}, compute {_pair(ctx.compute, act.compute)}, output {_pair(ctx.output, act.output)}"
+    )
 
 
 def table(results: list[Result]) -> str:
     lines = [
         "| model | context | flash attn | KV cache | weights est / actual | KV est / actual "
-        "| compute est / actual | output est / actual | repack (CPU only) | total est | total actual | error | ok |",
-        "|---|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| compute est / actual | output est / actual | embeddings ctx est / actual "
+        "| repack (CPU only) | total est | total actual | error | ok |",
+        "|---|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in results:
         s, est, act = r.case.settings, r.est, r.actual
@@ -337,7 +408,7 @@ def table(results: list[Result]) -> str:
         lines.append(
             f"| {r.case.model} | {s.context} | {fa} | {kv} | {_pair(est.weights, act.weights)} "
             f"| {_pair(est.kv, act.kv)} | {_pair(est.compute, act.compute)} | {_pair(est.output, act.output)} "
-            f"| {_mib(act.repack)} | {_mib(r.est_total)} | {_mib(act.total)} "
+            f"| {_embeddings_pair(r)} | {_mib(act.repack)} | {_mib(r.est_total)} | {_mib(act.total)} "
             f"| {r.error / act.total * 100:+.1f} % ({r.error / MIB:+.1f} MiB) | {'yes' if r.ok else '**MISS**'} |"
         )
     return "\n".join(lines)
@@ -364,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one context per model")
     parser.add_argument("--swa", action="store_true", help="only the sliding-window models, capped and full")
+    parser.add_argument("--embeddings", action="store_true", help="only cases with the embeddings context")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -371,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="estimate-bench-") as folder:
-        results = run(grid(models(Path(folder)), args.quick, swa_only=args.swa))
+        results = run(grid(models(Path(folder)), args.quick, swa_only=args.swa, embeddings_only=args.embeddings))
     print(table(results))
     print()
     print(summary(results, time.monotonic() - started))

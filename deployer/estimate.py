@@ -18,11 +18,17 @@ checks the arithmetic against llama.cpp's own ``... buffer size`` lines.
               mask; without flash attention also the n_ubatch × cells × heads KQ matrix) and the
               feed-forward phase (MoE: the selected experts' activations). It does not grow with
               the slots: each slot's tokens attend to its own stream's cells.
-    output    llama.cpp's output buffer (host): logits (and embeddings) for the rows a decode
-              call returns, at least one per slot.
+    output    llama.cpp's output buffer (host): logits for the rows a decode call returns, at
+              least one per slot.
+    embeddings with ``embeddings`` on, the runtime's second context (:class:`EmbeddingsContext`):
+              one sequence of n_batch cells in embeddings mode, beside the generation context
+              (which stays as it is). Its own KV cache, compute buffer and, on CUDA, cuBLAS
+              workspace and pool temporaries on the GPUs; its output buffer (n_batch rows of
+              logits and embeddings once it embeds a full batch) and graph inputs in host memory.
     overhead  per GPU: CUDA context, cuBLAS workspace, and the CUDA pool's temporaries.
     host      the container: the runtime, llama-cpp-python's float32 scores array, the output
-              buffer, the host-side weights and compute buffer, and with window-sized SWA caches
+              buffer, the host-side weights and compute buffer, the embeddings context's host
+              part, and with window-sized SWA caches
               the context checkpoints (``ctx_checkpoints`` per slot, each a window of every
               windowed layer: :func:`checkpoint_bytes`).
 
@@ -32,7 +38,7 @@ Every allowance that is not exact arithmetic errs high: the estimator is conserv
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from deployer.errors import PlanError
@@ -45,7 +51,7 @@ GIB = 1024 * MIB
 Backend = Literal["cuda", "cpu"]
 
 CELL_PAD = 256  # llama.cpp pads n_ctx (and the SWA cache) to a multiple of 256 cells
-MAX_SEQ = 256  # LLAMA_MAX_SEQ: llama-cpp-python's sequence count in embedding mode is capped here
+MAX_SEQ = 256  # LLAMA_MAX_SEQ: llama.cpp allows at most this many sequences in a context
 ALIGN = {"cuda": 128, "cpu": 32}  # buffer alignment of ggml's CUDA and CPU backends
 
 # Per-GPU constants. The CUDA context (driver state plus the kernels llama.cpp loads lazily) is
@@ -83,7 +89,7 @@ class EstimateSettings:
     flash_attn: bool = True
     kv_cache_type: str = "f16"
     n_gpus: int = 1
-    embeddings: bool = False
+    embeddings: bool = False  # [server] embeddings: the runtime adds a second context (EmbeddingsContext)
     logits_all: bool = False
     swa_full: bool = False  # [server] swa_full: sliding-window layers cache the whole context, not their window
     parallel: int = 1  # slots: sequences with a KV stream of `context` cells each (kv_unified = false)
@@ -103,6 +109,32 @@ class KvLayout:
 
 
 @dataclass(frozen=True)
+class EmbeddingsContext:
+    """The second llama.cpp context the runtime creates for ``/v1/embeddings``.
+
+    ``deployer.runtime.llama.context_params(config, embeddings=True)``: n_ctx = n_batch, one
+    sequence, embeddings mode, and the generation context's n_batch, n_ubatch, flash attention,
+    cache types and ``swa_full``. llama.cpp gives every context its own KV cache, compute buffer
+    and output buffer (and, on CUDA, its own backend: cuBLAS handles and memory pool), so none of
+    it is shared with the generation context; only the weights are. Device figures are totals
+    over all GPUs.
+    """
+
+    kv: int  # n_batch cells (padded to 256), one stream; windowed layers capped as in the main context
+    compute: int  # its worst-case graph: n_ubatch tokens attending to n_batch cells
+    overhead: int  # CUDA: its cuBLAS workspace and its pool's largest temporary, per GPU (0 on the CPU)
+    output: int  # host: the output buffer llama.cpp creates it with, one row of logits + embeddings
+    output_peak: int  # host: that buffer once an input of n_batch tokens is embedded (every token an output)
+    host: int  # its share of MemoryEstimate.host
+    compute_phase: str = ""
+
+    @property
+    def device(self) -> int:
+        """What it adds to the GPUs (on the CPU backend: to the host, like every buffer)."""
+        return self.kv + self.compute + self.overhead
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes, as llama.cpp would allocate them. Device figures are totals over all GPUs."""
 
@@ -118,11 +150,17 @@ class MemoryEstimate:
     kv_layout: KvLayout | None = None  # which layers hold how many cells (None: an estimate made by hand)
     checkpoints: int = 0  # host: the context checkpoints of every slot, at most (part of ``host``)
     projector: int = 0  # a multimodal projector on the first GPU: weights + one image's compute (projector.py)
+    embeddings_context: EmbeddingsContext | None = None  # [server] embeddings: the runtime's second context
+
+    @property
+    def embeddings(self) -> int:
+        """Device bytes of the embeddings context, over all GPUs (0 without embeddings)."""
+        return self.embeddings_context.device if self.embeddings_context else 0
 
     @property
     def total(self) -> int:
         """GPU memory over all GPUs."""
-        return self.weights + self.kv + self.compute + self.overhead + self.projector
+        return self.weights + self.kv + self.compute + self.overhead + self.projector + self.embeddings
 
     @property
     def per_gpu(self) -> int:
@@ -146,11 +184,22 @@ def estimate(header: GgufHeader, settings: EstimateSettings) -> MemoryEstimate:
     output = _output(header, settings, shape)
     layout = _layout(header, shape)
     checkpoints = settings.parallel * settings.ctx_checkpoints * checkpoint_bytes(header, settings)
+    embed, embed_layer_kv = _embeddings_context(header, settings)
     if settings.backend == "cpu":  # one device, the host: everything llama.cpp allocates is RAM
         weights, kv = header.weight_bytes, sum(layer_kv)
         host = RUNTIME_HOST["cpu"] + _scores(header, settings) + output + weights + kv + compute + checkpoints
+        host += embed.host if embed else 0
         return MemoryEstimate(
-            weights, kv, compute, output, 0, host, compute_phase=phase, kv_layout=layout, checkpoints=checkpoints
+            weights,
+            kv,
+            compute,
+            output,
+            0,
+            host,
+            compute_phase=phase,
+            kv_layout=layout,
+            checkpoints=checkpoints,
+            embeddings_context=embed,
         )
 
     layer_weights, input_bytes, output_bytes = _weights_by_layer(header)
@@ -159,20 +208,21 @@ def estimate(header: GgufHeader, settings: EstimateSettings) -> MemoryEstimate:
     if n > 1:  # pipeline parallelism replicates the graph inputs (the KQ masks) on every GPU
         compute += (PIPELINE_COPIES - 1) * _masks(header, settings, shape)
     device = [(layer * n) // (header.block_count + 1) for layer in range(header.block_count + 1)]
+    # the embeddings context's KV cache is split by layer like the generation context's; its
+    # compute buffer and CUDA backend are on every GPU
+    embed_per_gpu = (embed.compute + embed.overhead) // n if embed else 0
+    both_kv = [main + extra for main, extra in zip(layer_kv, embed_layer_kv, strict=True)]
     per_device_layers = [0] * n
     for layer, dev in enumerate(device[:-1]):
-        per_device_layers[dev] += layer_weights[layer] + layer_kv[layer]
+        per_device_layers[dev] += layer_weights[layer] + both_kv[layer]
     per_device_layers[device[-1]] += output_bytes
     # llama.cpp splits by free memory, which differs slightly between GPUs: any GPU may get one
     # more layer than an even split gives it.
-    slack = max((w + k for w, k in zip(layer_weights, layer_kv, strict=True)), default=0) if n > 1 else 0
-    gpu_bytes = tuple(b + compute + overhead + slack for b in per_device_layers)
+    slack = max((w + k for w, k in zip(layer_weights, both_kv, strict=True)), default=0) if n > 1 else 0
+    gpu_bytes = tuple(b + compute + overhead + embed_per_gpu + slack for b in per_device_layers)
     weights = sum(layer_weights) + output_bytes
-    # the host side of the graph: its inputs (copied per pipeline stage) and the embedding lookup
-    host_compute = (PIPELINE_COPIES if n > 1 else 1) * (
-        _masks(header, settings, shape) + GRAPH_INPUT_BYTES_PER_TOKEN * shape.ubatch
-    ) + 4 * header.embedding_length * shape.ubatch
-    host = RUNTIME_HOST["cuda"] + _scores(header, settings) + output + input_bytes + host_compute + checkpoints
+    host = RUNTIME_HOST["cuda"] + _scores(header, settings) + output + input_bytes + checkpoints
+    host += _host_compute(header, settings, shape) + (embed.host if embed else 0)
     return MemoryEstimate(
         weights=weights,
         kv=sum(layer_kv),
@@ -185,7 +235,42 @@ def estimate(header: GgufHeader, settings: EstimateSettings) -> MemoryEstimate:
         compute_phase=phase,
         kv_layout=layout,
         checkpoints=checkpoints,
+        embeddings_context=embed,
     )
+
+
+def _embeddings_context(header: GgufHeader, settings: EstimateSettings) -> tuple[EmbeddingsContext | None, list[int]]:
+    """The embeddings context, and its KV cache per layer (all 0 without embeddings).
+
+    A context like the generation context, with what ``context_params(config, embeddings=True)``
+    changes: n_ctx = n_batch and one sequence. Its output buffer is :func:`_embeddings_output`'s.
+    """
+    if not settings.embeddings:
+        return None, [0] * header.block_count
+    own = replace(settings, context=settings.n_batch, parallel=1, logits_all=False, embeddings=False)
+    shape = _Shape.of(header, own)
+    layer_kv = _kv_by_layer(header, own, shape)
+    kv = sum(layer_kv)
+    compute, phase = _compute(header, own, shape)
+    output, peak = _embeddings_output(header, shape)
+    if settings.backend == "cpu":
+        return EmbeddingsContext(kv, compute, 0, output, peak, kv + compute + peak, phase), layer_kv
+    n = settings.n_gpus
+    if n > 1:  # its own scheduler: pipeline copies of its graph inputs too
+        compute += (PIPELINE_COPIES - 1) * _masks(header, own, shape)
+    # its own ggml-cuda backend: cuBLAS handles with their workspace and a memory pool (the CUDA
+    # context is the process's, counted once)
+    overhead = CUBLAS_WORKSPACE + _cuda_pool(header, own, shape)
+    host = peak + _host_compute(header, own, shape)
+    return EmbeddingsContext(kv, compute * n, overhead * n, output, peak, host, phase), layer_kv
+
+
+def _host_compute(header: GgufHeader, settings: EstimateSettings, shape: _Shape) -> int:
+    """The host side of a context's graph on CUDA: its inputs (copied per pipeline stage) and the
+    embedding lookup (the input layer stays in host memory)."""
+    copies = PIPELINE_COPIES if settings.n_gpus > 1 else 1
+    inputs = _masks(header, settings, shape) + GRAPH_INPUT_BYTES_PER_TOKEN * shape.ubatch
+    return copies * inputs + 4 * header.embedding_length * shape.ubatch
 
 
 def kv_row_bytes(cache_type: str, n_elements: int) -> int:
@@ -234,7 +319,7 @@ class _Shape:
     batch: int  # n_batch after clamping to the context
     ubatch: int  # tokens in the worst-case graph (split evenly over the sequences)
     outputs: int  # rows of logits in the worst-case graph: n_ubatch, not rounded to the sequences
-    n_seq: int  # sequences: the slots (llama-cpp-python's embeddings mode uses up to 256)
+    n_seq: int  # sequences: the slots
     streams: int  # KV streams: one per slot (kv_unified = false); 1 for a unified cache
     cells: int  # KV cells of a full-attention layer, per stream
     swa_cells: int  # KV cells of a sliding-window layer, per stream
@@ -245,16 +330,13 @@ class _Shape:
         # causal attention: a batch fits the context, which holds every slot's cells
         batch = min(settings.context * slots, settings.n_batch)
         ubatch = min(batch, settings.n_ubatch)
-        n_seq = max(slots, min(batch, MAX_SEQ) if settings.embeddings else 1)
         # the worst-case graph splits its tokens evenly over the sequences, rounding up
-        graph_tokens = _pad(ubatch, n_seq)
+        graph_tokens = _pad(ubatch, slots)
         cells = _pad(settings.context, CELL_PAD)
         swa_cells = cells
-        if header.sliding_window and not settings.swa_full:
-            # embeddings mode uses a unified cache: every sequence's window shares it; slots have their own
-            unified_seqs = n_seq if settings.embeddings and slots == 1 else 1
-            swa_cells = _pad(min(cells, header.sliding_window * unified_seqs + ubatch), CELL_PAD)
-        return cls(batch, graph_tokens, ubatch, n_seq=n_seq, streams=slots, cells=cells, swa_cells=swa_cells)
+        if header.sliding_window and not settings.swa_full:  # each stream its own window
+            swa_cells = _pad(min(cells, header.sliding_window + ubatch), CELL_PAD)
+        return cls(batch, graph_tokens, ubatch, n_seq=slots, streams=slots, cells=cells, swa_cells=swa_cells)
 
     def layer_cells(self, header: GgufHeader, layer: int) -> int:
         swa = bool(header.swa_layers) and header.swa_layers[layer]
@@ -382,10 +464,21 @@ def _compute(header: GgufHeader, settings: EstimateSettings, shape: _Shape) -> t
 
 
 def _output(header: GgufHeader, settings: EstimateSettings, shape: _Shape) -> int:
-    """llama.cpp's output buffer once decoding: rows × (vocabulary [+ n_embd]) float32."""
-    rows = max(shape.n_seq, shape.batch if (settings.logits_all or settings.embeddings) else 1)
-    width = header.vocab_size + (header.embedding_length if settings.embeddings else 0)
-    return 4 * rows * width
+    """The generation context's output buffer once decoding: rows × vocabulary float32."""
+    rows = max(shape.n_seq, shape.batch if settings.logits_all else 1)
+    return 4 * rows * header.vocab_size
+
+
+def _embeddings_output(header: GgufHeader, shape: _Shape) -> tuple[int, int]:
+    """The embeddings context's output buffer: when created, and once it embeds a full batch.
+
+    llama.cpp's ``output_reserve`` sizes it for max(outputs, n_seq_max) rows of logits (always)
+    and, in embeddings mode, of n_embd floats; the context is created with one row, and embeddings
+    mode makes every token of a batch an output, so an input of n_batch tokens grows it (it never
+    shrinks) to n_batch rows.
+    """
+    row = 4 * (header.vocab_size + header.embedding_length)
+    return row, row * shape.batch
 
 
 def _scores(header: GgufHeader, settings: EstimateSettings) -> int:

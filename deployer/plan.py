@@ -166,11 +166,13 @@ def params_label(params: int) -> str:
 
 
 def breakdown(est: MemoryEstimate) -> str:
-    """``weights 18.2 GiB + KV 3.0 GiB + compute 0.3 GiB + overhead 0.5 GiB``, over all GPUs."""
+    """``weights 18.2 GiB + KV 3.0 GiB + compute 0.3 GiB + overhead 0.5 GiB``, over all GPUs; with
+    ``[server] embeddings``, the runtime's second context too (its KV cache, compute buffer and CUDA backend)."""
     projector = f" + projector {gib(est.projector)}" if est.projector else ""
+    embeddings = f" + embeddings context {gib(est.embeddings)}" if est.embeddings_context else ""
     return (
         f"weights {gib(est.weights)} + KV {gib(est.kv)} + compute {gib(est.compute)} + overhead {gib(est.overhead)}"
-        f"{projector}"
+        f"{projector}{embeddings}"
     )
 
 

@@ -68,6 +68,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
             "compute": est.compute,
             "overhead": est.overhead,
             "projector": est.projector,
+            "embeddings": est.embeddings,
             "total": est.total,
             "per_gpu": est.per_gpu,
             "host": est.host,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.estimate_vs_llama import Buffers, measure, parse_buffers
+from benchmarks.estimate_vs_llama import EMBEDDINGS_MARK, Buffers, ContextBuffers, measure, parse_buffers
 from deployer.errors import PlanError
 from deployer.estimate import (
     CUBLAS_WORKSPACE,
@@ -279,9 +279,95 @@ def test_a_short_context_with_slots_batches_over_all_of_them():
     assert four.compute > one.compute
 
 
+# ## Embeddings: the runtime's second context (n_ctx = n_batch, one sequence, embeddings mode)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "cpu"])
+@pytest.mark.parametrize(
+    ("header", "kw"),
+    [
+        pytest.param(LLAMA_8B, {}, id="llama-8b"),
+        pytest.param(GEMMA_270M, {"parallel": 4}, id="gemma-270m-4-slots"),
+        pytest.param(TINY, {"flash_attn": False, "n_batch": 2048}, id="tiny-no-fa-batch-2048"),
+        pytest.param(model(n_layer=4, experts=8, used=2), {"kv_cache_type": "q8_0"}, id="moe-q8_0"),
+    ],
+)
+def test_embeddings_add_exactly_the_second_context(header, kw, backend):
+    off, on = est(header, 32768, backend=backend, **kw), est(header, 32768, backend=backend, embeddings=True, **kw)
+    ctx = on.embeddings_context
+    assert off.embeddings_context is None and off.embeddings == 0
+    assert ctx is not None and on.embeddings == ctx.kv + ctx.compute + ctx.overhead > 0
+    # the generation context is the one without embeddings, untouched
+    same = ("weights", "kv", "compute", "output", "overhead", "checkpoints", "compute_phase", "kv_layout")
+    assert [getattr(on, f) for f in same] == [getattr(off, f) for f in same]
+    assert on.total - off.total == on.embeddings
+    assert on.host - off.host == ctx.host >= ctx.output_peak
+    if backend == "cuda":  # one GPU holds all of it
+        assert on.gpu_bytes[0] - off.gpu_bytes[0] == on.embeddings
+        assert CUBLAS_WORKSPACE <= ctx.overhead < CUDA_CONTEXT  # its own backend, not a second CUDA context
+    else:
+        assert ctx.overhead == 0 and ctx.host == ctx.kv + ctx.compute + ctx.output_peak
+
+
+@pytest.mark.parametrize(
+    ("header", "n_batch"),
+    [
+        pytest.param(LLAMA_8B, 512, id="llama-8b"),
+        pytest.param(LLAMA_8B, 2048, id="llama-8b-batch-2048"),
+        pytest.param(GEMMA_270M, 512, id="gemma-270m-window"),
+        pytest.param(TINY, 1000, id="tiny-batch-padded"),
+    ],
+)
+def test_the_embeddings_context_is_a_one_sequence_context_of_n_batch_tokens(header, n_batch):
+    on = est(header, 131072, n_batch=n_batch, parallel=8, embeddings=True, backend="cpu").embeddings_context
+    alone = est(header, n_batch, n_batch=n_batch, backend="cpu")  # what the same model needs for that context
+    assert on is not None
+    assert (on.kv, on.compute, on.compute_phase) == (alone.kv, alone.compute, alone.compute_phase)
+
+
+@pytest.mark.parametrize(
+    ("header", "n_batch", "kv"),
+    [
+        # 32 layers x 8 KV heads x 128 x (K + V) x 2 bytes x 512 cells
+        pytest.param(LLAMA_8B, 512, 64 * MIB, id="llama-8b-512-cells"),
+        pytest.param(LLAMA_8B, 2048, 256 * MIB, id="llama-8b-2048-cells"),
+        # 18 layers (windowed ones capped at min(512, 512 + 512)) x 1 KV head x 256 x (K + V) x 2 bytes
+        pytest.param(GEMMA_270M, 512, 18 * 512 * 1024, id="gemma-270m-512-cells"),
+        pytest.param(GEMMA_270M, 4096, (15 * 1024 + 3 * 4096) * 1024, id="gemma-270m-window-capped"),
+    ],
+)
+def test_embeddings_context_kv_is_n_batch_cells_of_one_sequence(header, n_batch, kv):
+    ctx = est(header, 32768, n_batch=n_batch, parallel=4, embeddings=True).embeddings_context
+    assert ctx is not None and ctx.kv == kv
+
+
 def test_embeddings_output_buffer_holds_logits_and_embeddings():
-    e = est(GEMMA_270M, 4096, embeddings=True)
-    assert e.output == 512 * (262144 + 640) * 4
+    ctx = est(GEMMA_270M, 4096, embeddings=True).embeddings_context
+    assert ctx is not None
+    # llama.cpp creates it with one row of logits + embeddings; embedding n_batch tokens makes them all outputs
+    assert ctx.output == (262144 + 640) * 4
+    assert ctx.output_peak == 512 * (262144 + 640) * 4
+
+
+def test_embeddings_compute_follows_n_batch_not_the_context():
+    def compute(context: int, n_batch: int) -> int:
+        ctx = est(TINY, context, n_batch=n_batch, flash_attn=False, embeddings=True).embeddings_context
+        assert ctx is not None and ctx.compute_phase == "attention"
+        return ctx.compute
+
+    assert compute(8192, 1024) == compute(131072, 1024)
+    # without flash attention 256 more cells add a KQ column (n_head floats) and an f32 mask column per token
+    assert compute(8192, 1280) - compute(8192, 1024) == 256 * 512 * (4 * 4 + 4)
+
+
+def test_embeddings_on_several_gpus_put_the_context_on_each():
+    off, on = est(LLAMA_8B, 32768, n_gpus=2), est(LLAMA_8B, 32768, n_gpus=2, embeddings=True)
+    ctx = on.embeddings_context
+    assert ctx is not None and on.total - off.total == on.embeddings
+    # every GPU gets its own compute buffer and backend, and its layers' share of the cache
+    per_gpu = (ctx.compute + ctx.overhead) // 2
+    assert all(a - b >= per_gpu for a, b in zip(on.gpu_bytes, off.gpu_bytes, strict=True))
+    assert sum(on.gpu_bytes) - sum(off.gpu_bytes) >= on.embeddings
 
 
 # ## Properties
@@ -378,6 +464,16 @@ def test_parse_buffers_sums_each_kind_and_keeps_repack_apart():
     assert b.total == b.weights + b.kv + b.compute + b.output
 
 
+def test_parse_buffers_keeps_the_embeddings_context_apart():
+    embed = "llama_context: CPU  output buffer size = 1.00 MiB\nllama_kv_cache: CPU KV buffer size = 9.00 MiB\n"
+    b = parse_buffers(LOG + EMBEDDINGS_MARK + "\n" + embed + "sched_reserve: CPU compute buffer size = 515.75 MiB\n")
+    assert (b.kv, b.compute, b.output) == (72 * MIB, round(514.5 * MIB), 1 * MIB)  # the generation context's
+    assert b.embeddings == ContextBuffers(9 * MIB, round(515.75 * MIB), 1 * MIB)
+    assert b.total == parse_buffers(LOG).total + b.embeddings.total
+    with pytest.raises(ValueError, match="no compute buffer line for the embeddings context"):
+        parse_buffers(LOG + EMBEDDINGS_MARK + "\n" + embed)
+
+
 def test_parse_buffers_names_missing_lines():
     with pytest.raises(ValueError, match="no KV, compute buffer line"):
         parse_buffers(
@@ -414,15 +510,32 @@ def gemma_270m(tmp_path_factory: pytest.TempPathFactory) -> Path:
             id="tiny-4-slots-swa-capped",
         ),
         pytest.param("gemma_270m", EstimateSettings(4096, parallel=3, backend="cpu"), id="gemma-270m-3-slots"),
+        # the runtime's embeddings context beside the generation context: one more compute buffer
+        pytest.param("gemma_270m", EstimateSettings(4096, embeddings=True, backend="cpu"), id="gemma-270m-embeddings"),
+        pytest.param(
+            "tiny_gemma3",
+            EstimateSettings(8192, flash_attn=False, n_batch=1024, parallel=2, embeddings=True, backend="cpu"),
+            id="tiny-embeddings-no-fa-2-slots",
+        ),
     ],
 )
 def test_estimate_is_within_target_of_llama_cpp(request, model_file, settings_):
     path = request.getfixturevalue(model_file)
-    actual = measure(path, settings_)
+    actual = measure(path, settings_)  # with embeddings: both contexts, created as the runtime creates them
     e = estimate(read_header(path), settings_)
+    ctx, theirs_ctx = e.embeddings_context, actual.embeddings
+    assert (ctx is None, theirs_ctx is None) == (not settings_.embeddings,) * 2
     # exact arithmetic, up to llama.cpp's printing: MiB with two decimals, two KV lines (SWA and global)
-    for mine, theirs in ((e.weights, actual.weights), (e.kv, actual.kv), (e.output, actual.output)):
-        assert abs(mine - theirs) <= 0.01 * MIB
-    error = e.weights + e.kv + e.compute + e.output - actual.total
+    exact = [(e.weights, actual.weights, 0.01), (e.kv, actual.kv, 0.01), (e.output, actual.output, 0.01)]
+    if ctx and theirs_ctx:  # the embeddings context as created (one output row); its KV is two lines too
+        exact += [(ctx.kv, theirs_ctx.kv, 0.02), (ctx.output, theirs_ctx.output, 0.01)]
+    for mine, theirs, mib in exact:
+        assert abs(mine - theirs) <= mib * MIB
+    created = ctx.kv + ctx.compute + ctx.output if ctx else 0
+    error = e.weights + e.kv + e.compute + e.output + created - actual.total
     assert -max(0.01 * actual.total, 8 * MIB) <= error <= max(0.03 * actual.total, 16 * MIB)
-    assert e.compute >= actual.compute  # conservative where it is not exact
+    # conservative where it is not exact: each context's compute buffer, and all the device-side buffers
+    assert e.compute >= actual.compute
+    if ctx and theirs_ctx:
+        assert ctx.compute >= theirs_ctx.compute
+        assert e.kv + e.compute + e.embeddings >= actual.kv + actual.compute + theirs_ctx.kv + theirs_ctx.compute

@@ -14,7 +14,7 @@ from deployer.estimate import EstimateSettings, MemoryEstimate, estimate
 from deployer.facts import GgufHeader, ModelFacts, ShardFacts
 from deployer.gguf_header import read_header
 from deployer.loading import parse_manifest
-from deployer.plan import MAX_AUTO_SLOTS, SAME_MEMORY, Plan, PlanFailure, estimate_settings, plan, plan_all
+from deployer.plan import MAX_AUTO_SLOTS, SAME_MEMORY, Plan, PlanFailure, estimate_settings, gib, plan, plan_all
 from tests import ggufgen
 
 GIB = 1024**3
@@ -224,6 +224,26 @@ def test_estimate_settings_come_from_the_server_table():
     assert estimate_settings(loaded.manifest, 4) == EstimateSettings(
         context=8192, n_batch=1024, n_ubatch=256, flash_attn=True, kv_cache_type="q8_0", n_gpus=4, embeddings=True
     )
+
+
+def test_embeddings_plan_holds_the_second_context_and_says_so(facts_of):
+    from deployer.plan_report import plan_json, plan_markdown
+
+    spec = ggufgen.LLAMA_8B
+    off = plan(manifest(spec, context=8192, server={"parallel": 2}), facts_of(spec), CATALOGUE)
+    on = plan(manifest(spec, context=8192, server={"parallel": 2, "embeddings": True}), facts_of(spec), CATALOGUE)
+    ctx = on.estimate.embeddings_context
+    assert ctx is not None and off.estimate.embeddings_context is None
+    # one more compute buffer (128256 x 512 float32 logits: 250.5 MiB) and 512 cells of KV cache (64 MiB)
+    assert ctx.compute == off.estimate.compute and ctx.kv == 64 * 1024**2
+    assert on.estimate.total - off.estimate.total == on.estimate.embeddings > ctx.compute + ctx.kv
+    assert on.estimate.host > off.estimate.host + ctx.output_peak
+    assert plan_json([on])[0]["estimate_bytes"]["embeddings"] == on.estimate.embeddings
+    assert plan_json([off])[0]["estimate_bytes"]["embeddings"] == 0
+    assert f" + overhead {gib(on.estimate.overhead)} + embeddings context {gib(on.estimate.embeddings)};" in (
+        plan_markdown([on])
+    )
+    assert "embeddings context" not in plan_markdown([off])
 
 
 # ## The selection logic, with a fixed estimator: exact numbers, independent of the estimator
