@@ -390,6 +390,8 @@ class Model:
 
     def _init(self, config: RuntimeConfig) -> None:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.parallel = config.parallel
         self.n_threads = config.n_threads or physical_cores()
@@ -437,7 +439,17 @@ class Model:
         return list(buffer[:n])
 
     def piece(self, token: int) -> bytes:
-        """The bytes a token stands for (special tokens as their text, like the stock server)."""
+        """The bytes a token stands for (special tokens as their text, like the stock server).
+
+        Remembered per token: every generated token is detokenized, and a call into llama.cpp
+        gives the GIL away (the event loop may keep it for a while) where a dict lookup does not.
+        """
+        data = self._pieces.get(token)
+        if data is None:
+            data = self._pieces[token] = self._piece(token)
+        return data
+
+    def _piece(self, token: int) -> bytes:
         buffer = self._piece_buffer
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, True)
         if n < 0:
@@ -452,8 +464,11 @@ class Model:
         return self.piece(token).decode("utf-8", errors="replace") if token >= 0 else ""
 
     def is_eog(self, token: int) -> bool:
-        """Whether ``token`` ends a generation (EOS, EOT, end-of-turn...)."""
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        """Whether ``token`` ends a generation (EOS, EOT, end-of-turn...); remembered, as :meth:`piece` is."""
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     @functools.cached_property
     def eog_tokens(self) -> tuple[int, ...]:
