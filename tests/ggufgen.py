@@ -12,6 +12,15 @@ Two kinds of file:
 
     write_gguf(path, spec, header_only=False)      -> Path
     write_split(folder, spec, n_shards)           -> [Path, ...]   "<stem>-0000i-of-0000N.gguf"
+    write_projector(path, spec)                   -> Path   a vision mmproj (gemma3, qwen2.5vl layouts)
+    write_audio_projector(path, spec)             -> Path   an audio mmproj (qwen2a layout)
+
+The tiny audio projector is clip.cpp's ``qwen2a`` (Qwen2-Audio): of the audio projectors libmtmd
+loads it needs the fewest tensors. It is a Whisper encoder (two 1-D convolutions, a position
+embedding, pre-norm blocks, an average pool, a final norm) and one linear layer into the text
+model, with no metadata beyond widths and mel bins: Ultravox, Voxtral, GLM-ASR and MERaLiON add a
+frame-stacking factor and a two- or four-layer MLP, LFM2-Audio and Qwen3-Omni's a convolution
+subsampler and their own blocks. It pairs with ``TINY_QWEN2``, as Qwen2-Audio pairs with Qwen2.
 
 Tensor names and shapes follow llama.cpp's loaders (src/models/{llama,qwen2,gemma3}.cpp); the
 tensor types of a quant follow llama.cpp's choices closely enough for planning (Q4_K_M puts
@@ -486,4 +495,99 @@ GEMMA3_27B = ModelSpec(
 )  # fmt: skip
 QWEN25VL_7B = ModelSpec(
     "Qwen2.5-VL-7B-Instruct", "qwen2vl", 28, 3584, 28, 4, 18944, 152064, 128000, quant="Q4_K_M", tokenizer="gpt2"
+)
+
+
+# ## Audio projectors (a Whisper-style encoder, clip.cpp's qwen2a layout)
+
+
+@dataclass(frozen=True)
+class AudioProjectorSpec:
+    """An audio encoder (Whisper's: two 1-D convolutions over a log-mel spectrogram, a transformer,
+    an average pool) and its projector into a language model of ``projection_dim`` width."""
+
+    name: str
+    kind: str  # clip.cpp's projector type: only "qwen2a" is written (one linear layer after the encoder)
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_ff: int
+    n_mel_bins: int
+    projection_dim: int
+    n_positions: int = 1500  # 30 s of audio after the stride-2 convolution: clip.cpp's encode length
+    quant: str = "F16"
+
+
+def audio_projector_tensor_shapes(spec: AudioProjectorSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of ``spec``, GGUF order (ne[0] first): clip.cpp's whisper encoder."""
+    d, f = spec.n_embd, spec.n_ff
+    yield "a.conv1d.1.weight", (3, spec.n_mel_bins, d)  # kernel 3, mel bins in, width out
+    yield "a.conv1d.1.bias", (1, d)  # the converter unsqueezes conv biases: they broadcast over frames
+    yield "a.conv1d.2.weight", (3, d, d)
+    yield "a.conv1d.2.bias", (1, d)
+    yield "a.position_embd.weight", (d, spec.n_positions)
+    for i in range(spec.n_layer):
+        b = f"a.blk.{i}."
+        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            yield b + part + ".weight", (d, d)
+            if part != "attn_k":  # Whisper's key projection has no bias (clip.cpp asserts it)
+                yield b + part + ".bias", (d,)
+        for ln in ("ln1", "ln2"):
+            yield f"{b}{ln}.weight", (d,)
+            yield f"{b}{ln}.bias", (d,)
+        yield b + "ffn_up.weight", (d, f)
+        yield b + "ffn_up.bias", (f,)
+        yield b + "ffn_down.weight", (f, d)
+        yield b + "ffn_down.bias", (d,)
+    yield "a.post_ln.weight", (d,)
+    yield "a.post_ln.bias", (d,)
+    yield "mm.a.fc.weight", (d, spec.projection_dim)
+    yield "mm.a.fc.bias", (spec.projection_dim,)
+
+
+def _audio_projector_type(spec: AudioProjectorSpec, name: str, shape: tuple[int, ...]) -> Q:
+    # as the converter writes them: norms, biases and positions F32, the convolution kernels F16 at most
+    if len(shape) == 1 or "position_embd" in name or name.endswith(".bias"):
+        return Q.F32
+    if "conv1d" in name:
+        return Q.F16 if spec.quant != "F32" else Q.F32
+    return _main_type(spec.quant)
+
+
+def write_audio_projector(
+    path: str | Path, spec: AudioProjectorSpec, *, header_only: bool = False, seed: int = 0
+) -> Path:
+    """Write an audio-only mmproj GGUF of ``spec``; header-only files are truncated (sparse) to their real size."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(path, "clip")
+    writer.add_name(spec.name)
+    writer.add_type("mmproj")
+    writer.add_file_type(FILE_TYPES[spec.quant])
+    writer.add_bool("clip.has_vision_encoder", False)
+    writer.add_bool("clip.has_audio_encoder", True)
+    writer.add_string("clip.projector_type", spec.kind)
+    writer.add_uint32("clip.audio.num_mel_bins", spec.n_mel_bins)
+    writer.add_uint32("clip.audio.embedding_length", spec.n_embd)
+    writer.add_uint32("clip.audio.feed_forward_length", spec.n_ff)
+    writer.add_uint32("clip.audio.block_count", spec.n_layer)
+    writer.add_uint32("clip.audio.projection_dim", spec.projection_dim)
+    writer.add_uint32("clip.audio.attention.head_count", spec.n_head)
+    writer.add_float32("clip.audio.attention.layer_norm_epsilon", 1e-5)
+    tensors = [
+        (name, shape, _audio_projector_type(spec, name, shape)) for name, shape in audio_projector_tensor_shapes(spec)
+    ]
+    return _write_tensors(writer, path, tensors, header_only=header_only, seed=seed)
+
+
+# Tiny and loadable, paired with TINY_QWEN2 (its 256-wide embeddings): one 64-wide block over Whisper's
+# 80 mel bins (the module docstring says why qwen2a). libmtmd encodes 30 s at a time: 3,000 mel frames,
+# 1,500 positions after the stride-2 convolution, 750 audio tokens after the pool, for any clip up to 30 s.
+TINY_QWEN2_AUDIO_MMPROJ = AudioProjectorSpec("tiny-qwen2-audio-mmproj", "qwen2a", 1, 64, 2, 128, 80, 256, quant="F32")
+
+# Real shapes (header-only): Qwen2-Audio 7B's Whisper-large-v3 encoder (32 layers, 1280 wide, 128 mel
+# bins) projected into its 4096-wide Qwen2 7B, beside that text model.
+QWEN2_AUDIO_7B_MMPROJ = AudioProjectorSpec("qwen2-audio-7b-mmproj", "qwen2a", 32, 1280, 20, 5120, 128, 4096)
+QWEN2_AUDIO_7B = ModelSpec(
+    "Qwen2-Audio-7B-Instruct", "qwen2", 32, 4096, 32, 32, 11008, 156032, 8192, quant="Q4_K_M", tokenizer="gpt2"
 )

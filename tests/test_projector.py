@@ -86,6 +86,27 @@ def test_the_projector_moves_the_estimate_by_its_size(fake_hub, sparse_gguf, mmp
     assert plan_json([without])[0]["projector"] is None
 
 
+def test_an_audio_projector_is_planned_as_audio(fake_hub, sparse_gguf, resolver, tmp_path):
+    spec = ggufgen.QWEN2_AUDIO_7B_MMPROJ
+    path = ggufgen.write_audio_projector(tmp_path / "mmproj-qwen2-audio-f16.gguf", spec, header_only=True)
+    repo, model_file = "example/Qwen2-Audio-7B-Instruct-GGUF", "Qwen2-Audio-7B-Instruct-Q4_K_M.gguf"
+    fake_hub.add_repo(repo, {model_file: sparse_gguf(ggufgen.QWEN2_AUDIO_7B), "mmproj-f16.gguf": path})
+    keys = {"repo": repo, "file": model_file, "quant": "Q4_K_M", "context": 8192, "gpu": "H100"}
+    audio = loaded_manifest(**keys, mmproj="mmproj-f16.gguf")
+    facts = resolver.resolve_manifest(audio)
+    projector = facts.projector
+    assert projector is not None and projector.has_audio and not projector.has_vision
+    assert (projector.projector_type, projector.modalities, projector.image_size) == ("qwen2a", "audio", 0)
+    assert (projector.embedding_length, projector.projection_dim) == (spec.n_embd, facts.header.embedding_length)
+    assert projector.encoder_tokens == 1500  # 30 s of audio after the stride-2 convolution
+    assert 0.5 * GIB < projector.weight_bytes < 1.5 * GIB  # Whisper-large-v3's encoder, F16
+    planned = plan(audio, facts)
+    assert planned.estimate.projector == projector.weight_bytes + projector.compute_bytes > projector.weight_bytes
+    markdown = plan_markdown([planned])
+    assert "**audio**: mmproj-f16.gguf: qwen2a projector, " in markdown and "one clip's compute" in markdown
+    assert " px" not in markdown.split("**audio**")[1].split("\n")[0]
+
+
 def test_gemma3_27b_projector_weighs_0_8_gib(fake_hub, sparse_gguf, mmproj_file, resolver):
     repo, model_file, proj_file = _repo(fake_hub, sparse_gguf, mmproj_file, "gemma3")
     vision = loaded_manifest(repo=repo, file=model_file, quant="Q4_K_M", context=8192, mmproj=proj_file)

@@ -124,3 +124,19 @@ def test_metrics_count_requests_by_route(fake):
     fake.claude().messages.create(model="x", max_tokens=5, messages=ASK)
     text = httpx.get(f"{fake.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert 'route="/v1/responses"' in text and 'route="/v1/messages"' in text
+
+
+def test_audio_to_a_text_only_model_is_a_400_in_each_protocols_shape(fake):
+    import base64
+
+    from tests.audio import wav
+
+    clip = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav(0.02)).decode(), "format": "wav"}}
+    with pytest.raises(openai.BadRequestError, match="this model has no audio projector: it reads text only") as chat:
+        fake.client().chat.completions.create(model="x", messages=[{"role": "user", "content": [clip]}])
+    assert chat.value.body["param"] == "messages" and "messages[0].content[0]" in chat.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="this model has no audio projector") as responses:
+        fake.client().responses.create(model="x", input=[{"role": "user", "content": [clip]}])
+    assert responses.value.body["param"] == "input" and "input[0].content[0]" in responses.value.body["message"]
+    with pytest.raises(anthropic.BadRequestError, match="the Messages API has no audio blocks"):
+        fake.claude().messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": [clip]}])

@@ -46,7 +46,7 @@ def test_libmtmd_loads_the_tiny_projector_and_encodes_an_image(vision_files):
             ["<start_of_turn>user\nDescribe this: ", " and that"], [_image(png(40, 30))], add_bos=True
         )
         try:
-            assert prompt.image_tokens == IMAGE_TOKENS
+            assert prompt.media_tokens == IMAGE_TOKENS
             [(start, end)] = prompt.spans
             assert end - start == IMAGE_TOKENS and set(prompt.tokens[start:end]) == {prompt.tokens[start]}
             assert prompt.tokens[start] < 0  # a placeholder, never a vocabulary id
@@ -209,6 +209,27 @@ def test_an_image_sent_to_a_text_only_model_is_a_400(tiny_llama_file, start_serv
     with pytest.raises(anthropic.BadRequestError, match="this model has no vision projector") as refused:
         claude.messages.create(model="tiny", max_tokens=1, messages=_blocks(png(8, 8)))
     assert refused.value.body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.model
+def test_audio_to_a_vision_only_projector_is_a_400_naming_the_part(vision_server):
+    import base64
+
+    from tests.audio import wav
+
+    clip = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav(0.1)).decode(), "format": "wav"}}
+    content = [{"type": "text", "text": "hear this"}, clip]
+    with vision_server.http() as http:
+        for route, field, extra in (("/v1/chat/completions", "messages", {"max_tokens": 1}),
+                                    ("/v1/responses", "input", {"max_output_tokens": 1})):  # fmt: skip
+            body = {"model": "tiny-vision", field: [{"role": "user", "content": content}], **extra}
+            answer = http.post(route, json=body)
+            assert answer.status_code == 400, answer.text
+            error = answer.json()["error"]
+            assert error["param"] == field and error["code"] == "unsupported_content_type"
+            assert error["message"] == (
+                f"{field}[0].content[1]: this model's projector has no audio encoder: it takes no audio (it reads images)"
+            )
 
 
 @pytest.mark.model

@@ -48,7 +48,7 @@ from deployer.runtime.engine.errors import EngineError, ShuttingDown
 from deployer.runtime.engine.sampling import Generation
 from deployer.runtime.errors import ApiError, api_error, bad_request
 from deployer.runtime.media.fetch import inline_remote_images
-from deployer.runtime.media.images import CHAT, MESSAGES, RESPONSES, Image, Shape, limits_of, take_request_images
+from deployer.runtime.media.images import CHAT, MESSAGES, RESPONSES, Media, Shape, limits_of, take_request_images
 from deployer.runtime.media.projector import media_prompt
 from deployer.runtime.prepare import completion_prompt, generation, json_grammar
 from deployer.runtime.protocols import messages, openai, responses
@@ -237,9 +237,9 @@ class _Api:
     async def responses(self, request: Request) -> Response:
         self._require_ready()
         body = await self._json(request)
-        # the images of the turns before (previous_response_id) stand under their own marker: this turn's join them
+        # the media of the turns before (previous_response_id) stand under their own marker: this turn's join them
         before, carried = self.store.media(body.get("previous_response_id") if isinstance(body, dict) else None)
-        raw, marker, images = await self._take_images(body, RESPONSES, marker=before or None, carried=len(carried))
+        raw, marker, images = await self._take_images(body, RESPONSES, marker=before or None, carried=carried)
         images = [*carried, *images]
         call = responses.decode(raw, self.store)
         if call.dropped:  # Codex's default web_search: left out, and said so (here and in a header)
@@ -332,11 +332,11 @@ class _Api:
 
     # -- chat: one rendering for every protocol
 
-    async def _take_images(self, body: Any, shape: Shape, **carry: Any) -> tuple[Any, str, list[Image]]:
-        """The body with its images taken out (``media.take_request_images``), remote ones fetched first
+    async def _take_images(self, body: Any, shape: Shape, **carry: Any) -> tuple[Any, str, list[Media]]:
+        """The body with its images and audio clips taken out (``media.take_request_images``), remote ones fetched first
         when the manifest turns them on (``deployer.runtime.media.fetch``)."""
-        limits = limits_of(self.config)
-        if limits.remote and limits.projector:
+        limits = limits_of(self.config, self.engine.model.projector)
+        if limits.remote and limits.vision:
             body = await inline_remote_images(body, shape, limits)
         return take_request_images(body, limits, shape, **carry)
 
@@ -358,14 +358,14 @@ class _Api:
         )
 
     async def _chat_generation(
-        self, decoded: GenerationRequest, marker: str = "", images: list[Image] | None = None
+        self, decoded: GenerationRequest, marker: str = "", images: list[Media] | None = None
     ) -> tuple[Generation, list[Any]]:
-        """The engine's generation of a chat request, and a parser per choice. ``images`` stood where
-        ``marker`` is in the messages (``media.take_images``)."""
+        """The engine's generation of a chat request, and a parser per choice. ``images`` (images and
+        audio clips) stood where ``marker`` is in the messages (``media.take_images``)."""
         rendered = self._render(decoded)
         model = self.engine.model
         media = None
-        if images:  # the images decoded and preprocessed off the event loop; encoded later, on the model thread
+        if images:  # decoded and preprocessed off the event loop; encoded later, on the model thread
             media = await asyncio.to_thread(
                 media_prompt, model, rendered.prompt, add_bos=rendered.add_bos, marker=marker, images=images
             )

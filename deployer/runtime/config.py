@@ -62,12 +62,15 @@ class RuntimeConfig:
     verbose: bool = False  # llama.cpp's own log lines on stderr
     reasoning_format: str = "auto"  # "auto": <think> text goes to reasoning_content; "none": kept in content
     thinking: bool | None = None  # the chat template's enable_thinking default; None: the template's own
-    mmproj_path: str | None = None  # the multimodal projector (mmproj-*.gguf): images in chat messages
+    mmproj_path: str | None = None  # the multimodal projector (mmproj-*.gguf): images (or audio) in chat messages
     max_images: int = 8  # images per request (a 400 names the limit beyond it)
     max_image_bytes: int = 20 * 1024 * 1024  # one image's encoded bytes (413 beyond)
     max_image_pixels: int = 50_000_000  # one image's width × height (400 beyond: decoding it would take GBs)
     remote_images: bool = False  # fetch http(s) image URLs (public addresses only: deployer.runtime.media.fetch)
     remote_image_timeout_s: float = 10.0  # one remote image, from the lookup to its last byte
+    max_audio_clips: int = 4  # input_audio clips per request, with an audio projector (a 400 beyond)
+    max_audio_bytes: int = 20 * 1024 * 1024  # one clip's encoded bytes (413 beyond)
+    max_audio_seconds: float = 600.0  # one clip's length, from its header (400 beyond: decoded whole, at once)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

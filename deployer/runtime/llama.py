@@ -4,8 +4,8 @@
     Model               one model, one context of ``parallel`` sequences, a batch, samplers, the
                         projector; implements :class:`deployer.runtime.engine.model.ModelInterface`
     Sampler             one sequence's llama.cpp sampler chain
-    Projector           libmtmd (``llama_cpp.mtmd_cpp``): prompts with images as chunks, an image
-                        chunk encoded and decoded into one sequence
+    Projector           libmtmd (``llama_cpp.mtmd_cpp``): prompts with images and audio as chunks, an
+                        image (or audio) chunk encoded and decoded into one sequence
     json_grammar, schema_converter, chat_formatter
                         what the runtime borrows from llama-cpp-python's Python side: its
                         JSON-schema-to-GBNF converter and its named chat formats
@@ -40,7 +40,8 @@ from deployer.runtime.config import KV_TYPES, RuntimeConfig
 from deployer.runtime.cpu import cpu_flags, physical_cores, repack_weights
 from deployer.runtime.engine.sampling import Sampling
 from deployer.runtime.errors import bad_request
-from deployer.runtime.media.images import Image
+from deployer.runtime.media.audio import Audio
+from deployer.runtime.media.images import Media
 from deployer.runtime.media.projector import MediaPrompt, placeholder
 
 _SWA_ONLY = llama_cpp.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY  # a sequence's state: only the sliding-window layers' cache
@@ -270,7 +271,7 @@ class Projector:
         params.use_gpu = use_gpu  # llama-server's default (--no-mmproj-offload turns it off): a CPU build ignores it
         params.n_threads = n_threads
         params.print_timings = False
-        params.warmup = True  # reserve the compute buffer of one image now, not on the first request
+        params.warmup = True  # reserve the compute buffer of one image (or 30 s of audio) now, not on the first request
         self.ctx = mtmd_cpp.mtmd_init_from_file(path.encode(), model, params)
         if not self.ctx:
             raise ProjectorError(f"{path}: libmtmd could not load the projector (see its log above)")
@@ -278,14 +279,18 @@ class Projector:
         self.audio = bool(mtmd_cpp.mtmd_support_audio(self.ctx))
         self.mrope = bool(mtmd_cpp.mtmd_decode_use_mrope(self.ctx))
 
-    def tokenize(self, pieces: list[str], images: list[Image], *, add_bos: bool) -> MediaPrompt:
-        """``pieces[0] image[0] pieces[1] ... pieces[-1]`` as chunks; a 400 for an image libmtmd cannot decode."""
+    def tokenize(self, pieces: list[str], media: list[Media], *, add_bos: bool) -> MediaPrompt:
+        """``pieces[0] media[0] pieces[1] ... pieces[-1]`` as chunks; a 400 for an image or a clip libmtmd
+        cannot decode, or one this projector has no encoder for."""
         m = self._m
-        if not self.vision:
-            raise bad_request("this model's projector has no vision encoder: it takes no images", "messages")
+        for item in media:  # the request's checks said so already (media.images.limits_of): a guard
+            audio = isinstance(item, Audio)
+            if not (self.audio if audio else self.vision):
+                kind, takes = ("audio", "audio") if audio else ("vision", "images")
+                raise bad_request(f"this model's projector has no {kind} encoder: it takes no {takes}", "messages")
         if self.mrope:
             raise bad_request(
-                "images for this model (an M-RoPE projector, Qwen-VL style) are not served yet", "messages"
+                "images and audio for this model (an M-RoPE projector, Qwen-VL style) are not served yet", "messages"
             )
         keep: list[Any] = []  # ctypes objects that must outlive mtmd_tokenize_from_parts
         bitmaps: list[Any] = []
@@ -298,8 +303,8 @@ class Projector:
                     text.text, text.text_len, text.add_special, text.parse_special = raw, len(raw), add_bos, True
                     keep += [raw, text]
                     parts.append(m.mtmd_input_part(ctypes.pointer(text), None))
-                if i < len(images):
-                    bitmap = self._bitmap(images[i], i)
+                if i < len(media):
+                    bitmap = self._bitmap(media[i], i)
                     bitmaps.append(bitmap)
                     parts.append(m.mtmd_input_part(None, bitmap))
             array = (ctypes.POINTER(m.mtmd_input_part) * len(parts))(*(ctypes.pointer(p) for p in parts))
@@ -307,35 +312,44 @@ class Projector:
             status = m.mtmd_tokenize_from_parts(self.ctx, chunks, array, len(parts), add_bos)
             if status != 0:
                 m.mtmd_input_chunks_free(chunks)
-                raise bad_request(f"the images could not be tokenized (libmtmd status {status})", "messages")
+                raise bad_request(f"the images or audio could not be tokenized (libmtmd status {status})", "messages")
         finally:
             for bitmap in bitmaps:
                 m.mtmd_bitmap_free(bitmap)
-        return self._prompt(chunks, images)
+        return self._prompt(chunks, media)
 
-    def _bitmap(self, image: Image, index: int) -> Any:
+    def _bitmap(self, item: Media, index: int) -> Any:
+        """``item`` decoded by libmtmd's helper (stb_image, miniaudio), its id the item's index: every
+        chunk libmtmd cuts from it (an audio clip's 30 s pieces) carries that id."""
         m = self._m
-        buffer = (ctypes.c_uint8 * len(image.data)).from_buffer_copy(image.data)
-        bitmap = m.mtmd_helper_bitmap_init_from_buf(self.ctx, buffer, len(image.data), False)
+        audio = isinstance(item, Audio)
+        what = f"{'audio clip' if audio else 'image'} {index + 1} of the request"
+        buffer = (ctypes.c_uint8 * len(item.data)).from_buffer_copy(item.data)
+        bitmap = m.mtmd_helper_bitmap_init_from_buf(self.ctx, buffer, len(item.data), False)
         if not bitmap:
-            hint = " (libmtmd decodes WebP only where ffmpeg is installed)" if image.format == "WebP" else ""
+            hint = " (libmtmd decodes WebP only where ffmpeg is installed)" if item.format == "WebP" else ""
             raise bad_request(
-                f"image {index + 1} of the request could not be decoded as {image.format}: it is truncated or "
-                f"corrupt{hint}",
+                f"{what} could not be decoded as {item.format}: it is truncated or corrupt{hint}",
                 "messages",
-                "invalid_image",
+                "invalid_audio" if audio else "invalid_image",
             )
-        if m.mtmd_bitmap_is_audio(bitmap):
+        problem = None
+        if bool(m.mtmd_bitmap_is_audio(bitmap)) != audio:
+            problem = f"{what} is {'not audio' if audio else 'audio, not an image'}"
+        elif audio and m.mtmd_bitmap_get_n_bytes(bitmap) < 2 * ctypes.sizeof(ctypes.c_float):
+            problem = f"{what} holds no samples"  # libmtmd asserts (ends the process) on fewer than two
+        if problem is not None:
             m.mtmd_bitmap_free(bitmap)
-            raise bad_request(f"image {index + 1} of the request is audio, not an image", "messages", "invalid_image")
+            raise bad_request(problem, "messages", "invalid_audio" if audio else "invalid_image")
+        m.mtmd_bitmap_set_id(bitmap, str(index).encode())
         return bitmap
 
-    def _prompt(self, chunks: Any, images: list[Image]) -> MediaPrompt:
+    def _prompt(self, chunks: Any, media: list[Media]) -> MediaPrompt:
         m = self._m
         tokens: list[int] = []
         spans: list[tuple[int, int]] = []
         chunk_at: dict[int, Any] = {}
-        image_tokens = 0
+        media_tokens = 0
         for i in range(m.mtmd_input_chunks_size(chunks)):
             chunk = m.mtmd_input_chunks_get(chunks, i)
             kind = m.mtmd_input_chunk_get_type(chunk)
@@ -345,22 +359,22 @@ class Projector:
                 tokens.extend(pointer[k] for k in range(n.value))
                 continue
             n_tokens = m.mtmd_input_chunk_get_n_tokens(chunk)
-            occurrence = len(spans)
-            value = placeholder(images[occurrence].digest, occurrence)
+            item = media[int(m.mtmd_input_chunk_get_id(chunk))]  # the id _bitmap gave its bitmap
+            value = placeholder(item.digest, len(spans))
             spans.append((len(tokens), len(tokens) + n_tokens))
             chunk_at[len(tokens)] = chunk
             tokens.extend([value] * n_tokens)
-            image_tokens += n_tokens
-        return MediaPrompt(tokens, spans, chunk_at, image_tokens, lambda: m.mtmd_input_chunks_free(chunks))
+            media_tokens += n_tokens
+        return MediaPrompt(tokens, spans, chunk_at, media_tokens, lambda: m.mtmd_input_chunks_free(chunks))
 
     def evaluate(self, lctx: Any, chunk: Any, pos: int, seq: int, n_batch: int, logits: bool) -> None:
-        """Encode one image chunk and decode its embeddings into ``seq`` from ``pos`` on."""
+        """Encode one image (or audio) chunk and decode its embeddings into ``seq`` from ``pos`` on."""
         new_pos = llama_cpp.llama_pos(0)
         status = self._m.mtmd_helper_eval_chunk_single(
             self.ctx, lctx, chunk, pos, seq, n_batch, logits, ctypes.byref(new_pos)
         )
         if status != 0:
-            raise ProjectorError(f"libmtmd could not evaluate an image (status {status})")
+            raise ProjectorError(f"libmtmd could not evaluate an image or audio chunk (status {status})")
 
     def close(self) -> None:
         if self.ctx:
@@ -557,7 +571,7 @@ class Model:
         return chat_formatter(name)
 
     def evaluate_image(self, chunk: Any, pos: int, seq: int, logits: bool) -> None:
-        """Encode one image chunk and decode it into ``seq`` from ``pos`` on (LlamaError when libmtmd fails)."""
+        """Encode one image (or audio) chunk and decode it into ``seq`` from ``pos`` on (LlamaError when libmtmd fails)."""
         assert self.projector is not None
         try:
             self.projector.evaluate(self.ctx, chunk, pos, seq, self.n_batch, logits)

@@ -515,7 +515,7 @@ class Engine:
         return True
 
     def _evaluate_image(self, entry: Entry) -> list[int]:
-        """Encode one image of a prompt and decode it into its sequence (libmtmd); the row of its
+        """Encode one image (or audio chunk) of a prompt and decode it into its sequence (libmtmd); the row of its
         logits when the prompt ends with it (-1: the last output)."""
         model, seq = self.model, entry.seq
         assert model is not None and seq.slot is not None
@@ -573,7 +573,7 @@ class Engine:
             return
         self._jobs.discard(job)
         if job.generation is not None and job.generation.media is not None:
-            job.generation.media.free()  # libmtmd's chunks: the preprocessed images
+            job.generation.media.free()  # libmtmd's chunks: the preprocessed images and clips
         if job.state != "cancelled":
             job.state = "done"
         now = time.monotonic()

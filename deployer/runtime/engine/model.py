@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from deployer.runtime.engine.sampling import Sampling
-    from deployer.runtime.media.images import Image
+    from deployer.runtime.media.images import Media
     from deployer.runtime.media.projector import MediaPrompt
 
 
@@ -32,13 +32,14 @@ class SamplerInterface(Protocol):
 
 
 class ProjectorInterface(Protocol):
-    """A multimodal projector (libmtmd): which media it reads, and prompts with images as tokens."""
+    """A multimodal projector (libmtmd): which media it reads, and prompts with images and audio as tokens."""
 
     vision: bool
     audio: bool
 
-    def tokenize(self, pieces: list[str], images: list[Image], *, add_bos: bool) -> MediaPrompt:
-        """``pieces[0] image[0] pieces[1] ... pieces[-1]`` as one token list (images as placeholder runs)."""
+    def tokenize(self, pieces: list[str], media: list[Media], *, add_bos: bool) -> MediaPrompt:
+        """``pieces[0] media[0] pieces[1] ... pieces[-1]`` as one token list (images and audio chunks as
+        placeholder runs)."""
         ...
 
 
@@ -71,7 +72,7 @@ class ModelInterface(Protocol):
         ...
 
     def evaluate_image(self, chunk: Any, pos: int, seq: int, logits: bool) -> None:
-        """Encode one image chunk (of a :class:`MediaPrompt`) and decode it into ``seq`` at ``pos``."""
+        """Encode one image (or audio) chunk of a :class:`MediaPrompt` and decode it into ``seq`` at ``pos``."""
         ...
 
     def logits(self, row: int) -> np.ndarray: ...

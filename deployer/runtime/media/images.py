@@ -1,23 +1,31 @@
-"""Images in requests: found in the messages, decoded from ``data:`` URLs, checked against the limits.
+"""Images and audio clips in requests: found in the messages, decoded from base64, checked against the limits.
 
 Pure (no llama.cpp): runs on the event loop before anything reaches the model thread.
 
-    MediaLimits                     images per request, bytes and pixels per image (RuntimeConfig's)
-    CHAT, RESPONSES, MESSAGES       where each protocol keeps its images (:class:`Shape`)
-    take_request_images(body, ...)  a request body → the same body with every image part replaced by a
-                                    text part holding a per-request marker, the marker, and the images
+    MediaLimits                     what the projector reads (vision, audio) and the limits: images per
+                                    request, bytes and pixels per image; clips per request, bytes and
+                                    seconds per clip (RuntimeConfig's)
+    Media                           an :class:`Image` or an :class:`~deployer.runtime.media.audio.Audio` clip
+    CHAT, RESPONSES, MESSAGES       where each protocol keeps its images and clips (:class:`Shape`)
+    take_request_images(body, ...)  a request body → the same body with every image and audio part replaced
+                                    by a text part holding a per-request marker, the marker, and the media
+                                    (in the order they stand)
     image_from_bytes(mime, data)    a (mime, bytes) part of any protocol → :class:`Image` (sniffed, checked)
+    audio_from_bytes(data)          the bytes of an ``input_audio`` part → ``Audio`` (sniffed, length checked)
     map_image_parts(body, shape, f) each image part of a body through f (also for deployer.runtime.media.fetch)
-    image_part(marker)              what stands where an image stood
+    image_part(marker)              what stands where an image (or a clip) stood
 
-Chat Completions ``image_url`` parts, Responses ``input_image`` parts and Anthropic ``image`` blocks
-are taken out before the protocol's decoder sees them, so every protocol reaches the model through
-the same path (``app._chat_generation``) with the same limits; errors name the part as the protocol
-spells it (``messages[0].content[1]``, ``input[0].content[1]``).
+Chat Completions ``image_url`` parts, Responses ``input_image`` parts and Anthropic ``image`` blocks,
+and the ``input_audio`` parts of Chat Completions and Responses (``{"data": base64, "format": "wav"}``,
+OpenAI's shape in both), are taken out before the protocol's decoder sees them, so every protocol
+reaches the model through the same path (``app._chat_generation``) with the same limits; errors name
+the part as the protocol spells it (``messages[0].content[1]``, ``input[0].content[1]``). Anthropic's
+Messages API has no audio blocks: an ``input_audio`` part there is a 400 that says so.
 
 The marker is random per request, so no text a user sends can pose as an image. After the chat
 template has rendered the prompt, :func:`split_prompt` cuts it at the markers: the text between them
-is tokenized as text, each marker becomes the image's chunk (libmtmd, deployer.runtime.media.projector).
+is tokenized as text, each marker becomes the image's (or the clip's) chunks (libmtmd,
+deployer.runtime.media.projector).
 
 The format is read from the bytes' magic, never from the declared type, and the width and height
 from the header, before any decoder sees them: a 40,000 × 40,000 PNG of a few kilobytes would decode
@@ -37,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployer.runtime.errors import ApiError, bad_request
+from deployer.runtime.media.audio import AUDIO_FORMATS, Audio, sniff_audio
 
 FORMATS = ("PNG", "JPEG", "WebP", "GIF")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,", re.IGNORECASE)
@@ -44,12 +53,17 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*
 
 @dataclass(frozen=True)
 class MediaLimits:
-    projector: bool  # the model has a vision projector
+    projector: bool  # the model has a multimodal projector
     max_images: int
-    max_bytes: int
+    max_bytes: int  # per image
     max_pixels: int
     remote: bool = False  # http(s) image URLs are fetched (deployer.runtime.media.fetch); else a 400
     fetch_timeout_s: float = 10.0  # one remote image: lookup, connection and body
+    vision: bool = True  # the projector has a vision encoder (read from the loaded projector)
+    audio: bool = False  # the projector has an audio encoder
+    max_clips: int = 4  # audio clips per request
+    max_audio_bytes: int = 20 * 1024 * 1024  # one clip's encoded bytes (413 beyond)
+    max_audio_seconds: float = 600.0  # one clip's length (400 beyond: libmtmd decodes it whole, at once)
 
 
 @dataclass(frozen=True)
@@ -66,15 +80,25 @@ class Image:
         return hashlib.sha256(self.data).hexdigest()
 
 
-def limits_of(config: Any) -> MediaLimits:
-    """The limits of a RuntimeConfig."""
+Media = Image | Audio  # one item a marker stands for
+
+
+def limits_of(config: Any, projector: Any = None) -> MediaLimits:
+    """The limits of a RuntimeConfig; what the loaded ``projector`` reads (its ``vision`` and ``audio``,
+    libmtmd's answer) when there is one."""
+    configured = config.mmproj_path is not None
     return MediaLimits(
-        projector=config.mmproj_path is not None,
+        projector=configured,
         max_images=config.max_images,
         max_bytes=config.max_image_bytes,
         max_pixels=config.max_image_pixels,
         remote=config.remote_images,
         fetch_timeout_s=config.remote_image_timeout_s,
+        vision=bool(projector.vision) if projector is not None else configured,
+        audio=bool(projector is not None and projector.audio),
+        max_clips=config.max_audio_clips,
+        max_audio_bytes=config.max_audio_bytes,
+        max_audio_seconds=config.max_audio_seconds,
     )
 
 
@@ -93,38 +117,59 @@ class Shape:
     read: Callable[[dict[str, Any], str, MediaLimits, str], Image]  # (part, where, limits, param) → Image
     nested: tuple[str, ...] = ()  # part types whose own content may hold images (Anthropic's tool_result)
     content_keys: tuple[str, ...] = ("content",)  # where a message (or item) keeps its parts
+    audio: bool = True  # the protocol has input_audio parts (OpenAI's; Anthropic has no audio blocks)
 
 
 def take_request_images(
-    body: Any, limits: MediaLimits, shape: Shape | None = None, *, marker: str | None = None, carried: int = 0
-) -> tuple[Any, str, list[Image]]:
-    """``body`` with each image part replaced by a text part holding the marker, the marker, and the images.
+    body: Any,
+    limits: MediaLimits,
+    shape: Shape | None = None,
+    *,
+    marker: str | None = None,
+    carried: tuple[Media, ...] = (),
+) -> tuple[Any, str, list[Media]]:
+    """``body`` with each image and audio part replaced by a text part holding the marker, the marker,
+    and the media, in the order they stand.
 
     ``shape`` is the protocol's (:data:`CHAT` when None). ``marker`` and ``carried`` continue an
-    earlier request whose ``carried`` images stand in its stored turns under that marker (Responses'
-    ``previous_response_id``): they count against the request's image limit. Raises
-    :class:`ApiError` (4xx) for an image the model cannot take, naming the part.
+    earlier request whose ``carried`` media stand in its stored turns under that marker (Responses'
+    ``previous_response_id``): they count against the request's limits. Raises :class:`ApiError`
+    (4xx) for an image or a clip the model cannot take, naming the part.
     """
     shape = shape or CHAT
     marker = marker or new_marker()
-    images: list[Image] = []
+    media: list[Media] = []
+    param = shape.field
 
     def take(part: dict[str, Any], where: str) -> dict[str, Any]:
-        if part.get("type") == "input_audio":
-            raise bad_request(f"{where}: audio input is not supported by this server yet", shape.field)
-        if not limits.projector:
-            raise _no_projector(where, shape.field)
-        if carried + len(images) >= limits.max_images:
+        audio = part.get("type") == "input_audio"
+        if audio and not shape.audio:
             raise bad_request(
-                f"{where}: too many images: at most {limits.max_images} images per request"
-                + (f" ({carried} of them in the earlier turns)" if carried else ""),
-                shape.field,
-                "too_many_images",
+                f"{where}: the Messages API has no audio blocks ('input_audio' is an OpenAI part): send audio "
+                "to /v1/chat/completions or /v1/responses",
+                param,
+                "unsupported_content_type",
             )
-        images.append(shape.read(part, where, limits, shape.field))
+        if not limits.projector:
+            raise _no_projector(where, param, "audio" if audio else "vision")
+        if audio and not limits.audio:
+            raise _no_encoder(where, param, "audio", "audio (it reads images)")
+        if not audio and not limits.vision:
+            raise _no_encoder(where, param, "vision", "images (it reads audio)")
+        kind, cap, code = ("audio clips", limits.max_clips, "too_many_audio_clips") if audio else (
+            "images", limits.max_images, "too_many_images")  # fmt: skip
+        before = sum(isinstance(item, Audio) == audio for item in carried)
+        if before + sum(isinstance(item, Audio) == audio for item in media) >= cap:
+            raise bad_request(
+                f"{where}: too many {kind}: at most {cap} {kind} per request"
+                + (f" ({before} of them in the earlier turns)" if before else ""),
+                param,
+                code,
+            )
+        media.append(_input_audio(part, where, limits, param) if audio else shape.read(part, where, limits, param))
         return image_part(marker, shape.text_type)
 
-    return map_image_parts(body, shape, take, also=("input_audio",)), marker, images
+    return map_image_parts(body, shape, take, also=("input_audio",)), marker, media
 
 
 def map_image_parts(
@@ -165,7 +210,7 @@ def map_image_parts(
     return {**body, shape.field: out} if changed else body
 
 
-def take_images(messages: Any, limits: MediaLimits, marker: str) -> tuple[Any, list[Image]]:
+def take_images(messages: Any, limits: MediaLimits, marker: str) -> tuple[Any, list[Media]]:
     """Chat Completions messages with their images taken out (see :func:`take_request_images`)."""
     body, _, images = take_request_images({"messages": messages}, limits, CHAT, marker=marker)
     return body["messages"], images
@@ -176,10 +221,18 @@ def image_part(marker: str, text_type: str = "text") -> dict[str, str]:
     return {"type": text_type, "text": marker}
 
 
-def _no_projector(where: str, param: str) -> ApiError:
+def _no_projector(where: str, param: str, kind: str = "vision") -> ApiError:
     return bad_request(
-        f"{where}: this model has no vision projector: it reads text only "
+        f"{where}: this model has no {kind} projector: it reads text only "
         '(a manifest names one with mmproj = "mmproj-...gguf")',
+        param,
+        "unsupported_content_type",
+    )
+
+
+def _no_encoder(where: str, param: str, kind: str, takes: str) -> ApiError:
+    return bad_request(
+        f"{where}: this model's projector has no {kind} encoder: it takes no {takes}",
         param,
         "unsupported_content_type",
     )
@@ -258,7 +311,7 @@ def _from_base64(encoded: str, mime: str, where: str, limits: MediaLimits, param
 CHAT = Shape("messages", ("image_url", "input_image", "image"), "text", _chat_image)
 # a Responses function_call_output's output may be a list of parts too (a tool's screenshot)
 RESPONSES = Shape("input", ("input_image",), "input_text", _responses_image, content_keys=("content", "output"))
-MESSAGES = Shape("messages", ("image",), "text", _anthropic_image, nested=("tool_result",))
+MESSAGES = Shape("messages", ("image",), "text", _anthropic_image, nested=("tool_result",), audio=False)
 
 
 def image_from_bytes(mime: str, data: bytes, where: str, limits: MediaLimits, param: str = "messages") -> Image:
@@ -267,6 +320,8 @@ def image_from_bytes(mime: str, data: bytes, where: str, limits: MediaLimits, pa
     used to name an unsupported declared type (SVG)."""
     if not limits.projector:
         raise _no_projector(where, param)
+    if not limits.vision:
+        raise _no_encoder(where, param, "vision", "images (it reads audio)")
     if not data:
         raise bad_request(f"{where}: the image is empty (0 bytes)", param, "invalid_image")
     if len(data) > limits.max_bytes:
@@ -295,6 +350,81 @@ def too_big(where: str, size: int, cap: int, param: str) -> ApiError:
         f"{where}: the image is {size:,} bytes; at most {cap:,} bytes per image",
         param=param,
         code="image_too_large",
+    )
+
+
+# ## Audio: input_audio parts (Chat Completions and Responses alike)
+
+AUDIO_PART = '{"type": "input_audio", "input_audio": {"data": "<base64>", "format": "wav"}}'
+_DECLARED_AUDIO = ("wav", "mp3", "flac")
+
+
+def _input_audio(part: dict[str, Any], where: str, limits: MediaLimits, param: str) -> Audio:
+    """An ``input_audio`` part: ``{"input_audio": {"data": <base64>, "format": "wav" | "mp3"}}``.
+
+    The format is read from the bytes, as an image's is; a declared one must still be one the
+    server reads (flac too: libmtmd decodes it)."""
+    body = part.get("input_audio")
+    if not isinstance(body, dict):
+        raise bad_request(f"{where}.input_audio must be an object: {AUDIO_PART}", param)
+    encoded, declared = body.get("data"), body.get("format")
+    if not isinstance(encoded, str):
+        raise bad_request(f"{where}.input_audio.data must be the clip's bytes as a base64 string", param)
+    if declared is not None and declared not in _DECLARED_AUDIO:
+        raise bad_request(
+            f"{where}.input_audio.format {declared!r} is not one this server reads: {', '.join(_DECLARED_AUDIO)}",
+            param,
+            "invalid_audio",
+        )
+    if encoded.startswith("data:"):
+        raise bad_request(f"{where}.input_audio.data must be the base64 bytes themselves, not a data: URL", param)
+    if len(encoded) * 3 // 4 > limits.max_audio_bytes + 3:  # refused before decoding megabytes
+        raise audio_too_big(where, len(encoded) * 3 // 4, limits.max_audio_bytes, param)
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{where}.input_audio.data is not valid base64", param) from None
+    return audio_from_bytes(data, where, limits, param, declared=declared or "")
+
+
+def audio_from_bytes(
+    data: bytes, where: str, limits: MediaLimits, param: str = "messages", declared: str = ""
+) -> Audio:
+    """An audio clip from its bytes: the format sniffed, the size and the length (from the header) checked."""
+    if not limits.projector:
+        raise _no_projector(where, param, "audio")
+    if not limits.audio:
+        raise _no_encoder(where, param, "audio", "audio (it reads images)")
+    if not data:
+        raise bad_request(f"{where}: the audio clip is empty (0 bytes)", param, "invalid_audio")
+    if len(data) > limits.max_audio_bytes:
+        raise audio_too_big(where, len(data), limits.max_audio_bytes, param)
+    header = sniff_audio(data, stop_after_s=limits.max_audio_seconds)
+    if header is None:
+        said = f" (declared {declared})" if declared else ""
+        raise bad_request(
+            f"{where}: not audio{said}: audio clips must be {', '.join(AUDIO_FORMATS)}", param, "invalid_audio"
+        )
+    if header.problem is not None:
+        raise bad_request(
+            f"{where}: the {header.format} clip cannot be decoded: {header.problem}", param, "invalid_audio"
+        )
+    if header.seconds > limits.max_audio_seconds:
+        raise bad_request(
+            f"{where}: the audio clip plays {'more than ' if header.at_least else ''}{header.seconds:,.0f} s; at most "
+            f"{limits.max_audio_seconds:,.0f} s per clip",
+            param,
+            "audio_too_long",
+        )
+    return Audio(header.format, data, header.seconds)
+
+
+def audio_too_big(where: str, size: int, cap: int, param: str) -> ApiError:
+    return ApiError(
+        413,
+        f"{where}: the audio clip is {size:,} bytes; at most {cap:,} bytes per audio clip",
+        param=param,
+        code="audio_too_large",
     )
 
 
@@ -363,13 +493,14 @@ def _webp_size(data: bytes) -> tuple[int, int]:
 
 
 def split_prompt(prompt: str, marker: str, n_images: int) -> list[str]:
-    """The prompt's text around the markers: ``n_images + 1`` pieces. A chat template that dropped
-    or repeated a message's content would misplace its images: that is a 400, never a guess."""
+    """The prompt's text around the markers: ``n_images + 1`` pieces (one marker per image or clip).
+    A chat template that dropped or repeated a message's content would misplace its media: that is a
+    400, never a guess."""
     pieces = prompt.split(marker)
     if len(pieces) != n_images + 1:
         raise bad_request(
-            f"the chat template placed {len(pieces) - 1} of the request's {n_images} image(s): it renders message "
-            "content in a way images cannot follow (put each image in a user message)",
+            f"the chat template placed {len(pieces) - 1} of the request's {n_images} image(s) and audio clip(s): it "
+            "renders message content in a way media cannot follow (put each image or clip in a user message)",
             "messages",
         )
     return pieces

@@ -2,7 +2,7 @@
 and ``GET`` / ``DELETE /v1/responses/{id}``. Bounded (LRU, in count and in bytes), never persisted:
 an id from another replica, or from before a restart, is a 404 that says so.
 
-A conversation with images keeps them beside its turns, with the marker that stands for them in
+A conversation with images (or audio clips) keeps them beside its turns, with the marker that stands for them in
 the turns' text (``deployer.runtime.media.images``): a follow-up turn carries them into its own prompt."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections import OrderedDict
 from typing import Any
 
 from deployer.runtime.errors import ApiError
-from deployer.runtime.media.images import Image
+from deployer.runtime.media.images import Media as Item
 
-Media = tuple[str, tuple[Image, ...]]  # the marker in the stored turns' text, and the images it stands for
+Media = tuple[str, tuple[Item, ...]]  # the marker in the stored turns' text, and the images and clips it stands for
 NO_MEDIA: Media = ("", ())
 
 
@@ -43,7 +43,7 @@ class ResponseStore:
             self.bytes -= dropped
 
     def media(self, response_id: Any) -> Media:
-        """The images of a stored conversation and their marker (none for an id not stored: get() says so)."""
+        """The images and clips of a stored conversation and their marker (none for an id not stored: get() says so)."""
         return self._media.get(response_id, NO_MEDIA) if isinstance(response_id, str) else NO_MEDIA
 
     def get(self, response_id: str, param: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
