@@ -709,9 +709,16 @@ def base_config(regime: Regime, folder: Path, model_path: Path | None) -> Runtim
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-concurrency-") as scratch:  # configs, thread records, the model
+        report = measure(args, Path(scratch))
+    print(json.dumps(report, indent=2) if args.json else markdown(report))
+    return 0
+
+
+def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The whole benchmark as ``args`` ask, with its files in ``folder``: the report."""
     regime = REGIMES[args.regime]
     chosen: list[str] = args.servers
-    folder = Path(tempfile.mkdtemp(prefix="bench-concurrency-"))
     config = base_config(regime, folder, args.model_path)
     work = Workload(
         config.model_name, regime.prompts, regime.max_tokens, regime.count_words,
@@ -768,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = batched_bench(build.llama_batched_bench, config, bench_levels, regime, no_repack)
 
     clock = "schedstat" if Path(f"/proc/{os.getpid()}/task/{os.getpid()}/schedstat").is_file() else "stat"
-    report = {
+    return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "cpu": cpu_name(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -786,8 +793,6 @@ def main(argv: list[str] | None = None) -> int:
         "blocks": blocks,
         "batched_bench_tokens_per_s": bench,
     }
-    print(json.dumps(report, indent=2) if args.json else markdown(report))
-    return 0
 
 
 def markdown(report: dict[str, Any]) -> str:
