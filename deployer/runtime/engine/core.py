@@ -315,8 +315,9 @@ class Engine:
         return keep if self.model.can_rewind(slot) else 0
 
     def _checkpoint(self, entries: list[Entry], slots: dict[Sequence, int]) -> None:
-        """After a decode: a prompt that completed a whole chunk (a position the prompt cache may reuse)
-        keeps a checkpoint of its windowed layers there.
+        """After a decode: a prompt that completed a unit the prompt cache may reuse (a whole chunk,
+        an image, or the text up to an image: the scheduler's trusted edges) keeps a checkpoint of
+        its windowed layers there, so a later prompt with the same prefix resumes from it.
 
         The sequence is also restored from it at once, so that a fresh evaluation goes on from the
         very cache state (the same cells, in the same order) that a later prompt restoring the same
@@ -327,7 +328,7 @@ class Engine:
         assert model is not None
         for entry in entries:
             seq, end = entry.seq, entry.pos + len(entry.tokens)
-            if len(entry.tokens) == self.config.n_batch and seq.trusted == end and seq in slots:
+            if seq.trusted == end and seq in slots:  # this entry moved the trusted edge: a unit's end
                 slot = slots[seq]
                 state = model.save_window(slot)
                 model.restore_window(slot, state)
