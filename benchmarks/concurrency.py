@@ -657,6 +657,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slots", type=_numbers, help="slot counts, one block each (default: demo 4; fast 4,8)")
     parser.add_argument("--runs", type=int, default=1, help="repetitions of every level; medians reported")
     parser.add_argument(
+        "--threads", type=int, default=THREADS,
+        help=f"llama.cpp's threads in every server (default {THREADS}); below the core count, the rest is the "
+        "host threads' (the GPU regime: llama.cpp's threads leave the event loop and the model thread a core)",
+    )  # fmt: skip
+    parser.add_argument(
         "--servers", type=_servers, default=list(SERVER_KEYS.values()), help="ours,stock,llama-server,example"
     )
     parser.add_argument("--repack", choices=("auto", "on", "off"), default="auto", help="auto: off on AMX CPUs")
@@ -708,7 +713,9 @@ def base_config(regime: Regime, folder: Path, model_path: Path | None) -> Runtim
 
 
 def main(argv: list[str] | None = None) -> int:
+    global THREADS
     args = parse_args(argv)
+    THREADS = args.threads  # every server's command line and config reads it
     with tempfile.TemporaryDirectory(prefix="bench-concurrency-") as scratch:  # configs, thread records, the model
         report = measure(args, Path(scratch))
     print(json.dumps(report, indent=2) if args.json else markdown(report))

@@ -44,6 +44,27 @@ from deployer.runtime.media.audio import Audio
 from deployer.runtime.media.images import Media
 from deployer.runtime.media.projector import MediaPrompt, placeholder
 
+
+def _gil_keeping(*names: str) -> Any:
+    """The short llama.cpp calls of the model thread's loop, bound through :class:`ctypes.PyDLL`: the
+    GIL is kept during the call. ctypes releases it around every foreign call, and the thread that
+    releases it must wait to get it back while the event loop runs Python (encoding, sending): for a
+    call of a few microseconds that wait is the whole cost. ``llama_decode``, which computes for
+    milliseconds, still releases it, so the event loop works while the model computes."""
+    source = llama_cpp.llama_cpp._lib
+    keeping = ctypes.PyDLL(source._name)
+    calls = {}
+    for name in names:
+        function = getattr(keeping, name)
+        function.argtypes, function.restype = getattr(source, name).argtypes, getattr(source, name).restype
+        calls[name] = function
+    return type("GilKeeping", (), calls)
+
+
+_fast = _gil_keeping(
+    "llama_sampler_sample", "llama_get_logits_ith", "llama_memory_seq_rm", "llama_memory_seq_cp",
+    "llama_memory_seq_pos_min", "llama_sampler_accept",
+)  # fmt: skip
 _SWA_ONLY = llama_cpp.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY  # a sequence's state: only the sliding-window layers' cache
 PENALTY_LAST_N = 64  # llama-cpp-python's (and llama.cpp's) default window for repeat/presence/frequency penalties
 
@@ -109,7 +130,7 @@ class Sampler:
     def sample(self, row: int, banned: Sequence[int] = ()) -> int:
         """The next token from one batch row of the last decode; the chain then accepts it."""
         if self.grammar is None and not banned:  # the common case, all in C
-            return int(llama_cpp.llama_sampler_sample(self.chain, self._model.ctx, row))
+            return int(_fast.llama_sampler_sample(self.chain, self._model.ctx, row))
         logits = self._model.logits(row)
         if banned:
             logits = logits.copy()
@@ -122,8 +143,8 @@ class Sampler:
             llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(self._full_array))
             token = self._selected()
         if self.grammar is not None:
-            llama_cpp.llama_sampler_accept(self.grammar, token)
-        llama_cpp.llama_sampler_accept(self.chain, token)
+            _fast.llama_sampler_accept(self.grammar, token)
+        _fast.llama_sampler_accept(self.chain, token)
         return token
 
     def _apply_chain(self, logits: np.ndarray) -> int:
@@ -540,19 +561,19 @@ class Model:
 
     def logits(self, row: int) -> np.ndarray:
         """The logits of one batch row of the last decode (a view: valid until the next decode)."""
-        pointer = llama_cpp.llama_get_logits_ith(self.ctx, row)
+        pointer = _fast.llama_get_logits_ith(self.ctx, row)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
     # -- the KV cache of one sequence
 
     def forget(self, seq: int, start: int = 0) -> None:
         """Drop the cache of ``seq`` from position ``start`` on."""
-        llama_cpp.llama_memory_seq_rm(self.memory, seq, start, -1)
+        _fast.llama_memory_seq_rm(self.memory, seq, start, -1)
 
     def copy(self, source: int, target: int) -> None:
         """Make ``target``'s cache a copy of ``source``'s (the whole stream: done before the next decode)."""
-        llama_cpp.llama_memory_seq_rm(self.memory, target, 0, -1)
-        llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+        _fast.llama_memory_seq_rm(self.memory, target, 0, -1)
+        _fast.llama_memory_seq_cp(self.memory, source, target, -1, -1)
 
     def sampler(self, sampling: Sampling, seed: int) -> Sampler:
         """A sampler chain of one sequence's settings (the engine asks the model, so a fake one can answer)."""
@@ -580,7 +601,7 @@ class Model:
 
     def can_rewind(self, seq: int) -> bool:
         """Whether ``seq``'s cache still holds position 0 (a sliding-window cache may have dropped it)."""
-        return llama_cpp.llama_memory_seq_pos_min(self.memory, seq) <= 0
+        return _fast.llama_memory_seq_pos_min(self.memory, seq) <= 0
 
     def save_window(self, seq: int) -> Any:
         """A context checkpoint: the windowed layers' cache of ``seq`` (a host buffer, opaque above)."""

@@ -16,7 +16,6 @@ answers them in each protocol's shape.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import queue
@@ -33,6 +32,7 @@ from deployer.runtime import logs
 from deployer.runtime.config import KV_TYPES, RuntimeConfig
 from deployer.runtime.engine.checkpoints import Checkpoints
 from deployer.runtime.engine.errors import Busy, EngineError, Failed, ShuttingDown
+from deployer.runtime.engine.handover import Handover
 from deployer.runtime.engine.sampling import Delta, Generation, TextStream, TokenLogprob
 from deployer.runtime.engine.scheduler import Entry, Outcome, Scheduler, Sequence, State
 from deployer.runtime.errors import ApiError
@@ -216,6 +216,7 @@ class Engine:
         self._others: list[Job] = []  # non-generation work, waiting its turn (model thread only)
         self._choices: dict[Sequence, _Choice] = {}
         self._outbox: list[tuple[Job, str, Any]] = []  # items for the event loop, sent once per decode
+        self._handovers: dict[Any, Handover] = {}  # per event loop (one in a server)
         self._laps = dict.fromkeys(STAGES, 0.0)  # seconds per stage since the last report
         self._closing = False  # set by cancel_all(): nothing new starts
         self._draining = False  # set by drain(): nothing new is accepted, nothing waiting starts
@@ -248,6 +249,8 @@ class Engine:
         import asyncio
 
         loop = asyncio.get_running_loop()
+        if loop not in self._handovers:  # made here, on the loop's thread (the model thread only reads it)
+            self._handovers[loop] = Handover(loop, _deliver)
         with self._lock:
             if self._draining or self._closing:
                 raise ShuttingDown()
@@ -303,8 +306,9 @@ class Engine:
         for item in items:
             by_loop.setdefault(item[0]._loop, []).append(item)
         for loop, batch in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the event loop is gone: the server is shutting down
-                loop.call_soon_threadsafe(_deliver, batch)
+            handover = self._handovers.get(loop)
+            if handover is not None:  # None: closed, the server is gone
+                handover.post(batch)
 
     def _resumable(self, slot: int, keep: int) -> int:
         """Where a slot's cache can be cut back to, at most ``keep``: anywhere, unless windowed layers
@@ -642,6 +646,9 @@ class Engine:
         if self.model is not None and not self._thread.is_alive():
             self.model.close()  # never while the thread may still be inside llama.cpp
             self.model = None
+        for handover in self._handovers.values():
+            handover.close()
+        self._handovers.clear()
 
 
 def _logprob(model: Model, logits: np.ndarray, token: int, top: int) -> TokenLogprob:
