@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from deployer.runtime.engine.model import ModelInterface, members
+from tests.test_architecture import _cycle
 
 RUNTIME = Path(__file__).resolve().parent.parent / "deployer" / "runtime"
 PACKAGE = "deployer.runtime"
@@ -91,22 +92,7 @@ def test_arrows_point_one_way(room: str):
 
 
 def test_the_runtime_has_no_import_cycle():
-    graph = {name: _internal(name) for name in MODULES}
-    state: dict[str, int] = {}
-
-    def visit(name: str, path: list[str]) -> None:
-        state[name] = 1
-        for nxt in sorted(graph[name]):
-            if state.get(nxt) == 1:
-                cycle = [*path[path.index(nxt) :], nxt] if nxt in path else [name, nxt]
-                raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
-            if nxt not in state:
-                visit(nxt, [*path, nxt])
-        state[name] = 2
-
-    for name in graph:
-        if name not in state:
-            visit(name, [name])
+    assert _cycle({name: _internal(name) for name in MODULES}) is None
 
 
 def test_the_fake_model_has_every_member_of_the_model_interface():
