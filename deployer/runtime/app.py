@@ -501,13 +501,17 @@ class _EventStream:
 
     def __init__(self, job: Job, first: bytes, encoder: Any, log: RequestLog) -> None:
         self.job, self.first, self.encoder, self.log = job, first, encoder, log
+        self.headers: dict[str, str] = {}  # more response headers, as a Response's (set before it is sent)
         self._gone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.ensure_future(self._watch(receive))
         complete = False
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            extra = tuple(
+                (key.lower().encode("latin-1"), value.encode("latin-1")) for key, value in self.headers.items()
+            )
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + extra})
             await send({"type": "http.response.body", "body": self.first, "more_body": True})
             await send({"type": "http.response.body", "body": await self._rest(send), "more_body": False})
             complete = not self._gone
