@@ -448,17 +448,23 @@ def _projector_type(spec: ProjectorSpec, name: str, shape: tuple[int, ...]) -> Q
     return _main_type(spec.quant)
 
 
+def _mmproj_writer(path: Path, name: str, quant: str, kind: str, *, vision: bool) -> gguf.GGUFWriter:
+    """A writer with the keys every mmproj file starts with: a vision or an audio encoder, and its projector type."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(path, "clip")
+    writer.add_name(name)
+    writer.add_type("mmproj")
+    writer.add_file_type(FILE_TYPES[quant])
+    writer.add_bool("clip.has_vision_encoder", vision)
+    writer.add_bool("clip.has_audio_encoder", not vision)
+    writer.add_string("clip.projector_type", kind)
+    return writer
+
+
 def write_projector(path: str | Path, spec: ProjectorSpec, *, header_only: bool = False, seed: int = 0) -> Path:
     """Write an mmproj GGUF of ``spec``; header-only files are truncated (sparse) to their real size."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(path, "clip")
-    writer.add_name(spec.name)
-    writer.add_type("mmproj")
-    writer.add_file_type(FILE_TYPES[spec.quant])
-    writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_bool("clip.has_audio_encoder", False)
-    writer.add_string("clip.projector_type", spec.kind)
+    writer = _mmproj_writer(path, spec.name, spec.quant, spec.kind, vision=True)
     writer.add_bool("clip.use_gelu", spec.kind == "gemma3")
     writer.add_bool("clip.use_silu", spec.kind == "qwen2.5vl")
     writer.add_uint32("clip.vision.image_size", spec.image_size)
@@ -559,14 +565,7 @@ def write_audio_projector(
 ) -> Path:
     """Write an audio-only mmproj GGUF of ``spec``; header-only files are truncated (sparse) to their real size."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(path, "clip")
-    writer.add_name(spec.name)
-    writer.add_type("mmproj")
-    writer.add_file_type(FILE_TYPES[spec.quant])
-    writer.add_bool("clip.has_vision_encoder", False)
-    writer.add_bool("clip.has_audio_encoder", True)
-    writer.add_string("clip.projector_type", spec.kind)
+    writer = _mmproj_writer(path, spec.name, spec.quant, spec.kind, vision=False)
     writer.add_uint32("clip.audio.num_mel_bins", spec.n_mel_bins)
     writer.add_uint32("clip.audio.embedding_length", spec.n_embd)
     writer.add_uint32("clip.audio.feed_forward_length", spec.n_ff)

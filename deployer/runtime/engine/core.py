@@ -293,7 +293,7 @@ class Engine:
             except Exception as exc:  # a bug: the requests in flight get a 500, the server goes on
                 self._fail_all(classify(exc))
             self._flush()
-        self._fail_all(_stopping_error())
+        self._fail_all(ShuttingDown())
         self._flush()
 
     def _flush(self) -> None:
@@ -668,10 +668,6 @@ def _logprob(model: Model, logits: np.ndarray, token: int, top: int) -> TokenLog
 def _token(model: Model, token: int, logprob: float) -> tuple[str, bytes, float]:
     data = model.piece(token)
     return data.decode("utf-8", errors="replace"), data, logprob
-
-
-def _stopping_error() -> ShuttingDown:
-    return ShuttingDown()
 
 
 def classify(exc: BaseException) -> Failed:

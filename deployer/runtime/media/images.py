@@ -299,13 +299,21 @@ def _from_url(url: str, where: str, limits: MediaLimits, param: str) -> Image:
 
 
 def _from_base64(encoded: str, mime: str, where: str, limits: MediaLimits, param: str) -> Image:
-    if len(encoded) * 3 // 4 > limits.max_bytes + 3:  # refused before decoding megabytes
-        raise too_big(where, len(encoded) * 3 // 4, limits.max_bytes, param)
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"{where}: the image's base64 data is not valid base64", param) from None
+    data = _base64_bytes(
+        encoded, limits.max_bytes, lambda size: too_big(where, size, limits.max_bytes, param),
+        f"{where}: the image's base64 data is not valid base64", param,
+    )  # fmt: skip
     return image_from_bytes(mime, data, where, limits, param)
+
+
+def _base64_bytes(encoded: str, cap: int, too_large: Callable[[int], ApiError], invalid: str, param: str) -> bytes:
+    """The bytes of base64 text: over ``cap`` refused before decoding megabytes, bad base64 a 400 (``invalid``)."""
+    if len(encoded) * 3 // 4 > cap + 3:
+        raise too_large(len(encoded) * 3 // 4)
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(invalid, param) from None
 
 
 CHAT = Shape("messages", ("image_url", "input_image", "image"), "text", _chat_image)
@@ -378,12 +386,10 @@ def _input_audio(part: dict[str, Any], where: str, limits: MediaLimits, param: s
         )
     if encoded.startswith("data:"):
         raise bad_request(f"{where}.input_audio.data must be the base64 bytes themselves, not a data: URL", param)
-    if len(encoded) * 3 // 4 > limits.max_audio_bytes + 3:  # refused before decoding megabytes
-        raise audio_too_big(where, len(encoded) * 3 // 4, limits.max_audio_bytes, param)
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"{where}.input_audio.data is not valid base64", param) from None
+    data = _base64_bytes(
+        encoded, limits.max_audio_bytes, lambda size: audio_too_big(where, size, limits.max_audio_bytes, param),
+        f"{where}.input_audio.data is not valid base64", param,
+    )  # fmt: skip
     return audio_from_bytes(data, where, limits, param, declared=declared or "")
 
 
