@@ -138,7 +138,8 @@ BENCH_PROMPT_TOKENS = 16  # llama-batched-bench's prompt length, about that of P
 REQUEST_TIMEOUT_S = 600
 SETTLE_S = 0.2  # after a level, before reading the counters: the model thread reports a step after its last token
 BIAS = -100.0  # OpenAI's lowest logit bias: the token is never sampled
-MODEL_THREAD = "gguf-deploy-model"  # deployer.runtime.engine.core names its thread so
+ENGINE_ENV = "GGUF_DEPLOY_ENGINE"  # deployer.runtime.server.ENGINE_ENV
+MODEL_THREAD = "gguf-model"  # deployer.runtime.engine.core.THREAD_NAME: the OS name of the model thread
 PROMPTS = (  # each continues past 64 tokens at temperature 0 with this model (checked on every request)
     "The history of the city begins in the twelfth century, when",
     "Here is a detailed recipe for bread. First,",
@@ -152,11 +153,14 @@ PROMPTS = (  # each continues past 64 tokens at temperature 0 with this model (c
 # the tiny model's vocabulary has no pieces for English: every byte is a token, so these are ~14 tokens
 FAST_PROMPTS = tuple(f"Request {i:02d}:" for i in range(16))
 OURS = "gguf-deploy runtime"
+OURS_THREAD = "gguf-deploy runtime, engine on a thread"  # GGUF_DEPLOY_ENGINE=thread: one process, one GIL
 STOCK = "stock llama_cpp.server"
 LLAMA_SERVER = "llama-server"
 EXAMPLE = "llama-cpp-python example server"
-SERVER_KEYS = {"ours": OURS, "stock": STOCK, "llama-server": LLAMA_SERVER, "example": EXAMPLE}
-HEALTH = {OURS: "/health", STOCK: "/v1/models", LLAMA_SERVER: "/health", EXAMPLE: "/healthz"}
+SERVER_KEYS = {
+    "ours": OURS, "ours-thread": OURS_THREAD, "stock": STOCK, "llama-server": LLAMA_SERVER, "example": EXAMPLE
+}  # fmt: skip
+HEALTH = {OURS: "/health", OURS_THREAD: "/health", STOCK: "/v1/models", LLAMA_SERVER: "/health", EXAMPLE: "/healthz"}
 STAGES = ("decode", "sample", "schedule", "text", "handover")  # deployer.runtime.metrics.STAGES
 COUNTS = ("requests", "tokens", "full_length", "refused", "failed")  # summed over runs, not medians
 
@@ -164,13 +168,11 @@ COUNTS = ("requests", "tokens", "full_length", "refused", "failed")  # summed ov
 # (argv[1] == "1") with llama.cpp's extra buffer types (AMX, CPU repacking) off: what llama-server's
 # --no-repack does. Llama() and the example server read llama_model_default_params() when they load
 # a model; the patch is applied when the server itself first imports llama_cpp, so that whatever it
-# does before (the runtime sets libgomp's environment) happens as without the launcher. When argv[2]
-# names a file, every Python thread appends "<native id>\t<name>" to it as it starts (Python 3.11 gives
-# threads no OS names, so /proc cannot find the runtime's model thread by name).
+# does before (the runtime sets libgomp's environment) happens as without the launcher.
 LAUNCHER = """
-import importlib.util, os, runpy, sys, threading
+import importlib.util, os, runpy, sys
 
-no_repack, threads_file, target = sys.argv[1] == "1", sys.argv[2], sys.argv[3]
+no_repack, target = sys.argv[1] == "1", sys.argv[2]
 
 class PatchOnImport:
     def find_spec(self, name, path=None, target=None):
@@ -192,14 +194,7 @@ class PatchOnImport:
 
 if no_repack:
     sys.meta_path.insert(0, PatchOnImport())
-if threads_file:
-    thread_run = threading.Thread.run
-    def recorded_run(self):
-        with open(threads_file, "a") as out:
-            out.write(f"{threading.get_native_id()}\\t{self.name}\\n")
-        thread_run(self)
-    threading.Thread.run = recorded_run
-sys.argv = [target, *sys.argv[4:]]
+sys.argv = [target, *sys.argv[3:]]
 if target.endswith(".py"):
     sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
     runpy.run_path(target, run_name="__main__")
@@ -451,7 +446,8 @@ def per_token(before: Snapshot, after: Snapshot, tokens: int, ticks_per_s: int) 
 class Probe:
     """Where our runtime's per-token costs are read: its process, two of its threads, its /metrics."""
 
-    pid: int
+    pid: int  # the API server: its main thread runs the event loop
+    model_pid: int  # the engine process (or the API server, with GGUF_DEPLOY_ENGINE=thread)
     model_tid: int
     metrics_url: str
     headers: dict[str, str]
@@ -460,7 +456,7 @@ class Probe:
         """The counters now. The /metrics scrape costs the event loop CPU: it is read before the CPU
         times at a level's start (``metrics_first``) and after them at its end, outside the window."""
         stages = self.stages() if metrics_first else None
-        loop, model = thread_cpu(self.pid, self.pid), thread_cpu(self.pid, self.model_tid)  # the loop: tid = pid
+        loop, model = thread_cpu(self.pid, self.pid), thread_cpu(self.model_pid, self.model_tid)  # the loop: tid = pid
         return Snapshot(loop, model, stages if stages is not None else self.stages())
 
     def stages(self) -> dict[str, float]:
@@ -469,35 +465,38 @@ class Probe:
         return engine_seconds(response.text)
 
 
-def recorded_thread(path: Path, name: str) -> int:
-    """The native id the launcher recorded in ``path`` for the thread called ``name``."""
-    for line in path.read_text().splitlines():
-        tid, _, thread = line.partition("\t")
-        if thread == name:
-            return int(tid)
-    raise RuntimeError(f"{path}: no thread named {name} was recorded")
+def named_thread(pid: int, name: str) -> tuple[int, int]:
+    """(process, thread) of the thread whose OS name is ``name``, in process ``pid`` or one of its
+    children (the runtime's engine process); RuntimeError when there is none."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = task / "children"
+        if children.is_file():
+            pids += [int(child) for child in children.read_text().split()]
+    for owner in pids:
+        for task in Path(f"/proc/{owner}/task").iterdir():
+            if (task / "comm").read_text().strip() == name:
+                return owner, int(task.name)
+    raise RuntimeError(f"process {pid}: no thread named {name} (nor in its children)")
 
 
 # ## the servers
 
 
-def python_module(module: str, args: list[str], no_repack: bool, threads_file: Path | None = None) -> list[str]:
+def python_module(module: str, args: list[str], no_repack: bool) -> list[str]:
     """``python -m module args`` (or ``python script.py args``), through the launcher where needed."""
-    if no_repack or threads_file is not None:
-        flags = ["1" if no_repack else "0", str(threads_file or "")]
-        return [sys.executable, "-c", LAUNCHER, *flags, module, *args]
+    if no_repack:
+        return [sys.executable, "-c", LAUNCHER, "1", module, *args]
     return [sys.executable, module, *args] if module.endswith(".py") else [sys.executable, "-m", module, *args]
 
 
-def ours_command(
-    config: RuntimeConfig, folder: Path, port: int, no_repack: bool, threads_file: Path | None = None
-) -> list[str]:
+def ours_command(config: RuntimeConfig, folder: Path, port: int, no_repack: bool) -> list[str]:
     path = folder / f"runtime-{port}.json"
     # "cpu_repack" is read by the batching runtime; an older RuntimeConfig ignores it
     settings = {**config.to_dict(), "cpu_repack": not no_repack}
     path.write_text(json.dumps(settings, sort_keys=True))
     args = ["--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
-    return python_module("deployer.runtime", args, no_repack, threads_file)
+    return python_module("deployer.runtime", args, no_repack)
 
 
 def stock_server_command(config: RuntimeConfig, port: int, no_repack: bool) -> list[str]:
@@ -740,9 +739,9 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         def start(block: RuntimeConfig) -> Running:
             port = _free_port()
             url = f"http://127.0.0.1:{port}"
-            threads = folder / f"threads-{port}.tsv" if label == OURS else None
-            if label == OURS:
-                command = ours_command(block, folder, port, no_repack, threads)
+            env = {ENGINE_ENV: "thread" if label == OURS_THREAD else "process"}
+            if label in (OURS, OURS_THREAD):
+                command = ours_command(block, folder, port, no_repack)
             elif label == STOCK:
                 command = stock_server_command(block, port, no_repack)
             elif label == LLAMA_SERVER:
@@ -751,11 +750,12 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             else:
                 assert script is not None
                 command = example_command(script, block, folder, port, no_repack)
-            process, _ = start_and_wait(command, url + HEALTH[label])
+            process, _ = start_and_wait(command, url + HEALTH[label], env)
             probe = None
-            if threads is not None:
+            if label in (OURS, OURS_THREAD):
                 headers = {"Authorization": f"Bearer {block.api_key}"} if block.api_key else {}
-                probe = Probe(process.pid, recorded_thread(threads, MODEL_THREAD), url + "/metrics", headers)
+                model_pid, model_tid = named_thread(process.pid, MODEL_THREAD)
+                probe = Probe(process.pid, model_pid, model_tid, url + "/metrics", headers)
             return Running(label, process, url, probe)
 
         return start
@@ -881,23 +881,30 @@ def block_tables(servers: dict[str, list[dict[str, Any]]], levels: tuple[int, ..
 
 def breakdown_table(blocks: list[dict[str, Any]], clock: str) -> list[str]:
     """Our runtime's cost per streamed token, every level of every block (none when ours did not run)."""
-    rows = [(block["slots"], level) for block in blocks for level in block["servers"].get(OURS, [])]
+    rows = [
+        (label, block["slots"], level)
+        for label in (OURS, OURS_THREAD)
+        for block in blocks
+        for level in block["servers"].get(label, [])
+    ]
     if not rows:
         return []
     source = "schedstat, ns" if clock == "schedstat" else "stat, 10 ms ticks"
     lines = [
         "",
-        f"{OURS}, per streamed token (µs): CPU of the event-loop thread and of the model thread (/proc {source}), "
-        "and the model thread's time by stage (/metrics); host = every stage but decode:",
+        "Our runtime per streamed token (µs): CPU of the event-loop thread and of the model thread "
+        f"(/proc {source}), and the model thread's time by stage (/metrics); host = every stage but decode:",
         "",
-        "| slots | clients | tokens | event loop CPU | model thread CPU | decode | sample | schedule | text | handover | host |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| engine | slots | clients | tokens | event loop CPU | model thread CPU | decode | sample | schedule | text "
+        "| handover | host |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for slots, level in rows:
+    for label, slots, level in rows:
         cost = level["breakdown"]
         stages = "".join(f" {cost['stages_us'][stage]:.1f} |" for stage in STAGES)
+        engine = "thread" if label == OURS_THREAD else "process"
         lines.append(
-            f"| {slots} | {level['clients']} | {cost['tokens']} | {cost['loop_cpu_us']:.1f} | "
+            f"| {engine} | {slots} | {level['clients']} | {cost['tokens']} | {cost['loop_cpu_us']:.1f} | "
             f"{cost['model_cpu_us']:.1f} |{stages} {cost['host_us']:.1f} |"
         )
     return lines

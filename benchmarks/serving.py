@@ -252,10 +252,13 @@ def stock_command(config: RuntimeConfig, port: int, logits_all: bool) -> list[st
     ]  # fmt: skip
 
 
-def start_and_wait(command: list[str], url: str) -> tuple[subprocess.Popen[bytes], float]:
-    """Spawn ``command``; seconds until ``url`` answers 200."""
+def start_and_wait(
+    command: list[str], url: str, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Spawn ``command`` (with ``extra_env``); seconds until ``url`` answers 200."""
     started = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}  # an exported key would make ours answer 401
+    env.update(extra_env or {})
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while time.perf_counter() - started < READY_TIMEOUT_S:
         if process.poll() is not None:

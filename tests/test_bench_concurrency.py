@@ -23,6 +23,7 @@ import pytest
 from benchmarks import concurrency as bench
 from deployer.runtime import RuntimeConfig
 from tests import ggufgen
+from tests.conftest import ROOT
 
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 
@@ -199,23 +200,43 @@ def test_every_batching_server_gets_the_same_slots_and_context_per_slot() -> Non
     assert "--no-kv-unified" in command
 
 
-def test_the_launcher_records_thread_ids_and_runs_a_script(tmp_path: Path) -> None:
-    """What the benchmark finds the model thread by: the native id the thread itself reports."""
+def test_the_launcher_runs_a_script_with_its_arguments(tmp_path: Path) -> None:
     script = tmp_path / "server.py"
-    script.write_text(
-        "import sys, threading\n"
+    script.write_text("import sys\nprint(sys.argv[1:])\n")
+    command = bench.python_module(str(script), ["-C", "x.json"], no_repack=True)
+    assert command[:3] == [sys.executable, "-c", bench.LAUNCHER]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "['-C', 'x.json']"
+
+
+def test_the_model_thread_is_found_by_its_name_in_the_engine_process(tmp_path: Path) -> None:
+    """What the benchmark finds the model thread by: the OS name the engine gives it, in a child process."""
+    child = (
+        "import sys, threading, time\n"
+        "from deployer.runtime.engine.core import _name_thread\n"
         "def work():\n"
-        "    print(threading.get_native_id(), sys.argv[1:])\n"
-        f"thread = threading.Thread(target=work, name={bench.MODEL_THREAD!r})\n"
-        "thread.start(); thread.join()\n"
+        "    _name_thread(sys.argv[1])\n"
+        "    print(threading.get_native_id(), flush=True)\n"
+        "    time.sleep(30)\n"
+        "threading.Thread(target=work, daemon=True).start()\n"
+        "time.sleep(30)\n"
     )
-    threads = tmp_path / "threads.tsv"
-    command = bench.python_module(str(script), ["-C", "x.json"], no_repack=False, threads_file=threads)
-    out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout.split(maxsplit=1)
-    assert bench.recorded_thread(threads, bench.MODEL_THREAD) == int(out[0])
-    assert out[1].strip() == "['-C', 'x.json']"
-    with pytest.raises(RuntimeError, match="no thread named nobody"):
-        bench.recorded_thread(threads, "nobody")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}, sys.argv[1]])",
+         bench.MODEL_THREAD],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert parent.stdout is not None
+        tid = int(parent.stdout.readline())
+        owner, found = bench.named_thread(parent.pid, bench.MODEL_THREAD)
+        assert found == tid and owner != parent.pid
+        with pytest.raises(RuntimeError, match=f"process {parent.pid}: no thread named nobody"):
+            bench.named_thread(parent.pid, "nobody")
+    finally:
+        parent.kill()
+        parent.wait()
+        subprocess.run(["pkill", "-f", "_name_thread.sys.argv"], check=False)  # the grandchild
 
 
 def test_without_the_launcher_a_script_runs_as_itself() -> None:
@@ -270,5 +291,5 @@ def test_markdown_demo_keeps_its_layout_and_fast_adds_a_block_per_slot_count() -
     assert "| 4 | 0.91× | 1.00× |" in demo  # ours ÷ llama-server at 4 clients: 300 / 330
     fast = bench.markdown(report("fast", (4, 8)))
     assert fast.startswith("**4 slots**") and "**8 slots**" in fast
-    breakdown = [line for line in fast.splitlines() if line.startswith("| 8 | 4 | 512 |")]
-    assert breakdown == ["| 8 | 4 | 512 | 50.0 | 80.0 | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 4.0 |"]
+    breakdown = [line for line in fast.splitlines() if line.startswith("| process | 8 | 4 | 512 |")]
+    assert breakdown == ["| process | 8 | 4 | 512 | 50.0 | 80.0 | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 4.0 |"]

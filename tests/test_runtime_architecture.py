@@ -106,15 +106,24 @@ def test_the_fake_model_has_every_member_of_the_model_interface():
 def test_llama_cpp_model_defines_every_member_of_the_model_interface():
     """Read from its source, so that the pull-request check (no llama.cpp) holds it too."""
     tree = ast.parse(MODULES[f"{PACKAGE}.llama"].read_text(encoding="utf-8"))
-    model = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Model")
-    defined = {node.name for node in model.body if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
-    for node in ast.walk(model):
-        if isinstance(node, ast.Assign | ast.AnnAssign):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for target in targets:
-                for leaf in ast.walk(target):
-                    if isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name) and leaf.value.id == "self":
-                        defined.add(leaf.attr)
-                    elif isinstance(leaf, ast.Name):
-                        defined.add(leaf.id)
-    assert sorted(members(ModelInterface) - defined) == []
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    defined: set[str] = set()
+    chain = [classes["Model"]]  # and its bases defined in the module (the Vocabulary)
+    while chain:
+        model = chain.pop()
+        chain += [classes[base.id] for base in model.bases if isinstance(base, ast.Name) and base.id in classes]
+        defined |= {node.name for node in model.body if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
+        for node in ast.walk(model):
+            if isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    for leaf in ast.walk(target):
+                        if (
+                            isinstance(leaf, ast.Attribute)
+                            and isinstance(leaf.value, ast.Name)
+                            and leaf.value.id == "self"
+                        ):
+                            defined.add(leaf.attr)
+                        elif isinstance(leaf, ast.Name):
+                            defined.add(leaf.id)
+    assert "Vocabulary" in classes and sorted(members(ModelInterface) - defined) == []

@@ -5,6 +5,11 @@ Runs locally (``gguf-deploy serve``) and in the Modal container
 planning, rendering, modal, huggingface_hub or llama_cpp (a test checks); the web stack and
 llama.cpp are imported when :func:`serve` runs, llama.cpp on the thread that loads the model.
 
+Two processes by default: the API server (the event loop: HTTP, protocols, chat templates,
+tokenizing with the model's vocabulary) and the engine process (the model thread: batching,
+sampling, detokenizing), so that neither waits for the other's GIL (``engine/process.py``;
+``GGUF_DEPLOY_ENGINE=thread`` keeps them in one, as a model with a projector always does).
+
     RuntimeConfig     the one configuration object (JSON in the container)
     runtime_config    pure: manifest + model path -> RuntimeConfig
     serve             blocking: bind, load, answer until SIGTERM/SIGINT
@@ -16,7 +21,7 @@ The rooms, and the one way the arrows point (a test checks):
                                       one GenerationRequest; prepare turns it into the engine's work
       -> chat/, media/                the prompt: chat templates and tool-call parsing; images
       -> engine/                      the model thread: scheduler, sampling, checkpoints, and the
-                                      ModelInterface it drives
+                                      ModelInterface it drives; process: the same in a child process
     llama                             the one llama.cpp edge: implements ModelInterface; only the
                                       server names it (``load_model``)
     config, cpu, errors, logs         shared by all

@@ -34,8 +34,16 @@ class ApiError(Exception):
         self.param = param
         self.headers = headers or {}
 
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in the engine's process, answered in the API server's
+        fields = {"type": self.type, "code": self.code, "param": self.param, "headers": self.headers}
+        return (_api_error, (self.status, self.message, fields))
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _api_error(status: int, message: str, fields: dict[str, Any]) -> ApiError:
+    return ApiError(status, message, **fields)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

@@ -1,6 +1,8 @@
 """The llama.cpp edge: the only module that imports llama-cpp-python.
 
     load(config)        route llama.cpp's log into ours, then load the :class:`Model`
+    load_vocabulary     a :class:`Vocabulary` only (no weights): the API server's, when the engine
+                        runs in a process of its own (:mod:`deployer.runtime.engine.process`)
     Model               one model, one context of ``parallel`` sequences, a batch, samplers, the
                         projector; implements :class:`deployer.runtime.engine.model.ModelInterface`
     Sampler             one sequence's llama.cpp sampler chain
@@ -255,6 +257,12 @@ def load(config: RuntimeConfig) -> Model:
     return Model(config)
 
 
+def load_vocabulary(config: RuntimeConfig) -> Vocabulary:
+    """The vocabulary and metadata of ``config``'s model, without its weights (milliseconds)."""
+    route_logs(config.verbose)
+    return Vocabulary(config)
+
+
 def model_params(config: RuntimeConfig) -> Any:
     """``llama_model_params`` of ``config`` (the memory benchmark loads models with the same)."""
     params = llama_cpp.llama_model_default_params()
@@ -409,63 +417,25 @@ class Projector:
             self.ctx = None
 
 
-class Model:
-    """The loaded model, its context of ``parallel`` sequences, and one reusable batch."""
+class Vocabulary:
+    """A model's vocabulary and metadata: tokenizing, token text, grammars, chat formats.
 
-    errors = (LlamaError,)  # what decode raises when llama.cpp fails (the engine fails the running requests)
+    Loaded alone (:func:`load_vocabulary`: ``vocab_only``, no weights, no context) by the API server
+    when the engine runs in a process of its own; :class:`Model` is one too.
+    """
 
-    def __init__(self, config: RuntimeConfig) -> None:
+    def __init__(self, config: RuntimeConfig, *, vocab_only: bool = True) -> None:
         llama_cpp.llama_backend_init()
-        self.model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), model_params(config))
+        params = model_params(config)
+        params.vocab_only = vocab_only
+        self.model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), params)
         if not self.model:
             raise LlamaError("llama.cpp could not load the file (see its log above)")
-        self.ctx: Any = None
-        self.embed_ctx: Any = None
-        self.projector: Projector | None = None  # when the config names an mmproj file
-        self.batch: Any = None
-        try:
-            self._init(config)
-        except Exception:
-            self.close()
-            raise
-
-    def _init(self, config: RuntimeConfig) -> None:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.parallel = config.parallel
-        self.n_threads = config.n_threads or physical_cores()
-        self.n_batch = config.n_batch
-        self.ctx = llama_cpp.llama_init_from_model(self.model, context_params(config))
-        if not self.ctx:
-            raise LlamaError(f"llama.cpp could not create a context of {config.parallel} x {config.n_ctx} tokens")
-        self.n_ctx = config.n_ctx  # per sequence: the scheduler keeps every sequence inside it
-        # sliding-window (or chunked-attention) layers that cache only their window: their state at
-        # an earlier position comes back only from a context checkpoint
-        self.windowed = llama_cpp.llama_model_n_swa(self.model) > 0 and not config.swa_full
-        self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.batch_capacity = max(config.n_batch, config.parallel)  # a prompt chunk, or one decode token per slot
-        self.batch = llama_cpp.llama_batch_init(self.batch_capacity, 0, 1)
-        cap = self.batch_capacity
-        self._tokens = np.ctypeslib.as_array(self.batch.token, shape=(cap,))
-        self._pos = np.ctypeslib.as_array(self.batch.pos, shape=(cap,))
-        self._n_seq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(cap,))
-        self._logits = np.ctypeslib.as_array(self.batch.logits, shape=(cap,))
-        self._n_seq[:] = 1
-        self._seq_ids = [self.batch.seq_id[i] for i in range(cap)]
         self.metadata = self._metadata()
-        if config.embeddings:
-            self.embed_ctx = llama_cpp.llama_init_from_model(self.model, context_params(config, embeddings=True))
-            if not self.embed_ctx:
-                raise LlamaError("llama.cpp could not create the embeddings context")
-        if config.mmproj_path:
-            try:
-                self.projector = Projector(
-                    self.model, config.mmproj_path, n_threads=self.n_threads, use_gpu=config.n_gpu_layers != 0
-                )
-            except ProjectorError as exc:
-                raise LlamaError(str(exc)) from exc
 
     # -- text
 
@@ -539,6 +509,78 @@ class Model:
                 out[key] = buffer.value.decode("utf-8", errors="replace")
         return out
 
+    def check_grammar(self, text: str) -> bool:
+        return check_grammar(self.vocab, text)
+
+    def json_grammar(self, schema: dict[str, Any] | None) -> str:
+        return json_grammar(schema)
+
+    def schema_converter(self) -> Any:
+        return schema_converter()
+
+    def chat_formatter(self, name: str) -> Callable[..., Any]:
+        return chat_formatter(name)
+
+    @property
+    def n_embd(self) -> int:
+        return llama_cpp.llama_model_n_embd(self.model)
+
+    def close(self) -> None:
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
+class Model(Vocabulary):
+    """The loaded model, its context of ``parallel`` sequences, and one reusable batch."""
+
+    errors = (LlamaError,)  # what decode raises when llama.cpp fails (the engine fails the running requests)
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        super().__init__(config, vocab_only=False)
+        self.ctx: Any = None
+        self.embed_ctx: Any = None
+        self.projector: Projector | None = None  # when the config names an mmproj file
+        self.batch: Any = None
+        try:
+            self._init(config)
+        except Exception:
+            self.close()
+            raise
+
+    def _init(self, config: RuntimeConfig) -> None:
+        self.parallel = config.parallel
+        self.n_threads = config.n_threads or physical_cores()
+        self.n_batch = config.n_batch
+        self.ctx = llama_cpp.llama_init_from_model(self.model, context_params(config))
+        if not self.ctx:
+            raise LlamaError(f"llama.cpp could not create a context of {config.parallel} x {config.n_ctx} tokens")
+        self.n_ctx = config.n_ctx  # per sequence: the scheduler keeps every sequence inside it
+        # sliding-window (or chunked-attention) layers that cache only their window: their state at
+        # an earlier position comes back only from a context checkpoint
+        self.windowed = llama_cpp.llama_model_n_swa(self.model) > 0 and not config.swa_full
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch_capacity = max(config.n_batch, config.parallel)  # a prompt chunk, or one decode token per slot
+        self.batch = llama_cpp.llama_batch_init(self.batch_capacity, 0, 1)
+        cap = self.batch_capacity
+        self._tokens = np.ctypeslib.as_array(self.batch.token, shape=(cap,))
+        self._pos = np.ctypeslib.as_array(self.batch.pos, shape=(cap,))
+        self._n_seq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(cap,))
+        self._logits = np.ctypeslib.as_array(self.batch.logits, shape=(cap,))
+        self._n_seq[:] = 1
+        self._seq_ids = [self.batch.seq_id[i] for i in range(cap)]
+        if config.embeddings:
+            self.embed_ctx = llama_cpp.llama_init_from_model(self.model, context_params(config, embeddings=True))
+            if not self.embed_ctx:
+                raise LlamaError("llama.cpp could not create the embeddings context")
+        if config.mmproj_path:
+            try:
+                self.projector = Projector(
+                    self.model, config.mmproj_path, n_threads=self.n_threads, use_gpu=config.n_gpu_layers != 0
+                )
+            except ProjectorError as exc:
+                raise LlamaError(str(exc)) from exc
+
     # -- decoding
 
     def decode(self, entries: Sequence[tuple[int, Sequence[int], int, bool]]) -> list[int]:
@@ -584,18 +626,6 @@ class Model:
     def sampler(self, sampling: Sampling, seed: int) -> Sampler:
         """A sampler chain of one sequence's settings (the engine asks the model, so a fake one can answer)."""
         return Sampler(self, sampling, seed)
-
-    def check_grammar(self, text: str) -> bool:
-        return check_grammar(self.vocab, text)
-
-    def json_grammar(self, schema: dict[str, Any] | None) -> str:
-        return json_grammar(schema)
-
-    def schema_converter(self) -> Any:
-        return schema_converter()
-
-    def chat_formatter(self, name: str) -> Callable[..., Any]:
-        return chat_formatter(name)
 
     def evaluate_image(self, chunk: Any, pos: int, seq: int, logits: bool) -> None:
         """Encode one image (or audio) chunk and decode it into ``seq`` from ``pos`` on (LlamaError when libmtmd fails)."""
@@ -649,10 +679,6 @@ class Model:
         finally:
             llama_cpp.llama_batch_free(batch)
 
-    @property
-    def n_embd(self) -> int:
-        return llama_cpp.llama_model_n_embd(self.model)
-
     def close(self) -> None:
         if self.projector is not None:
             self.projector.close()
@@ -665,6 +691,4 @@ class Model:
             if ctx:
                 llama_cpp.llama_free(ctx)
                 setattr(self, name, None)
-        if self.model:
-            llama_cpp.llama_model_free(self.model)
-            self.model = None
+        super().close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -24,6 +25,9 @@ from deployer.runtime import logs
 from deployer.runtime.chat.template import template_of
 from deployer.runtime.config import API_KEY_ENV, RuntimeConfig
 from deployer.runtime.engine.core import Engine
+from deployer.runtime.engine.process import EngineProcess
+
+ENGINE_ENV = "GGUF_DEPLOY_ENGINE"  # process (default) | thread: where the model thread runs
 
 # after the grace period, the requests just cancelled get this long to send their answers before
 # uvicorn kills their handlers (a traceback each); a generation stops at its next token, but a
@@ -55,7 +59,7 @@ def serve(
     sock = bind(host, port)
     logs.configure()
     failed = threading.Event()
-    engine = Engine(config, load_model=_load_llama, load_chat=template_of)
+    engine = make_engine(config, os.environ.get(ENGINE_ENV))
     engine.start(on_ready=on_ready, on_failure=lambda _engine: failed.set())  # loads while uvicorn imports
     try:
         server = _server(config, engine, failed)
@@ -70,6 +74,22 @@ def serve(
     if engine.state == "failed":
         raise ServeError(engine.error or "the model could not be loaded")
     logs.event("stopped", model=config.model_name)
+
+
+def make_engine(config: RuntimeConfig, choice: str | None = None) -> Engine | EngineProcess:
+    """The engine of ``config``: in a process of its own (``process``, the default), or on a thread of
+    the API server's (``thread``: a model with a projector, whose images are prepared with the model's
+    own context, always runs so). ``choice`` is ``$GGUF_DEPLOY_ENGINE``."""
+    if choice not in (None, "", "process", "thread"):
+        raise ServeError(f"{ENGINE_ENV}={choice!r}: expected 'process' or 'thread'")
+    if choice == "process" and config.mmproj_path:
+        raise ServeError(
+            f"{ENGINE_ENV}=process: a model with a projector ({config.mmproj_path}) runs its engine in the "
+            "API server's process; unset it"
+        )
+    if choice == "thread" or config.mmproj_path:
+        return Engine(config, load_model=_load_llama, load_chat=template_of)
+    return EngineProcess(config, load_model=_load_llama, load_vocabulary=_load_vocabulary, load_chat=template_of)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -147,3 +167,10 @@ def _load_llama(config: RuntimeConfig) -> Any:
     from deployer.runtime import llama
 
     return llama.load(config)
+
+
+def _load_vocabulary(config: RuntimeConfig) -> Any:
+    """The model's vocabulary only, for the API server when the engine runs in its own process."""
+    from deployer.runtime import llama
+
+    return llama.load_vocabulary(config)

@@ -16,17 +16,19 @@ answers them in each protocol's shape.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
 import random
+import sys
 import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from deployer.runtime import logs
 from deployer.runtime.config import KV_TYPES, RuntimeConfig
@@ -46,9 +48,10 @@ if TYPE_CHECKING:  # asyncio is imported by the web stack, after the model threa
     from deployer.runtime.engine.model import ModelInterface as Model
     from deployer.runtime.engine.model import SamplerInterface as Sampler
 
-__all__ = ["KV_TYPES", "Engine", "Job", "Tally", "classify"]
+__all__ = ["KV_TYPES", "Engine", "Job", "Tally", "Ticket", "classify"]
 
 RETRY_AFTER_MAX_S = 60
+THREAD_NAME = "gguf-model"  # the model thread's name, for ``top -H`` and /proc/<pid>/task/<tid>/comm
 
 # llama.cpp's CPU backend runs its threads with OpenMP (libgomp), whose idle threads spin for
 # 300,000 iterations after every graph before they sleep. With few cores that spin takes the core
@@ -76,39 +79,46 @@ class Tally:
 # | ("end", Tally)
 Item = tuple[str, Any]
 
+# not items: a ticket applies them itself
+_STARTED = "started"  # (cached prompt tokens, when the job left the queue): before its first piece
+_DONE = "done"  # (tally, state, started): resolves the ticket's ``done``
+
+
+class Route(Protocol):
+    """Where a job's items go: a batch of ``(key, kind, value)`` per decode step, in order."""
+
+    def post(self, batch: list[tuple[Any, str, Any]]) -> None: ...
+
 
 class Job:
-    """One request's work on the model thread, and the channel its results come back on.
+    """One request's work on the model thread; what it produces goes to its ``route`` under ``key``.
 
     A generation (``generation``) is scheduled with the others; any other work (``work``, e.g.
-    embeddings) runs whole between two decode steps.
+    embeddings) runs whole between two decode steps. The event loop holds the other end, a
+    :class:`Ticket` (in this process, or in the API server's: :mod:`deployer.runtime.engine.process`).
     """
 
     def __init__(
         self,
         engine: Engine,
-        loop: asyncio.AbstractEventLoop,
+        route: Route,
+        key: Any,
         *,
         generation: Generation | None = None,
         work: Callable[[Model, Job], None] | None = None,
+        created: float | None = None,
     ) -> None:
-
         self.generation = generation
         self.work = work
+        self.route, self.key = route, key
         self.cancel_event = threading.Event()
         self.state = "queued"  # -> running -> done, or queued -> cancelled
         self.tally = Tally(prompt_tokens=len(generation.prompt) if generation else 0)
-        self.created = time.monotonic()
+        self.created = time.monotonic() if created is None else created
         self.started: float | None = None
         self.first_token: float | None = None
         self.open_choices = generation.n if generation else 1
         self._engine = engine
-        self._loop = loop
-        self._items: deque[Item] = deque()  # filled by _deliver on the event loop
-        self._waiter: asyncio.Future[None] | None = None  # the event loop waits for items
-        self.done: asyncio.Future[Tally] = loop.create_future()
-
-    # -- the model thread
 
     def emit(self, kind: str, value: Any = None) -> None:
         """Send an item to the event loop, with the rest of this step's (see :meth:`Engine._flush`)."""
@@ -116,9 +126,27 @@ class Job:
 
     def _finish(self) -> None:
         self.emit("end", self.tally)
-        self.emit(_DONE, self.tally)
+        self.emit(_DONE, (self.tally, self.state, self.started))
 
-    # -- the event loop
+    def cancel(self) -> None:
+        """Stop this job: its sequences leave their slots (or the queue) at the next step."""
+        self.cancel_event.set()
+        self._engine._wake()
+
+
+class Ticket:
+    """The event loop's end of a job: its items in order, its counts, and ``done`` when it is over."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, generation: Generation | None) -> None:
+        self.state = "queued"  # as the job's, known here when it is done
+        self.tally = Tally(prompt_tokens=len(generation.prompt) if generation else 0)
+        self.created = time.monotonic()
+        self.started: float | None = None
+        self.cancel: Callable[[], None] = _nothing  # stops the job (set by whoever submitted it)
+        self._loop = loop
+        self._items: deque[Item] = deque()
+        self._waiter: asyncio.Future[None] | None = None  # the event loop waits for items
+        self.done: asyncio.Future[Tally] = loop.create_future()
 
     async def next(self) -> Item:
         """The next item the model thread produced."""
@@ -141,34 +169,35 @@ class Job:
         finally:
             self._waiter = None
 
-    def _put(self, item: Item) -> None:
+    def put(self, kind: str, value: Any) -> None:
         """On the event loop: one item in, the waiting reader woken."""
-        self._items.append(item)
+        if kind == _STARTED:
+            self.tally.cached_tokens, self.started = value
+            self.state = "running"
+            return
+        if kind == _DONE:
+            self.tally, self.state, self.started = value
+            if not self.done.done():
+                self.done.set_result(self.tally)
+            return
+        self._items.append((kind, value))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def cancel(self) -> None:
-        """Stop this job: its sequences leave their slots (or the queue) at the next step."""
-        self.cancel_event.set()
-        self._engine._wake()
 
     @property
     def queue_ms(self) -> int | None:
         return None if self.started is None else int((self.started - self.created) * 1000)
 
 
-_DONE = "done"  # not an item: resolves the job's ``done`` future
+def _nothing() -> None:
+    pass
 
 
-def _deliver(items: list[tuple[Job, str, Any]]) -> None:
+def deliver(batch: list[tuple[Ticket, str, Any]]) -> None:
     """On the event loop: one step's items, for every job at once (one wake-up per step, not per token)."""
-    for job, kind, value in items:
-        if kind == _DONE:
-            if not job.done.done():
-                job.done.set_result(value)
-        else:
-            job._put((kind, value))
+    for ticket, kind, value in batch:
+        ticket.put(kind, value)
 
 
 @dataclass(eq=False)
@@ -244,22 +273,33 @@ class Engine:
 
     # -- admission (the event loop)
 
-    def submit(self, generation: Generation | None = None, *, work: Callable[[Model, Job], None] | None = None) -> Job:
+    def submit(
+        self, generation: Generation | None = None, *, work: Callable[[Model, Job], None] | None = None
+    ) -> Ticket:
         """Accept a generation (or other work); :class:`Busy` at once when ``concurrency`` are in."""
         import asyncio
 
         loop = asyncio.get_running_loop()
-        if loop not in self._handovers:  # made here, on the loop's thread (the model thread only reads it)
-            self._handovers[loop] = Handover(loop, _deliver)
+        handover = self._handovers.get(loop)
+        if handover is None:  # made here, on the loop's thread (the model thread only reads it)
+            handover = self._handovers[loop] = Handover(loop, deliver)
         with self._lock:
             if self._draining or self._closing:
                 raise ShuttingDown()
             if self._in_flight >= self.config.concurrency:
                 raise Busy(self._in_flight, self.config.concurrency, self.retry_after())
             self._in_flight += 1
-            job = Job(self, loop, generation=generation, work=work)
+        ticket = Ticket(loop, generation)
+        job = Job(self, handover, ticket, generation=generation, work=work, created=ticket.created)
+        ticket.cancel = job.cancel
         self._inbox.put(job)
-        return job
+        return ticket
+
+    def accept(self, job: Job) -> None:
+        """Take a job admitted elsewhere (the API server's process counts what is in flight)."""
+        with self._lock:
+            self._in_flight += 1
+        self._inbox.put(job)
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: a request's mean time, shared by the slots."""
@@ -283,6 +323,7 @@ class Engine:
     # -- the model thread
 
     def _main(self) -> None:
+        _name_thread(THREAD_NAME)
         if not self._load():
             return
         assert self.model is not None
@@ -302,13 +343,11 @@ class Engine:
         if not self._outbox:
             return
         items, self._outbox = self._outbox, []
-        by_loop: dict[Any, list[tuple[Job, str, Any]]] = {}
-        for item in items:
-            by_loop.setdefault(item[0]._loop, []).append(item)
-        for loop, batch in by_loop.items():
-            handover = self._handovers.get(loop)
-            if handover is not None:  # None: closed, the server is gone
-                handover.post(batch)
+        by_route: dict[Route, list[tuple[Any, str, Any]]] = {}
+        for job, kind, value in items:
+            by_route.setdefault(job.route, []).append((job.key, kind, value))
+        for route, batch in by_route.items():
+            route.post(batch)
 
     def _resumable(self, slot: int, keep: int) -> int:
         """Where a slot's cache can be cut back to, at most ``keep``: anywhere, unless windowed layers
@@ -407,7 +446,7 @@ class Engine:
             n_ctx=self.model.n_ctx,
             parallel=self.config.parallel,
             threads=self.model.n_threads,
-            chat_template=self.has_chat_template,
+            chat_template=self.has_chat_template if self._load_chat else None,  # None: read elsewhere
         )
         if self._on_ready:
             self._on_ready(self)
@@ -460,6 +499,7 @@ class Engine:
                 job.started, job.state = time.monotonic(), "running"
             if seq.index == 0:  # the prompt is counted once, as the first choice found it
                 job.tally.cached_tokens = admission.keep
+                job.emit(_STARTED, (admission.keep, job.started))
             self.model.forget(admission.slot.id, admission.keep)
             if self.model.windowed:  # the windowed layers' cells before `keep` come from its checkpoint
                 self.checkpoints.keep_until(admission.slot.id, admission.keep)
@@ -668,6 +708,16 @@ def _logprob(model: Model, logits: np.ndarray, token: int, top: int) -> TokenLog
 def _token(model: Model, token: int, logprob: float) -> tuple[str, bytes, float]:
     data = model.piece(token)
     return data.decode("utf-8", errors="replace"), data, logprob
+
+
+def _name_thread(name: str) -> None:
+    """Give the calling thread its name in the OS too (Python before 3.14 does not): Linux only."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
 def classify(exc: BaseException) -> Failed:

@@ -8,6 +8,8 @@ Failed          llama.cpp failed, or a bug: logged with its traceback (the app: 
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EngineError(Exception):
     """A request the engine could not serve (never the client's fault: that is a 4xx before submit)."""
@@ -23,12 +25,18 @@ class Busy(EngineError):
         )
         self.in_flight, self.limit, self.retry_after = in_flight, limit, retry_after
 
+    def __reduce__(self) -> tuple[Any, ...]:  # errors cross to the API server's process pickled
+        return (Busy, (self.in_flight, self.limit, self.retry_after))
+
 
 class ShuttingDown(EngineError):
     """The server is stopping: retry elsewhere."""
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down; retry")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ShuttingDown, ())
 
 
 class Failed(EngineError):
@@ -37,3 +45,6 @@ class Failed(EngineError):
     def __init__(self, kind: str) -> None:
         super().__init__(f"internal error ({kind}); see the server log")
         self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Failed, (self.kind,))
