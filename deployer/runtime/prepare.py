@@ -28,9 +28,10 @@ def generation(
     what = "messages" if request.kind == "chat" else "prompt"
     if not prompt:
         raise bad_request("the prompt is empty", what)
-    bad = next((t for t in prompt if t >= model.n_vocab), None)
-    if bad is not None:
-        raise bad_request(f"prompt token id {bad} is outside the vocabulary (0..{model.n_vocab - 1})", "prompt")
+    n_vocab = model.n_vocab
+    if max(prompt) >= n_vocab:
+        bad = next(t for t in prompt if t >= n_vocab)
+        raise bad_request(f"prompt token id {bad} is outside the vocabulary (0..{n_vocab - 1})", "prompt")
     if len(prompt) >= n_ctx:  # not even one token would fit after it
         raise ApiError(
             400,
@@ -87,14 +88,15 @@ def json_grammar(model: ModelInterface, request: GenerationRequest) -> str | Non
 
 def _logit_bias(model: ModelInterface, bias: dict[str, float], kind: str | None) -> tuple[tuple[int, float], ...]:
     out: dict[int, float] = {}
+    n_vocab = model.n_vocab
     for key, value in bias.items():
         if kind == "tokens":  # llama-cpp-python's extension: keys are text
             for token in model.tokenize(key, add_special=False):
                 out[token] = value
             continue
-        if not key.isdigit() or int(key) >= model.n_vocab:
+        if not key.isdigit() or int(key) >= n_vocab:
             raise bad_request(
-                f"logit_bias key '{key}' is not a token id of this model (0..{model.n_vocab - 1})", "logit_bias"
+                f"logit_bias key '{key}' is not a token id of this model (0..{n_vocab - 1})", "logit_bias"
             )
         out[int(key)] = value
     return tuple(out.items())

@@ -328,6 +328,9 @@ class _ServedModel:
 
     def __init__(self, vocabulary: Any, sizes: dict[str, Any]) -> None:
         self._vocabulary = vocabulary
+        self.n_vocab: int = vocabulary.n_vocab  # read per request: no __getattr__ on the way
+        self.bos: int = vocabulary.bos
+        self.eos: int = vocabulary.eos
         self.n_ctx: int = sizes["n_ctx"]
         self.n_batch: int = sizes["n_batch"]
         self.n_threads: int = sizes["n_threads"]
