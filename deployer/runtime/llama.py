@@ -428,6 +428,10 @@ class Vocabulary:
         llama_cpp.llama_backend_init()
         params = model_params(config)
         params.vocab_only = vocab_only
+        no_devices = (ctypes.c_void_p * 1)()  # an empty, NULL-terminated device list
+        if vocab_only:  # llama.cpp would still ask every GPU for its free memory (a CUDA context here)
+            params.n_gpu_layers = 0
+            params.devices = ctypes.addressof(no_devices)
         self.model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), params)
         if not self.model:
             raise LlamaError("llama.cpp could not load the file (see its log above)")
