@@ -180,3 +180,16 @@ def test_metrics_count_what_the_engine_process_did(start_server, tiny_llama_file
     assert values['gguf_deploy_engine_seconds_total{stage="decode"}'] > 0
     health = httpx.get(f"{server.url}/health", timeout=10).json()
     assert health["status"] == "ok" and health["in_flight"] == 0
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("engine", ["process", "thread"])
+def test_a_logit_bias_reaches_the_sampler(start_server, tiny_llama_file, engine) -> None:
+    """+100 on one token: every token sampled is that one, at any temperature (the biases cross as an array)."""
+    server = start_server(_tiny(tiny_llama_file), env={ENGINE_ENV: engine})
+    with server.http() as http:
+        piece = http.post("/detokenize", json={"tokens": [300]}).json()["content"]
+        body = {"prompt": "Once", "max_tokens": 12, "min_tokens": 12, "temperature": 1.5, "seed": 3}
+        answer = http.post("/v1/completions", json={**body, "logit_bias": {"300": 100, "301": -100}}).json()
+    assert "choices" in answer, answer
+    assert piece and answer["choices"][0]["text"] == piece * 12

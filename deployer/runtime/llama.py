@@ -89,11 +89,10 @@ class Sampler:
         chain_params.no_perf = True
         self.chain = llama_cpp.llama_sampler_chain_init(chain_params)
         add = lambda sampler: llama_cpp.llama_sampler_chain_add(self.chain, sampler)  # noqa: E731
-        if sampling.logit_bias:
-            biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))()
-            for i, (token, bias) in enumerate(sampling.logit_bias):
-                biases[i].token, biases[i].bias = token, bias
-            add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(sampling.logit_bias), biases))
+        if sampling.logit_bias:  # llama.cpp copies the array; numpy fills it (not a ctypes store per entry)
+            biases = np.array(list(sampling.logit_bias), dtype=[("token", "<i4"), ("bias", "<f4")])
+            pointer = biases.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_logit_bias))
+            add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(biases), pointer))
         if sampling.repeat_penalty != 1.0 or sampling.presence_penalty or sampling.frequency_penalty:
             add(
                 llama_cpp.llama_sampler_init_penalties(
