@@ -126,6 +126,7 @@ class EngineProcess:
             [sys.executable, "-m", "deployer.runtime.engine.process", str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),),
             env=env,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the API server only, which drains and closes us
         )
         theirs.close()
         self._conn = ours
