@@ -80,8 +80,8 @@ class Tally:
 Item = tuple[str, Any]
 
 # not items: a ticket applies them itself
-_STARTED = "started"  # (cached prompt tokens, when the job left the queue): before its first piece
-_DONE = "done"  # (tally, state, started): resolves the ticket's ``done``
+STARTED = "started"  # (cached prompt tokens, when the job left the queue): before its first piece
+DONE = "done"  # (tally, state, started): resolves the ticket's ``done``
 
 
 class Route(Protocol):
@@ -126,7 +126,7 @@ class Job:
 
     def _finish(self) -> None:
         self.emit("end", self.tally)
-        self.emit(_DONE, (self.tally, self.state, self.started))
+        self.emit(DONE, (self.tally, self.state, self.started))
 
     def cancel(self) -> None:
         """Stop this job: its sequences leave their slots (or the queue) at the next step."""
@@ -171,11 +171,11 @@ class Ticket:
 
     def put(self, kind: str, value: Any) -> None:
         """On the event loop: one item in, the waiting reader woken."""
-        if kind == _STARTED:
+        if kind == STARTED:
             self.tally.cached_tokens, self.started = value
             self.state = "running"
             return
-        if kind == _DONE:
+        if kind == DONE:
             self.tally, self.state, self.started = value
             if not self.done.done():
                 self.done.set_result(self.tally)
@@ -208,6 +208,39 @@ class _Choice:
     text: TextStream
 
 
+class Admission:
+    """The bound of ``concurrency`` requests in flight (in slots or waiting for one), and the
+    ``Retry-After`` of a refusal: decided where requests arrive (the engine's, or the API server's
+    when the engine runs in a process of its own)."""
+
+    def __init__(self, concurrency: int, parallel: int) -> None:
+        self.concurrency, self.parallel = concurrency, parallel
+        self.in_flight = 0
+        self.refusing = False  # stopping: every new request is refused (503)
+        self._mean_job_s = 1.0
+        self._lock = threading.Lock()  # the model thread leaves, the event loop enters
+
+    def enter(self, *, bounded: bool = True) -> None:
+        """One more request in; :class:`ShuttingDown` or :class:`Busy` instead (unless not ``bounded``)."""
+        with self._lock:
+            if bounded and self.refusing:
+                raise ShuttingDown()
+            if bounded and self.in_flight >= self.concurrency:
+                raise Busy(self.in_flight, self.concurrency, self.retry_after())
+            self.in_flight += 1
+
+    def leave(self, seconds: float | None) -> None:
+        """A request is over; ``seconds`` since it left the queue (None: it never did)."""
+        with self._lock:
+            self.in_flight -= 1
+            if seconds is not None:
+                self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * seconds
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: a request's mean time, shared by the slots."""
+        return max(1, min(RETRY_AFTER_MAX_S, math.ceil(self._mean_job_s * self.in_flight / self.parallel)))
+
+
 # ## The engine
 
 
@@ -238,9 +271,7 @@ class Engine:
         self.scheduler = Scheduler(config.parallel, config.n_ctx, config.n_batch)
         self.checkpoints = Checkpoints(config.parallel, config.ctx_checkpoints)
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._mean_job_s = 1.0
+        self.admission = Admission(config.concurrency, config.parallel)
         self._jobs: set[Job] = set()  # accepted and not finished (model thread only)
         self._others: list[Job] = []  # non-generation work, waiting its turn (model thread only)
         self._choices: dict[Sequence, _Choice] = {}
@@ -262,7 +293,7 @@ class Engine:
     @property
     def in_flight(self) -> int:
         """Requests accepted and not finished: those in slots and those waiting for one."""
-        return self._in_flight
+        return self.admission.in_flight
 
     def start(
         self, on_ready: Callable[[Engine], None] | None = None, on_failure: Callable[[Engine], None] | None = None
@@ -283,12 +314,7 @@ class Engine:
         handover = self._handovers.get(loop)
         if handover is None:  # made here, on the loop's thread (the model thread only reads it)
             handover = self._handovers[loop] = Handover(loop, deliver)
-        with self._lock:
-            if self._draining or self._closing:
-                raise ShuttingDown()
-            if self._in_flight >= self.config.concurrency:
-                raise Busy(self._in_flight, self.config.concurrency, self.retry_after())
-            self._in_flight += 1
+        self.admission.enter()
         ticket = Ticket(loop, generation)
         job = Job(self, handover, ticket, generation=generation, work=work, created=ticket.created)
         ticket.cancel = job.cancel
@@ -297,13 +323,8 @@ class Engine:
 
     def accept(self, job: Job) -> None:
         """Take a job admitted elsewhere (the API server's process counts what is in flight)."""
-        with self._lock:
-            self._in_flight += 1
+        self.admission.enter(bounded=False)
         self._inbox.put(job)
-
-    def retry_after(self) -> int:
-        """Seconds until a slot is likely free: a request's mean time, shared by the slots."""
-        return max(1, min(RETRY_AFTER_MAX_S, math.ceil(self._mean_job_s * self._in_flight / self.config.parallel)))
 
     def _wake(self) -> None:
         self._inbox.put(None)  # the model thread re-checks cancellations
@@ -499,7 +520,7 @@ class Engine:
                 job.started, job.state = time.monotonic(), "running"
             if seq.index == 0:  # the prompt is counted once, as the first choice found it
                 job.tally.cached_tokens = admission.keep
-                job.emit(_STARTED, (admission.keep, job.started))
+                job.emit(STARTED, (admission.keep, job.started))
             self.model.forget(admission.slot.id, admission.keep)
             if self.model.windowed:  # the windowed layers' cells before `keep` come from its checkpoint
                 self.checkpoints.keep_until(admission.slot.id, admission.keep)
@@ -623,10 +644,7 @@ class Engine:
             job.state = "done"
         now = time.monotonic()
         elapsed = now - (job.started or now)
-        with self._lock:
-            self._in_flight -= 1
-            if job.started is not None:
-                self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
+        self.admission.leave(elapsed if job.started is not None else None)
         if job.generation is not None and job.started is not None:
             self.metrics.finished(
                 prompt=job.tally.prompt_tokens,
@@ -667,18 +685,18 @@ class Engine:
     def drain(self) -> None:
         """The server is stopping: refuse new requests, end the waiting ones now (503, so that they are
         retried elsewhere at once), let the admitted ones finish."""
-        self._draining = True
+        self._draining = self.admission.refusing = True
         self._wake()
 
     def cancel_all(self) -> None:
         """Cut every running generation at its next step; the waiting ones end without starting."""
-        self._closing = True
+        self._closing = self.admission.refusing = True
         self._wake()
 
     def close(self, timeout: float = 5.0) -> None:
         """Cancel everything, stop the model thread, free the model (when it is idle)."""
         self.state = "closed" if self.state == "ready" else self.state
-        self._closing = True
+        self._closing = self.admission.refusing = True
         self._stop = True
         self._wake()
         if self._thread.is_alive():

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 import pickle
 import signal
@@ -50,8 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 from deployer.runtime import logs
 from deployer.runtime.config import RuntimeConfig
-from deployer.runtime.engine.core import _DONE, OPENMP_ENV, RETRY_AFTER_MAX_S, Engine, Job, Ticket, deliver
-from deployer.runtime.engine.errors import Busy, Failed, ShuttingDown
+from deployer.runtime.engine.core import DONE, OPENMP_ENV, Admission, Engine, Job, Ticket, deliver
+from deployer.runtime.engine.errors import Failed, ShuttingDown
 from deployer.runtime.metrics import STAGES, Metrics
 
 if TYPE_CHECKING:
@@ -94,9 +93,7 @@ class EngineProcess:
         self.chat_template: Any = None
         self.has_chat_template = False
         self._gauges: dict[str, float] = {}
-        self._in_flight = 0
-        self._mean_job_s = 1.0
-        self._draining = self._closing = False
+        self.admission = Admission(config.concurrency, config.parallel)
         self._tickets: dict[int, Ticket] = {}
         self._keys = itertools.count()
         self._process: subprocess.Popen[bytes] | None = None
@@ -111,7 +108,7 @@ class EngineProcess:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self.admission.in_flight
 
     def start(
         self, on_ready: Callable[[Any], None] | None = None, on_failure: Callable[[Any], None] | None = None
@@ -194,22 +191,16 @@ class EngineProcess:
         if self._loop is None and self._conn is not None:  # the batches are read where the requests are
             self._loop = loop
             loop.add_reader(self._conn.fileno(), self._receive)
-        if self._draining or self._closing or self.state != "ready":
-            raise ShuttingDown() if self.state != "failed" else Failed("EngineProcessExited")
-        if self._in_flight >= self.config.concurrency:
-            raise Busy(self._in_flight, self.config.concurrency, self.retry_after())
+        if self.state != "ready":
+            raise Failed("EngineProcessExited") if self.state == "failed" else ShuttingDown()
+        self.admission.enter()
         key = next(self._keys)
         ticket = Ticket(loop, generation)
         ticket.cancel = lambda: self._send(("cancel", key))
         self._tickets[key] = ticket
-        self._in_flight += 1
         if not self._send(("submit", key, ticket.created, generation, work)):
             self._lost()
         return ticket
-
-    def retry_after(self) -> int:
-        """Seconds until a slot is likely free: a request's mean time, shared by the slots."""
-        return max(1, min(RETRY_AFTER_MAX_S, math.ceil(self._mean_job_s * self._in_flight / self.config.parallel)))
 
     def _send(self, message: tuple[Any, ...]) -> bool:
         """Send ``message`` to the engine process; False when it is gone."""
@@ -241,12 +232,10 @@ class EngineProcess:
             ticket = tickets.get(key)
             if ticket is None:
                 continue
-            if kind == _DONE:
+            if kind == DONE:
                 del tickets[key]
-                self._in_flight -= 1
                 started = value[2]
-                if started is not None:
-                    self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (now - started)
+                self.admission.leave(None if started is None else now - started)
             ticket.put(kind, value)
 
     def _account(self, extra: dict[str, Any]) -> None:
@@ -267,10 +256,10 @@ class EngineProcess:
         logs.event("engine_process_exited", model=self.config.model_name, level="error", error=self.error)
         self._stop_reading()
         tickets, self._tickets = self._tickets, {}
-        self._in_flight = 0
+        self.admission.in_flight = 0
         for ticket in tickets.values():
             deliver([(ticket, "error", Failed("EngineProcessExited")), (ticket, "end", ticket.tally)])
-            deliver([(ticket, _DONE, (ticket.tally, "done", ticket.started))])
+            deliver([(ticket, DONE, (ticket.tally, "done", ticket.started))])
         if self._on_failure:
             self._on_failure(self)
 
@@ -293,18 +282,18 @@ class EngineProcess:
 
     def drain(self) -> None:
         """Refuse new requests; the waiting ones end now (503), the admitted ones finish."""
-        self._draining = True
+        self.admission.refusing = True
         self._send(("drain",))
 
     def cancel_all(self) -> None:
         """Cut every running generation at its next step; the waiting ones end without starting."""
-        self._closing = True
+        self.admission.refusing = True
         self._send(("cancel_all",))
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the engine process (it frees the model), waiting up to ``timeout`` for it."""
         self.state = "closed" if self.state == "ready" else self.state
-        self._closing = True
+        self.admission.refusing = True
         self._send(("close", timeout))
         self._stop_reading()
         process = self._process
@@ -424,7 +413,7 @@ class _Outbound:
     def post(self, batch: list[tuple[Any, str, Any]]) -> None:
         ended = False
         for key, kind, _ in batch:
-            if kind == _DONE:
+            if kind == DONE:
                 self._jobs.pop(key, None)
                 ended = True
         try:
