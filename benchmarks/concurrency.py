@@ -125,6 +125,8 @@ from deployer.loading import load_manifest
 from deployer.runtime import RuntimeConfig, runtime_config
 from deployer.runtime.config import KV_TYPES
 from deployer.runtime.cpu import cpu_flags, cpu_name, repack_weights
+from deployer.runtime.engine.core import THREAD_NAME
+from deployer.runtime.server import ENGINE_ENV
 
 LEVELS = (1, 2, 4, 8)  # demo
 SLOTS = 4  # demo: llama-server's default slot count
@@ -138,8 +140,7 @@ BENCH_PROMPT_TOKENS = 16  # llama-batched-bench's prompt length, about that of P
 REQUEST_TIMEOUT_S = 600
 SETTLE_S = 0.2  # after a level, before reading the counters: the model thread reports a step after its last token
 BIAS = -100.0  # OpenAI's lowest logit bias: the token is never sampled
-ENGINE_ENV = "GGUF_DEPLOY_ENGINE"  # deployer.runtime.server.ENGINE_ENV
-MODEL_THREAD = "gguf-model"  # deployer.runtime.engine.core.THREAD_NAME: the OS name of the model thread
+MODEL_THREAD = THREAD_NAME  # the OS name of our model thread (in the engine process, or the server's)
 PROMPTS = (  # each continues past 64 tokens at temperature 0 with this model (checked on every request)
     "The history of the city begins in the twelfth century, when",
     "Here is a detailed recipe for bread. First,",
@@ -164,15 +165,14 @@ HEALTH = {OURS: "/health", OURS_THREAD: "/health", STOCK: "/v1/models", LLAMA_SE
 STAGES = ("decode", "sample", "schedule", "text", "handover")  # deployer.runtime.metrics.STAGES
 COUNTS = ("requests", "tokens", "full_length", "refused", "failed")  # summed over runs, not medians
 
-# Runs a Python server (a module, or a script when the name ends in .py) unchanged, optionally
-# (argv[1] == "1") with llama.cpp's extra buffer types (AMX, CPU repacking) off: what llama-server's
-# --no-repack does. Llama() and the example server read llama_model_default_params() when they load
-# a model; the patch is applied when the server itself first imports llama_cpp, so that whatever it
+# Runs a Python server (a module, or a script when the name ends in .py) unchanged but with llama.cpp's
+# extra buffer types (AMX, CPU repacking) off: what llama-server's --no-repack does. Llama() and the
+# example server read llama_model_default_params() when they load a model; the patch is applied when the server itself first imports llama_cpp, so that whatever it
 # does before (the runtime sets libgomp's environment) happens as without the launcher.
 LAUNCHER = """
 import importlib.util, os, runpy, sys
 
-no_repack, target = sys.argv[1] == "1", sys.argv[2]
+target = sys.argv[1]
 
 class PatchOnImport:
     def find_spec(self, name, path=None, target=None):
@@ -192,9 +192,8 @@ class PatchOnImport:
         spec.loader.exec_module = exec_module
         return spec
 
-if no_repack:
-    sys.meta_path.insert(0, PatchOnImport())
-sys.argv = [target, *sys.argv[3:]]
+sys.meta_path.insert(0, PatchOnImport())
+sys.argv = [target, *sys.argv[2:]]
 if target.endswith(".py"):
     sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
     runpy.run_path(target, run_name="__main__")
@@ -486,7 +485,7 @@ def named_thread(pid: int, name: str) -> tuple[int, int]:
 def python_module(module: str, args: list[str], no_repack: bool) -> list[str]:
     """``python -m module args`` (or ``python script.py args``), through the launcher where needed."""
     if no_repack:
-        return [sys.executable, "-c", LAUNCHER, "1", module, *args]
+        return [sys.executable, "-c", LAUNCHER, module, *args]
     return [sys.executable, module, *args] if module.endswith(".py") else [sys.executable, "-m", module, *args]
 
 

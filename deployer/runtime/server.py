@@ -56,10 +56,10 @@ def serve(
         raise ServeError(f"{model}: no such model file")
     if model.is_dir():
         raise ServeError(f"{model}: is a directory, not a .gguf file")
+    engine = make_engine(config, os.environ.get(ENGINE_ENV))  # refused before the port is taken; starts nothing
     sock = bind(host, port)
     logs.configure()
     failed = threading.Event()
-    engine = make_engine(config, os.environ.get(ENGINE_ENV))
     engine.start(on_ready=on_ready, on_failure=lambda _engine: failed.set())  # loads while uvicorn imports
     try:
         server = _server(config, engine, failed)

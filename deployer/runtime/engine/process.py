@@ -91,7 +91,6 @@ class EngineProcess:
         self.load_seconds: float | None = None
         self.model: Any = None  # the vocabulary, with the sizes the engine process reported
         self.chat_template: Any = None
-        self.has_chat_template = False
         self._gauges: dict[str, float] = {}
         self.admission = Admission(config.concurrency, config.parallel)
         self._tickets: dict[int, Ticket] = {}
@@ -153,14 +152,13 @@ class EngineProcess:
             self.chat_template = self._load_chat(self.model, self.config) if self._load_chat else None
         except Exception as exc:  # a template Jinja cannot even parse: completions still work
             logs.event("chat_template_unusable", model=self.config.model_name, level="warn", error=str(exc))
-        self.has_chat_template = self.chat_template is not None
         self.load_seconds = time.monotonic() - started
         logs.event(
             "api_ready",
             model=self.config.model_name,
             load_s=round(self.load_seconds, 3),
             engine_pid=self._process.pid if self._process else None,
-            chat_template=self.has_chat_template,
+            chat_template=self.chat_template is not None,
         )
         self.state = "ready"
         if on_ready:
@@ -328,10 +326,7 @@ class _ServedModel:
         self.windowed: bool = sizes["windowed"]
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._vocabulary, name)
-
-    def close(self) -> None:
-        self._vocabulary.close()
+        return getattr(self._vocabulary, name)  # close() among them
 
 
 def _socketpair() -> tuple[Channel, Channel]:
