@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deployer.runtime.errors import ApiError
 from deployer.runtime.protocols import messages, openai, responses
@@ -272,25 +275,78 @@ def test_template_variables_reach_the_template():
     assert qwen.render(ASK, variables={"enable_thinking": False}).prompt.endswith("<think>\n\n</think>\n\n")
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        pytest.param({"messages": ASK, "stream": True, "n": 2}, id="chat"),
-        pytest.param({"prompt": "Hi", "stream": True, "logprobs": 1, "n": 2}, id="completion-logprobs"),
-    ],
-)
-def test_stream_events_are_the_chunks_encoded_one_by_one(body):
-    """The pre-encoded head of every chunk writes exactly what encoding each whole chunk writes."""
-    from deployer.runtime.engine.sampling import Delta, TokenLogprob
+STREAM_BODIES = [
+    pytest.param({"messages": ASK, "stream": True, "n": 2}, id="chat"),
+    pytest.param({"messages": ASK, "stream": True, "logprobs": True}, id="chat-logprobs"),
+    pytest.param({"prompt": "Hi", "stream": True, "logprobs": 1, "n": 2}, id="completion-logprobs"),
+    pytest.param({"prompt": "Hi", "stream": True, "n": 2}, id="completion"),
+    pytest.param({"prompt": "Hi", "stream": True, "echo": True}, id="completion-echo"),
+]
+
+
+def _same_events(body: dict, steps: list) -> None:
+    """Events written with the pre-encoded parts are exactly each whole chunk encoded on its own."""
     from deployer.runtime.protocols.openai import Responder, sse
 
     decode = openai.decode_chat if "messages" in body else openai.decode_completion
-    steps = [
-        [Delta(0, "Hel", (TokenLogprob("Hel", b"Hel", -0.5, (("Hel", b"Hel", -0.5),)),)), Delta(1, 'a "q"\n')],
-        [Delta(0, "lo", (TokenLogprob("lo", b"lo", -0.1),), "stop"), Delta(1, "é", (), "length")],
-    ]
-    fast, plain = Responder(decode(body), "m"), Responder(decode(body), "m")
+    echo = body["prompt"] if body.get("echo") else ""
+    fast, plain = Responder(decode(body), "m", echo=echo), Responder(decode(body), "m", echo=echo)
     plain.id, plain.created = fast.id, fast.created
+    written = b""
     for pieces in steps:
-        assert fast.events(pieces) == b"".join(map(sse, plain.chunks(pieces)))
-    assert fast.events(steps[0])  # never empty: the test compares something
+        events = fast.events(pieces)
+        assert events == b"".join(map(sse, plain.chunks(pieces)))
+        written += events
+    assert written.count(b"data: ") >= 2  # the test compares something
+
+
+@pytest.mark.parametrize("body", STREAM_BODIES)
+def test_stream_events_are_the_chunks_encoded_one_by_one(body):
+    from deployer.runtime.engine.sampling import Delta, TokenLogprob
+
+    n = body.get("n", 1)
+    steps = [
+        [
+            Delta(i, t, (TokenLogprob(t, t.encode(), -0.5, ((t, t.encode(), -0.5),)),))
+            for i, t in enumerate(["Hel", 'a "q"\n'][:n])
+        ],
+        [Delta(i, t) for i, t in enumerate(["", "\u2028\x00\\"][:n])],  # no text: a chat chunk has no delta
+        [
+            Delta(i, t, (TokenLogprob(t, t.encode(), -0.1),), f)
+            for i, (t, f) in enumerate([("lo", "stop"), ("é", "length")][:n])
+        ],
+    ]
+    _same_events(body, steps)
+
+
+@settings(max_examples=50)
+@given(texts=st.lists(st.text(max_size=6), min_size=1, max_size=5))
+@pytest.mark.parametrize("body", STREAM_BODIES)
+def test_stream_events_of_any_text_are_the_chunks_encoded(body, texts):
+    from deployer.runtime.engine.sampling import Delta
+
+    _same_events(body, [[Delta(0, text)] for text in texts] + [[Delta(0, "", (), "length")]])
+
+
+@pytest.mark.parametrize(
+    ("bias", "expected"),
+    [
+        ({}, ()),
+        ({"5": 1.5, "0": -100, "1023": 2}, ((5, 1.5), (0, -100), (1023, 2))),
+        ({"7": 1, "07": 3}, ((7, 3),)),  # the same token twice: the last value, as the keys' order says
+        ({"5": 1, "x1": 2, "2000": 3}, "logit_bias key 'x1' is not a token id of this model (0..1023)"),
+        ({"5": 1, "1024": 2}, "logit_bias key '1024' is not a token id of this model (0..1023)"),
+        ({"-1": 2}, "logit_bias key '-1' is not a token id"),
+    ],
+)
+def test_logit_bias_keys_are_token_ids_of_the_model(bias, expected):
+    from deployer.runtime.prepare import _logit_bias
+
+    class Vocabulary:
+        n_vocab = 1024
+
+    if isinstance(expected, tuple):
+        assert _logit_bias(Vocabulary(), bias, None) == expected  # type: ignore[arg-type]
+    else:
+        with pytest.raises(ApiError, match=re.escape(expected)):
+            _logit_bias(Vocabulary(), bias, None)  # type: ignore[arg-type]

@@ -24,6 +24,9 @@ from deployer.runtime.metrics import Metrics
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CLIENT_CLOSED = 499  # nginx's status for "the client went away": only ever logged, never sent
+# the scope key of the ASGI server's ``send``, as the outermost middleware received it: what a stream
+# writes its body chunks with (no middleware here changes a body; they all read the response's start)
+SERVER_SEND = "gguf_server_send"
 
 
 @dataclass
@@ -98,6 +101,7 @@ class AccessLog:
             given if _REQUEST_ID.fullmatch(given) else f"req_{uuid.uuid4().hex}", scope["method"], scope["path"]
         )
         scope["gguf_request"] = log
+        scope[SERVER_SEND] = send  # the ASGI server's own: a stream's body chunks need no middleware
         started = False
 
         async def send_with_id(message: Message) -> None:

@@ -41,7 +41,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployer.runtime import logs
-from deployer.runtime.access import CLIENT_CLOSED, AccessLog, RequestLog, log_of
+from deployer.runtime.access import CLIENT_CLOSED, SERVER_SEND, AccessLog, RequestLog, log_of
 from deployer.runtime.config import RuntimeConfig
 from deployer.runtime.engine.core import Engine, Job
 from deployer.runtime.engine.errors import EngineError, ShuttingDown
@@ -493,43 +493,84 @@ _SSE_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache
 class _EventStream:
     """Server-sent events of a job, written by the protocol's encoder; cancels the job when the client goes away.
 
-    An ASGI response of its own rather than Starlette's ``StreamingResponse``: per token, the event
-    loop reads the job's queue, encodes, and sends, with no generator or per-chunk task in between
-    (when decoding is fast, the event loop's cost per streamed token bounds throughput). One task
-    per stream watches for the client's disconnect.
+    An ASGI response of its own rather than Starlette's ``StreamingResponse``. When decoding is fast,
+    the event loop's cost per streamed token bounds throughput, so a step's pieces are written as the
+    engine's batch is read: the ticket's ``sink`` encodes them and calls the ASGI server's ``send``
+    then and there (a call that completes at once unless the client is behind), with no task woken
+    per token and no middleware between (only the response's start goes through them). What cannot
+    be written at once (the end, an error, pieces behind a send still waiting for the client) queues,
+    in order, for the stream's task. One task per stream watches for the client's disconnect.
     """
 
     def __init__(self, job: Job, first: bytes, encoder: Any, log: RequestLog) -> None:
         self.job, self.first, self.encoder, self.log = job, first, encoder, log
         self.headers: dict[str, str] = {}  # more response headers, as a Response's (set before it is sent)
         self._gone = False
+        self._body: Send | None = None  # the server's send, for the body chunks
+        self._busy = False  # the stream's task is sending: pieces queue behind it
+        self._writing: asyncio.Future[None] | None = None  # a send the sink started that waits for the client
+        self._failed: BaseException | None = None  # what the sink's send raised: the task raises it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.ensure_future(self._watch(receive))
+        body = self._body = scope.get(SERVER_SEND, send)
         complete = False
         try:
             extra = tuple(
                 (key.lower().encode("latin-1"), value.encode("latin-1")) for key, value in self.headers.items()
             )
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + extra})
-            await send({"type": "http.response.body", "body": self.first, "more_body": True})
-            await send({"type": "http.response.body", "body": await self._rest(send), "more_body": False})
+            await body({"type": "http.response.body", "body": self.first, "more_body": True})
+            self.job.sink = self._sink
+            await body({"type": "http.response.body", "body": await self._rest(body), "more_body": False})
             complete = not self._gone
         finally:
+            self.job.sink = None
             watcher.cancel()
+            if self._writing is not None:
+                self._writing.cancel()
             if not complete:
                 self.job.cancel()
                 self.log.status = CLIENT_CLOSED
             await asyncio.shield(self.job.done)
             self.log.record(self.job)
 
+    def _sink(self, kind: str, value: Any) -> bool:
+        """On the event loop, as the engine's batch is read: write pieces now; False leaves an item to the task."""
+        if kind != "pieces" or self._busy or self._writing is not None or self._failed is not None:
+            return False
+        assert self._body is not None
+        try:
+            out = self.encoder.events(value)
+            if not out:
+                return True
+            sending = self._body({"type": "http.response.body", "body": out, "more_body": True})
+            try:
+                waits_on = sending.send(None)
+            except StopIteration:
+                return True
+            # the server waits for the client to read: the rest of this send runs on a task of its own,
+            # and what comes next queues behind it
+            self._writing = asyncio.ensure_future(_Resumed(sending, waits_on))
+            return True
+        except Exception as exc:  # raised where the stream's task can end the response with it
+            self._failed = exc
+            return False
+
     async def _rest(self, send: Send) -> bytes:
-        """Send the job's events as they come; the last bytes (the stream's end) are returned."""
+        """Send the job's events the sink left to the task; the last bytes (the stream's end) are returned."""
         failed = ended = False
         encoder, job = self.encoder, self.job
         while not ended:
+            items = await job.take()
+            if self._failed is not None:
+                raise self._failed
+            self._busy = True  # until these are sent, new pieces queue behind them
+            if self._writing is not None:
+                await self._writing
+                self._writing = None
             out = b""  # what arrived since the last send goes in one write (a stream behind catches up)
-            for kind, value in await job.take():
+            for kind, value in items:
                 if kind == "pieces":
                     out += encoder.events(value)
                 elif kind == "error":
@@ -541,6 +582,7 @@ class _EventStream:
                     ended = True
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
+            self._busy = False
         tail = b""
         if job.tally.cut:  # a shutdown cut it: say so, rather than end as if complete
             error = _stopping()
@@ -556,6 +598,30 @@ class _EventStream:
             pass
         self._gone = True
         self.job.cancel()
+
+
+class _Resumed:
+    """The rest of a coroutine that was started by hand (``coroutine.send(None)``) and is waiting on
+    ``waits_on``: an awaitable a task can run to its end."""
+
+    def __init__(self, coroutine: Any, waits_on: Any) -> None:
+        self.coroutine, self.waits_on = coroutine, waits_on
+
+    def __await__(self) -> Any:
+        waits_on = self.waits_on
+        while True:
+            try:
+                yield waits_on
+            except BaseException as exc:  # a cancellation: passed on to the coroutine
+                try:
+                    waits_on = self.coroutine.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    waits_on = self.coroutine.send(None)
+                except StopIteration as stop:
+                    return stop.value
 
 
 class _Cors:

@@ -89,14 +89,15 @@ def json_grammar(model: ModelInterface, request: GenerationRequest) -> str | Non
 def _logit_bias(model: ModelInterface, bias: dict[str, float], kind: str | None) -> tuple[tuple[int, float], ...]:
     out: dict[int, float] = {}
     n_vocab = model.n_vocab
-    for key, value in bias.items():
-        if kind == "tokens":  # llama-cpp-python's extension: keys are text
+    if kind == "tokens":  # llama-cpp-python's extension: keys are text
+        for key, value in bias.items():
             for token in model.tokenize(key, add_special=False):
                 out[token] = value
-            continue
-        if not key.isdigit() or int(key) >= n_vocab:
-            raise bad_request(
-                f"logit_bias key '{key}' is not a token id of this model (0..{n_vocab - 1})", "logit_bias"
-            )
-        out[int(key)] = value
-    return tuple(out.items())
+        return tuple(out.items())
+    # token ids: checked and converted with builtins over all keys (a request may bias hundreds of tokens)
+    if all(map(str.isdigit, bias)) and (ids := list(map(int, bias))) and max(ids) < n_vocab:
+        return tuple(dict(zip(ids, bias.values(), strict=True)).items())
+    if not bias:
+        return ()
+    key = next(key for key in bias if not key.isdigit() or int(key) >= n_vocab)
+    raise bad_request(f"logit_bias key '{key}' is not a token id of this model (0..{n_vocab - 1})", "logit_bias")

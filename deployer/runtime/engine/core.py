@@ -146,6 +146,9 @@ class Ticket:
         self._loop = loop
         self._items: deque[Item] = deque()
         self._waiter: asyncio.Future[None] | None = None  # the event loop waits for items
+        # takes an item at once, on the event loop, as it arrives (a stream writing it to its client);
+        # returns False for one it leaves to the queue: then the items after it queue too, in order
+        self.sink: Callable[[str, Any], bool] | None = None
         self.done: asyncio.Future[Tally] = loop.create_future()
 
     async def next(self) -> Item:
@@ -179,6 +182,8 @@ class Ticket:
             self.tally, self.state, self.started = value
             if not self.done.done():
                 self.done.set_result(self.tally)
+            return
+        if self.sink is not None and not self._items and self.sink(kind, value):
             return
         self._items.append((kind, value))
         waiter = self._waiter

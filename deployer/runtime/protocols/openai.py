@@ -302,10 +302,32 @@ class Responder:
     # -- server-sent events (the encoder interface every protocol's encoder has)
 
     def events(self, pieces: list[Delta]) -> bytes:
-        # every chunk repeats the head: it is encoded once, each chunk encodes only its choices
-        # (the event loop's cost per streamed token is what bounds throughput when decoding is fast)
+        # the event loop's cost per streamed token is what bounds throughput when decoding is fast: every
+        # chunk repeats the head, encoded once; a piece that is text only (the common one) is the text
+        # between two constant parts, the rest are encoded whole
         head = self._sse_head
-        return b"".join(head + _dumps(choices).encode() + b"}\n\n" for choices in self._choices(pieces))
+        out = b""
+        for piece in pieces:
+            frame = self._text_frame(piece)
+            if frame is not None:
+                self._record(piece)
+                if piece.text or not self.chat:  # a chat chunk without text has no delta: none is sent
+                    out += head + frame[0] + _encode_string(piece.text).encode() + frame[1]
+            else:
+                out += b"".join(head + _dumps(choices).encode() + b"}\n\n" for choices in self._choices([piece]))
+        return out
+
+    def _text_frame(self, piece: Delta) -> tuple[bytes, bytes] | None:
+        """What surrounds a piece's text in its chunk, when that is all it carries (else None)."""
+        if piece.finish_reason is not None or self._wants_logprobs:
+            return None
+        if self.chat:
+            if self.parsers is not None or not self._started[piece.index]:
+                return None
+            return (b'[{"index":%d,"delta":{"content":' % piece.index, b'},"logprobs":null,"finish_reason":null}]}\n\n')
+        if self.echo and not self._started[piece.index]:
+            return None
+        return (b'[{"text":', b',"index":%d,"logprobs":null,"finish_reason":null}]}\n\n' % piece.index)
 
     @functools.cached_property
     def _sse_head(self) -> bytes:
@@ -398,6 +420,7 @@ class Responder:
 
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode  # compact; made once
+_encode_string = json.encoder.encode_basestring_ascii  # a str as _dumps writes it (C; ASCII with escapes)
 
 
 def sse(data: Any) -> bytes:

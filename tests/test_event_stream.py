@@ -1,0 +1,117 @@
+"""A stream's body chunks: written by the ticket's sink as the engine's batch is read (no task woken per
+token), queued behind a send that waits for a slow client, and always in order (deployer/runtime/app.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from deployer.runtime.access import SERVER_SEND, RequestLog
+from deployer.runtime.app import _EventStream
+from deployer.runtime.engine.core import DONE, Tally, Ticket
+
+
+class Encoder:
+    def events(self, pieces: list[str]) -> bytes:
+        return "".join(pieces).encode()
+
+    def error_event(self, error: Any) -> bytes:
+        return b"<error>"
+
+    def end(self, tally: Tally) -> bytes:
+        return b"<end>"
+
+
+class Client:
+    """The ASGI server's side: what was sent, in order; a send may wait until ``release``."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.hold: set[bytes] = set()  # bodies whose send waits for release
+        self.release = asyncio.Event()
+        self.fail: set[bytes] = set()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            body = message["body"]
+            if body in self.fail:
+                raise ConnectionError("the transport broke")
+            if body in self.hold:
+                await self.release.wait()
+            self.bodies.append(body)
+
+    async def receive(self) -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client never leaves
+        raise AssertionError
+
+
+async def _start(client: Client) -> tuple[Ticket, asyncio.Task[None]]:
+    ticket = Ticket(asyncio.get_running_loop(), None)
+    stream = _EventStream(ticket, b"first;", Encoder(), RequestLog("req_1", "POST", "/v1/completions"))  # type: ignore[arg-type]
+    scope = {"type": "http", SERVER_SEND: client.send}
+    task = asyncio.ensure_future(stream(scope, client.receive, client.send))
+    for _ in range(3):  # the response's start and first chunk go out; the sink is in place
+        await asyncio.sleep(0)
+    assert ticket.sink is not None
+    return ticket, task
+
+
+def _end(ticket: Ticket) -> None:
+    ticket.put("end", Tally())
+    ticket.put(DONE, (Tally(), "done", 0.0))
+
+
+def test_pieces_are_written_as_the_batch_is_read():
+    async def run() -> list[bytes]:
+        client = Client()
+        ticket, task = await _start(client)
+        ticket.put("pieces", ["a"])
+        assert client.bodies == [b"first;", b"a"]  # at once: no task was woken for it
+        ticket.put("pieces", ["b", "c"])
+        assert client.bodies[-1] == b"bc"
+        _end(ticket)
+        await task
+        return client.bodies
+
+    assert asyncio.run(run()) == [b"first;", b"a", b"bc", b"<end>"]
+
+
+def test_pieces_behind_a_send_that_waits_for_the_client_keep_their_order():
+    async def run() -> list[bytes]:
+        client = Client()
+        client.hold = {b"b"}
+        ticket, task = await _start(client)
+        ticket.put("pieces", ["a"])
+        ticket.put("pieces", ["b"])  # its send waits: what comes next queues behind it
+        ticket.put("pieces", ["c"])
+        ticket.put("pieces", ["d"])
+        await asyncio.sleep(0.01)
+        assert client.bodies == [b"first;", b"a"]
+        client.release.set()
+        await asyncio.sleep(0.01)
+        assert client.bodies == [b"first;", b"a", b"b", b"cd"]  # the queued ones in one write
+        ticket.put("pieces", ["e"])  # and the sink writes again
+        assert client.bodies[-1] == b"e"
+        _end(ticket)
+        await task
+        return client.bodies
+
+    assert asyncio.run(run()) == [b"first;", b"a", b"b", b"cd", b"e", b"<end>"]
+
+
+def test_a_send_that_fails_in_the_sink_ends_the_stream_with_its_error():
+    async def run() -> None:
+        client = Client()
+        client.fail = {b"b"}
+        ticket, task = await _start(client)
+        ticket.put("pieces", ["a"])
+        ticket.put("pieces", ["b"])  # raised in the sink: not into the engine's reader
+        ticket.put("pieces", ["c"])
+        _end(ticket)
+        with pytest.raises(ConnectionError, match="the transport broke"):
+            await task
+        assert client.bodies == [b"first;", b"a"]
+
+    asyncio.run(run())
