@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from deployer.runtime.access import SERVER_SEND, RequestLog
-from deployer.runtime.app import _EventStream
+from deployer.runtime.app import _EventStream, _Watch
 from deployer.runtime.engine.core import DONE, Tally, Ticket
 
 
@@ -49,7 +49,8 @@ class Client:
 
 async def _start(client: Client) -> tuple[Ticket, asyncio.Task[None]]:
     ticket = Ticket(asyncio.get_running_loop(), None)
-    stream = _EventStream(ticket, b"first;", Encoder(), RequestLog("req_1", "POST", "/v1/completions"))  # type: ignore[arg-type]
+    log = RequestLog("req_1", "POST", "/v1/completions")
+    stream = _EventStream(ticket, b"first;", Encoder(), log, _Watch(client.receive, ticket))  # type: ignore[arg-type]
     scope = {"type": "http", SERVER_SEND: client.send}
     task = asyncio.ensure_future(stream(scope, client.receive, client.send))
     for _ in range(3):  # the response's start and first chunk go out; the sink is in place

@@ -416,19 +416,22 @@ class _Api:
         errors = getattr(request.state, "errors", _openai_error)
         error: ApiError | None = None
         result: Any = None
-        while True:
-            item = await _unless_disconnected(request, job.next())
-            if item is None:
-                return await self._abandoned(request, job)
-            kind, value = item
-            if kind == "pieces" and encoder is not None:
-                encoder.add(value)
-            elif kind == "result":
-                result = value
-            elif kind == "error":
-                error = api_error(value)
-            elif kind == "end":
-                break
+        watch = _Watch(request.receive, job)
+        try:
+            while True:
+                kind, value = await job.next()
+                if kind == "pieces" and encoder is not None:
+                    encoder.add(value)
+                elif kind == "result":
+                    result = value
+                elif kind == "error":
+                    error = api_error(value)
+                elif kind == "end":
+                    break
+        finally:
+            watch.stop()
+        if watch.gone:
+            return await self._abandoned(request, job)
         await job.done
         log.record(job)
         if error is not None:
@@ -439,16 +442,21 @@ class _Api:
 
     async def _stream(self, request: Request, job: Job, encoder: Any) -> Response:
         # headers wait for the first piece, so an error before it (a shutdown) is still a plain status
-        item = await _unless_disconnected(request, job.next())
-        if item is None:
+        watch = _Watch(request.receive, job)
+        try:
+            kind, value = await job.next()
+            if kind == "pieces" and not watch.gone:  # the stream's from here: it stops the watch
+                return _EventStream(job, encoder.events(value), encoder, log_of(request), watch)
+        except BaseException:
+            watch.stop()
+            raise
+        watch.stop()
+        if watch.gone:
             return await self._abandoned(request, job)
-        kind, value = item
-        if kind != "pieces":
-            await job.done
-            log_of(request).record(job)
-            errors = getattr(request.state, "errors", _openai_error)
-            return _error_response(request, api_error(value) if kind == "error" else _stopping(), errors)
-        return _EventStream(job, encoder.events(value), encoder, log_of(request))
+        await job.done
+        log_of(request).record(job)
+        errors = getattr(request.state, "errors", _openai_error)
+        return _error_response(request, api_error(value) if kind == "error" else _stopping(), errors)
 
     async def _abandoned(self, request: Request, job: Job) -> Response:
         job.cancel()
@@ -470,21 +478,24 @@ class _LazyTally:
         return getattr(self._jobs[0].tally, name)
 
 
-async def _unless_disconnected(request: Request, waiting: Awaitable[Any]) -> Any:
-    """``await waiting``, or None as soon as the client disconnects."""
-    task = asyncio.ensure_future(waiting)
-    watch = asyncio.ensure_future(_disconnect(request.receive))
-    done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        watch.cancel()
-        return task.result()
-    task.cancel()
-    return None
+class _Watch:
+    """The client's side of a request, from submission to the answer's end: one task that cancels the
+    job as soon as the client disconnects (the job then ends at its next step, and whoever waits for
+    its items gets its end)."""
 
+    def __init__(self, receive: Receive, job: Job) -> None:
+        self.gone = False
+        self._job = job
+        self._task = asyncio.ensure_future(self._watch(receive))
 
-async def _disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self._job.cancel()
+
+    def stop(self) -> None:
+        self._task.cancel()
 
 
 _SSE_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"))
@@ -499,20 +510,18 @@ class _EventStream:
     then and there (a call that completes at once unless the client is behind), with no task woken
     per token and no middleware between (only the response's start goes through them). What cannot
     be written at once (the end, an error, pieces behind a send still waiting for the client) queues,
-    in order, for the stream's task. One task per stream watches for the client's disconnect.
+    in order, for the stream's task. A :class:`_Watch` cancels the job when the client goes away.
     """
 
-    def __init__(self, job: Job, first: bytes, encoder: Any, log: RequestLog) -> None:
-        self.job, self.first, self.encoder, self.log = job, first, encoder, log
+    def __init__(self, job: Job, first: bytes, encoder: Any, log: RequestLog, watch: _Watch) -> None:
+        self.job, self.first, self.encoder, self.log, self.watch = job, first, encoder, log, watch
         self.headers: dict[str, str] = {}  # more response headers, as a Response's (set before it is sent)
-        self._gone = False
         self._body: Send | None = None  # the server's send, for the body chunks
         self._busy = False  # the stream's task is sending: pieces queue behind it
         self._writing: asyncio.Future[None] | None = None  # a send the sink started that waits for the client
         self._failed: BaseException | None = None  # what the sink's send raised: the task raises it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watcher = asyncio.ensure_future(self._watch(receive))
         body = self._body = scope.get(SERVER_SEND, send)
         complete = False
         try:
@@ -523,10 +532,10 @@ class _EventStream:
             await body({"type": "http.response.body", "body": self.first, "more_body": True})
             self.job.sink = self._sink
             await body({"type": "http.response.body", "body": await self._rest(body), "more_body": False})
-            complete = not self._gone
+            complete = not self.watch.gone
         finally:
             self.job.sink = None
-            watcher.cancel()
+            self.watch.stop()
             if self._writing is not None:
                 self._writing.cancel()
             if not complete:
@@ -592,12 +601,6 @@ class _EventStream:
         if not failed or isinstance(encoder, Responder):  # OpenAI's chat streams still end with [DONE]
             tail += encoder.end(job.tally)
         return tail
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self._gone = True
-        self.job.cancel()
 
 
 class _Resumed:
