@@ -134,7 +134,7 @@ LEVELS = (1, 2, 4, 8)  # demo
 SLOTS = 4  # demo: llama-server's default slot count
 FAST_LEVELS = (1, 4, 8, 16)  # fast: those up to twice the slots
 FAST_SLOTS = (4, 8)
-FAST_CTX = 1024  # fast: context per slot (a prompt of ~14 tokens and 128 generated)
+FAST_CTX = 1024  # fast: context per slot (a prompt of 17 tokens and 128 generated)
 THREADS = 2
 MAX_TOKENS = 64  # demo
 FAST_TOKENS = 128
@@ -153,7 +153,7 @@ PROMPTS = (  # each continues past 64 tokens at temperature 0 with this model (c
     "The old sailor told the children a story about",
     "Photosynthesis is the process by which plants",
 )
-# the tiny model's vocabulary has no pieces for English: every byte is a token, so these are ~14 tokens
+# the tiny model's vocabulary has no pieces for English: every byte is a token, so these are 17 tokens (BOS, ▁Request▁ in bytes, the digits)
 FAST_PROMPTS = tuple(f"Request {i:02d}:" for i in range(16))
 OURS = "gguf-deploy runtime"
 OURS_THREAD = "gguf-deploy runtime, engine on a thread"  # GGUF_DEPLOY_ENGINE=thread: one process, one GIL
@@ -219,7 +219,7 @@ class Regime:
 
 
 DEMO = Regime("demo", PROMPTS, MAX_TOKENS, LEVELS, (SLOTS,), BENCH_PROMPT_TOKENS, count_words=False, together=True)
-FAST = Regime("fast", FAST_PROMPTS, FAST_TOKENS, FAST_LEVELS, FAST_SLOTS, 14, count_words=True, together=False)
+FAST = Regime("fast", FAST_PROMPTS, FAST_TOKENS, FAST_LEVELS, FAST_SLOTS, 17, count_words=True, together=False)
 REGIMES = {"demo": DEMO, "fast": FAST}
 
 
@@ -550,8 +550,8 @@ def example_script(version: str) -> Path:
 # llama-server reuses any cached prefix of a prompt (its slot's, or one kept in host RAM), which a
 # fresh evaluation may not reproduce bit for bit; our prompt cache reuses whole n_batch chunks only,
 # so that a cached prefix never changes a result (deployer/runtime/engine/scheduler.py). The fast
-# regime's prompts share their first ~10 tokens ("Request 0"), so with reuse on llama-server would
-# evaluate 3 prompt tokens where we evaluate 13: off, both servers do the same work per request.
+# regime's prompts (17 tokens) share their first 14 or 15, so with reuse on llama-server would
+# evaluate 2 or 3 prompt tokens where we evaluate 17: off, both servers do the same work per request.
 LLAMA_SERVER_NO_PREFIX_REUSE = ("--no-cache-prompt", "--cache-ram", "0")
 
 
