@@ -116,3 +116,54 @@ def test_a_send_that_fails_in_the_sink_ends_the_stream_with_its_error():
         assert client.bodies == [b"first;", b"a"]
 
     asyncio.run(run())
+
+
+def test_a_client_that_reads_late_gets_every_token_in_order(monkeypatch):
+    """Over real HTTP (uvicorn, the fake model): a client that does not read for a while fills the
+    server's buffers; the sink's send then waits for it (flow control) and the rest queues behind,
+    and once the client reads, the stream is whole and in order."""
+    import json
+    import socket
+    import time
+
+    from deployer.runtime import RuntimeConfig, app
+    from tests.fakemodel import serve_fake
+
+    waited = []
+
+    class Counted(app._Resumed):
+        def __init__(self, *args: Any) -> None:
+            waited.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(app, "_Resumed", Counted)
+    tokens = 20000
+    config = RuntimeConfig(model_name="fake", model_path="/nonexistent.gguf", n_ctx=tokens + 64)
+    server = serve_fake(config, reply="0123456789", endless=True)
+    try:
+        body = json.dumps({"model": "fake", "prompt": "Hi", "max_tokens": tokens, "stream": True}).encode()
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect((host, int(port)))
+            head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            client.sendall(head.encode() + body)
+            time.sleep(1.5)  # not reading: the server's writes back up
+            received = bytearray()
+            while not received.endswith(b"\r\n0\r\n\r\n"):
+                chunk = client.recv(1 << 16)
+                assert chunk, "the server closed the stream early"
+                received += chunk
+    finally:
+        server.stop()
+    _, _, rest = bytes(received).partition(b"\r\n\r\n")  # the body, chunked
+    stream = b""
+    while True:
+        size, _, rest = rest.partition(b"\r\n")
+        if int(size, 16) == 0:
+            break
+        stream, rest = stream + rest[: int(size, 16)], rest[int(size, 16) + 2 :]
+    events = [event[6:] for event in stream.decode().split("\n\n") if event.startswith("data: {")]
+    text = "".join(json.loads(event)["choices"][0]["text"] for event in events)
+    assert text == ("0123456789" * (tokens // 10 + 1))[:tokens]
+    assert waited, "the client never held the server back: the test did not reach the path it is about"
