@@ -4,6 +4,7 @@ token), queued behind a send that waits for a slow client, and always in order (
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -47,8 +48,27 @@ class Client:
         raise AssertionError
 
 
+STARTED: list[Ticket] = []  # the tickets of the test running now (see _run)
+
+
+def _run(test: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``test``; a stream it leaves waiting (after a failed assertion) is let go, so a failure never hangs."""
+
+    async def main() -> Any:
+        try:
+            return await asyncio.wait_for(test(), 10)
+        finally:
+            for ticket in STARTED:
+                if not ticket.done.done():
+                    ticket.put(DONE, (Tally(), "done", 0.0))
+            STARTED.clear()
+
+    return asyncio.run(main())
+
+
 async def _start(client: Client) -> tuple[Ticket, asyncio.Task[None]]:
     ticket = Ticket(asyncio.get_running_loop(), None)
+    STARTED.append(ticket)
     log = RequestLog("req_1", "POST", "/v1/completions")
     stream = _EventStream(ticket, b"first;", Encoder(), log, _Watch(client.receive, ticket))  # type: ignore[arg-type]
     scope = {"type": "http", SERVER_SEND: client.send}
@@ -76,7 +96,7 @@ def test_pieces_are_written_as_the_batch_is_read():
         await task
         return client.bodies
 
-    assert asyncio.run(run()) == [b"first;", b"a", b"bc", b"<end>"]
+    assert _run(run) == [b"first;", b"a", b"bc", b"<end>"]
 
 
 def test_pieces_behind_a_send_that_waits_for_the_client_keep_their_order():
@@ -99,7 +119,7 @@ def test_pieces_behind_a_send_that_waits_for_the_client_keep_their_order():
         await task
         return client.bodies
 
-    assert asyncio.run(run()) == [b"first;", b"a", b"b", b"cd", b"e", b"<end>"]
+    assert _run(run) == [b"first;", b"a", b"b", b"cd", b"e", b"<end>"]
 
 
 def test_a_send_that_fails_in_the_sink_ends_the_stream_with_its_error():
@@ -115,29 +135,41 @@ def test_a_send_that_fails_in_the_sink_ends_the_stream_with_its_error():
             await task
         assert client.bodies == [b"first;", b"a"]
 
-    asyncio.run(run())
+    _run(run)
 
 
 def test_a_client_that_reads_late_gets_every_token_in_order(monkeypatch):
     """Over real HTTP (uvicorn, the fake model): a client that does not read for a while fills the
-    server's buffers; the sink's send then waits for it (flow control) and the rest queues behind,
-    and once the client reads, the stream is whole and in order."""
+    server's buffers, so the server's sends wait for it (flow control: the one the sink started, or the
+    stream task's, whichever was writing then; the unit test above holds the sink's own), and once the
+    client reads, the stream is whole and in order."""
     import json
     import socket
     import time
 
-    from deployer.runtime import RuntimeConfig, app
+    from uvicorn.protocols.http.flow_control import FlowControl
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from deployer.runtime import RuntimeConfig
     from tests.fakemodel import serve_fake
 
-    waited = []
+    paused = []
+    pause_writing = FlowControl.pause_writing
 
-    class Counted(app._Resumed):
-        def __init__(self, *args: Any) -> None:
-            waited.append(1)
-            super().__init__(*args)
+    def counted(self: FlowControl) -> None:
+        paused.append(1)
+        pause_writing(self)
 
-    monkeypatch.setattr(app, "_Resumed", Counted)
-    tokens = 20000
+    monkeypatch.setattr(FlowControl, "pause_writing", counted)
+    connection_made = HttpToolsProtocol.connection_made
+
+    def small_send_buffer(self: HttpToolsProtocol, transport: Any) -> None:
+        # or the kernel takes megabytes before the server's own buffer (what flow control watches) grows
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        connection_made(self, transport)
+
+    monkeypatch.setattr(HttpToolsProtocol, "connection_made", small_send_buffer)
+    tokens = 5000
     config = RuntimeConfig(model_name="fake", model_path="/nonexistent.gguf", n_ctx=tokens + 64)
     server = serve_fake(config, reply="0123456789", endless=True)
     try:
@@ -145,6 +177,7 @@ def test_a_client_that_reads_late_gets_every_token_in_order(monkeypatch):
         host, port = server.url.removeprefix("http://").split(":")
         with socket.socket() as client:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.settimeout(30)  # a stalled stream fails the test rather than hanging it
             client.connect((host, int(port)))
             head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
             client.sendall(head.encode() + body)
@@ -166,4 +199,4 @@ def test_a_client_that_reads_late_gets_every_token_in_order(monkeypatch):
     events = [event[6:] for event in stream.decode().split("\n\n") if event.startswith("data: {")]
     text = "".join(json.loads(event)["choices"][0]["text"] for event in events)
     assert text == ("0123456789" * (tokens // 10 + 1))[:tokens]
-    assert waited, "the client never held the server back: the test did not reach the path it is about"
+    assert paused, "the client never held the server back: the test did not reach the case it is about"
