@@ -2,7 +2,8 @@
 
 Tokens are bytes (id = byte + 3; 0 is BOS, 1 is EOS). Every sequence answers ``reply`` byte by byte,
 then EOS; an ``endless`` model never stops (until ``max_tokens``), ``delay_s`` slows each decode step
-(a stream stays in flight long enough to be cut or queued behind). Served by uvicorn on a thread
+(a stream stays in flight long enough to be cut or queued behind), and a ``gate`` holds every decode
+until the test sets it (what a server does while a prompt decodes, seen without a clock). Served by uvicorn on a thread
 (``serve_fake``), so the official clients talk to it over real HTTP in the pull-request check.
 """
 
@@ -22,6 +23,7 @@ from deployer.runtime import RuntimeConfig
 from deployer.runtime.engine.sampling import Sampling
 
 BOS, EOS, OFFSET = 0, 1, 3
+GATE_TIMEOUT_S = 30  # a gate never set (a failed test) lets the decode go then: the server can stop
 TEMPLATE = (Path(__file__).parent / "chat_templates" / "hermes.jinja").read_text(encoding="utf-8")
 
 
@@ -31,13 +33,13 @@ class FakeModel:
     errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self, config: RuntimeConfig, reply: str = "Hello from the fake model.", *, endless: bool = False,
-                 delay_s: float = 0.0) -> None:  # fmt: skip
+                 delay_s: float = 0.0, gate: threading.Event | None = None) -> None:  # fmt: skip
         self.n_ctx, self.n_batch, self.n_threads = config.n_ctx, config.n_batch, 1
         self.n_vocab, self.n_embd = 256 + OFFSET, 4
         self.bos, self.eos, self.eog_tokens = BOS, EOS, (EOS,)
         self.metadata = {"tokenizer.chat_template": TEMPLATE}
         self.reply = list(reply.encode())
-        self.endless, self.delay_s = endless, delay_s
+        self.endless, self.delay_s, self.gate = endless, delay_s, gate
         self.windowed = False  # no sliding-window layers: no context checkpoints
         self.projector = None  # text only: an image is a 400
 
@@ -56,6 +58,8 @@ class FakeModel:
     def decode(self, entries: Sequence[tuple[int, Sequence[int], int, bool]]) -> list[int]:
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.gate is not None:
+            self.gate.wait(GATE_TIMEOUT_S)
         return [row for row, entry in enumerate(entries) if entry[3]]
 
     def evaluate_image(self, chunk: Any, pos: int, seq: int, logits: bool) -> None:

@@ -1,17 +1,21 @@
 """A stream's body chunks: written by the ticket's sink as the engine's batch is read (no task woken per
-token), queued behind a send that waits for a slow client, and always in order (deployer/runtime/app.py)."""
+token), queued behind a send that waits for a slow client, and always in order (deployer/runtime/app.py);
+several steps read at once written once per stream; the head sent when the job leaves the queue."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from deployer.runtime.access import SERVER_SEND, RequestLog
 from deployer.runtime.app import _EventStream, _Watch
-from deployer.runtime.engine.core import DONE, Tally, Ticket
+from deployer.runtime.engine.core import DONE, Tally, Ticket, coalesce
 
 
 class Encoder:
@@ -200,3 +204,106 @@ def test_a_client_that_reads_late_gets_every_token_in_order(monkeypatch):
     text = "".join(json.loads(event)["choices"][0]["text"] for event in events)
     assert text == ("0123456789" * (tokens // 10 + 1))[:tokens]
     assert paused, "the client never held the server back: the test did not reach the case it is about"
+
+
+STREAMS = {  # route: a streaming body, the stream's opening event (None: a token is the first), its ending
+    "/v1/completions": ({"prompt": "Hi", "max_tokens": 4, "stream": True}, None, "data: [DONE]"),
+    "/v1/chat/completions": (
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True},
+        None,
+        "data: [DONE]",
+    ),
+    "/v1/responses": (
+        {"input": "Hi", "max_output_tokens": 4, "stream": True},
+        "event: response.created",
+        "event: response.incomplete",  # at max_output_tokens
+    ),
+    "/v1/messages": (
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True},
+        "event: message_start",
+        "event: message_stop",
+    ),
+}
+
+
+@pytest.mark.parametrize("route", list(STREAMS))
+def test_a_stream_starts_when_its_job_leaves_the_queue_while_its_prompt_decodes(route: str) -> None:
+    """The response's head (and a protocol's opening event) goes out as soon as the job has a slot, so
+    that it is not on the first token's path; the prompt's decode is held at the fake model's gate
+    until the head has arrived (were the head to wait for the first token, the read would time out)."""
+    import threading
+
+    import httpx
+
+    from deployer.runtime import RuntimeConfig
+    from tests.fakemodel import serve_fake
+
+    gate = threading.Event()
+    config = RuntimeConfig(model_name="fake", model_path="/nonexistent.gguf", n_ctx=256)
+    server = serve_fake(config, reply="Hello", gate=gate)
+    body, opening, ending = STREAMS[route]
+    try:
+        with (
+            httpx.Client(base_url=server.url, timeout=10) as http,
+            http.stream("POST", route, json={"model": "fake", **body}) as response,
+        ):
+            assert not gate.is_set()  # no token yet: the decode waits at the gate
+            assert response.status_code == 200, response.read()
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = response.iter_lines()
+            if opening is not None:  # sent with the head, before any token
+                assert next(lines) == opening
+            gate.set()
+            rest = [line for line in lines if line]
+    finally:
+        gate.set()
+        server.stop()
+    assert any('"H"' in line for line in rest), rest  # the first token's text ("Hello", byte by byte)
+    assert ending in rest, rest
+
+
+def test_steps_that_arrive_together_give_each_stream_one_write():
+    """The event loop fell behind the model: two steps' items read at one wake-up; each job's pieces
+    join into one item (one sink call, one write to its client), its other items keep their places."""
+    step1 = [("a", "started", 0), ("a", "pieces", ["a1"]), ("b", "pieces", ["b1"])]
+    step2 = [("b", "pieces", ["b2"]), ("a", "pieces", ["a2"]), ("c", "pieces", ["c1"])]
+    step3 = [("a", "pieces", ["a3"]), ("a", "end", None), ("b", "error", "x"), ("b", "pieces", ["b3"])]
+    assert coalesce([step1, step2, step3]) == [
+        ("a", "started", 0),
+        ("a", "pieces", ["a1", "a2", "a3"]),
+        ("b", "pieces", ["b1", "b2"]),
+        ("c", "pieces", ["c1"]),
+        ("a", "end", None),
+        ("b", "error", "x"),
+        ("b", "pieces", ["b3"]),  # never joined across another item of its job
+    ]
+    assert coalesce([step1]) is step1  # one step: as it came
+
+
+@given(
+    st.lists(
+        st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from(["pieces", "pieces", "end", DONE]), st.integers())),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_coalescing_keeps_every_jobs_items_in_order(batches):
+    def step(batch: list[tuple[str, str, int]]) -> list[tuple[str, str, Any]]:  # one pieces item per job, as a step has
+        pieces = {key: i for i, (key, kind, _) in reversed(list(enumerate(batch))) if kind == "pieces"}
+        return [
+            (k, kind, [n] if kind == "pieces" else n)
+            for i, (k, kind, n) in enumerate(batch)
+            if kind != "pieces" or pieces[k] == i
+        ]
+
+    batches = [step(batch) for batch in batches]
+
+    def flat(items: list[tuple[str, str, Any]], key: str) -> list[tuple[str, Any]]:
+        return [(kind, one) for k, kind, v in items if k == key for one in (v if kind == "pieces" else [v])]
+
+    out = coalesce(batches)
+    everything = [item for batch in batches for item in batch]
+    for key in "abc":
+        assert flat(out, key) == flat(everything, key)
+        mine = [kind for k, kind, _ in out if k == key]
+        assert all(not (x == y == "pieces") for x, y in itertools.pairwise(mine))

@@ -441,12 +441,15 @@ class _Api:
         return JSONResponse(result if encoder is None else encoder.result(job.tally))
 
     async def _stream(self, request: Request, job: Job, encoder: Any) -> Response:
-        # headers wait for the first piece, so an error before it (a shutdown) is still a plain status
+        # the headers go as the job leaves the queue for a slot, while its prompt decodes (the first
+        # token then goes straight out); a job that never ran (refused by a shutdown, or the engine
+        # gone) is still a plain status
         watch = _Watch(request.receive, job)
         try:
+            await job.admission()
+            if job.started is not None and not watch.gone:  # the stream's from here: it stops the watch
+                return _EventStream(job, encoder.events([]), encoder, log_of(request), watch)
             kind, value = await job.next()
-            if kind == "pieces" and not watch.gone:  # the stream's from here: it stops the watch
-                return _EventStream(job, encoder.events(value), encoder, log_of(request), watch)
         except BaseException:
             watch.stop()
             raise

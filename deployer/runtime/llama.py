@@ -89,8 +89,10 @@ class Sampler:
         chain_params.no_perf = True
         self.chain = llama_cpp.llama_sampler_chain_init(chain_params)
         add = lambda sampler: llama_cpp.llama_sampler_chain_add(self.chain, sampler)  # noqa: E731
-        if sampling.logit_bias:  # llama.cpp copies the array; numpy fills it (not a ctypes store per entry)
-            biases = np.array(list(sampling.logit_bias), dtype=[("token", "<i4"), ("bias", "<f4")])
+        if sampling.logit_bias:  # llama.cpp copies the array; numpy fills it a column at a time (not per entry)
+            tokens, values = zip(*sampling.logit_bias, strict=True)
+            biases = np.empty(len(tokens), dtype=[("token", "<i4"), ("bias", "<f4")])
+            biases["token"], biases["bias"] = tokens, values
             pointer = biases.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_logit_bias))
             add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(biases), pointer))
         if sampling.repeat_penalty != 1.0 or sampling.presence_penalty or sampling.frequency_penalty:

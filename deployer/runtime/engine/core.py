@@ -28,7 +28,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from deployer.runtime import logs
 from deployer.runtime.config import KV_TYPES, RuntimeConfig
@@ -151,6 +151,12 @@ class Ticket:
         self.sink: Callable[[str, Any], bool] | None = None
         self.done: asyncio.Future[Tally] = loop.create_future()
 
+    async def admission(self) -> None:
+        """Until the job leaves the queue for a slot (``started`` set), or an item comes first (its
+        error or its end: it never ran)."""
+        while self.started is None and not self._items:
+            await self._wait()
+
     async def next(self) -> Item:
         """The next item the model thread produced."""
         while not self._items:
@@ -177,6 +183,7 @@ class Ticket:
         if kind == STARTED:
             self.tally.cached_tokens, self.started = value
             self.state = "running"
+            self._wake()
             return
         if kind == DONE:
             self.tally, self.state, self.started = value
@@ -186,6 +193,9 @@ class Ticket:
         if self.sink is not None and not self._items and self.sink(kind, value):
             return
         self._items.append((kind, value))
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -199,10 +209,37 @@ def _nothing() -> None:
     pass
 
 
-def deliver(batch: list[tuple[Ticket, str, Any]]) -> None:
-    """On the event loop: one step's items, for every job at once (one wake-up per step, not per token)."""
-    for ticket, kind, value in batch:
+K = TypeVar("K")  # what names a job in a batch: its ticket here, its number between the processes
+
+
+def deliver(batches: list[list[tuple[Ticket, str, Any]]]) -> None:
+    """On the event loop: the steps' items that arrived since it last looked, for every job at once (one
+    wake-up per step at most, not per token), a job's pieces of several steps as one (:func:`coalesce`)."""
+    for ticket, kind, value in coalesce(batches):
         ticket.put(kind, value)
+
+
+def coalesce(batches: list[list[tuple[K, str, Any]]]) -> list[tuple[K, str, Any]]:
+    """Several steps' items as one batch, each job's in its order: a job's pieces that follow one
+    another join into one item. When the event loop falls behind the model (the very case where its
+    time per token decides throughput), a stream then writes its client once for all those steps,
+    not once per step."""
+    if len(batches) == 1:
+        return batches[0]
+    out: list[tuple[K, str, Any]] = []
+    joinable: dict[K, int] = {}  # a job whose last item so far is pieces: where that item is in `out`
+    for batch in batches:
+        for key, kind, value in batch:
+            if kind == "pieces":
+                at = joinable.get(key)
+                if at is not None:
+                    out[at] = (key, kind, out[at][2] + value)
+                    continue
+                joinable[key] = len(out)
+            else:
+                joinable.pop(key, None)
+            out.append((key, kind, value))
+    return out
 
 
 @dataclass(eq=False)
@@ -414,6 +451,10 @@ class Engine:
             return
         lap = time.perf_counter()
         self._admit()
+        lap = self._lap("schedule", lap)
+        if self._outbox:  # who left the queue, at once: their responses start while their prompts decode
+            self._flush()
+            lap = self._lap("handover", lap)
         batches = self.scheduler.step()
         lap = self._lap("schedule", lap)
         for batch in batches:

@@ -34,7 +34,8 @@ _WRITE = _gil_keeping_write()
 
 
 class Handover:
-    """Batches from the model thread, delivered on one event loop (``deliver`` runs there, in order)."""
+    """Batches from the model thread, delivered on one event loop: ``deliver`` runs there, and gets every
+    batch that arrived since its last call, in order."""
 
     def __init__(self, loop: Any, deliver: Callable[[Any], None]) -> None:
         """Made on the event loop's thread (it registers a reader there)."""
@@ -57,8 +58,11 @@ class Handover:
     def _drain(self) -> None:
         with contextlib.suppress(BlockingIOError, InterruptedError):
             self._reader.recv(4096)
+        batches = []
         while self._pending:
-            self._deliver(self._pending.popleft())
+            batches.append(self._pending.popleft())
+        if batches:
+            self._deliver(batches)
 
     def close(self) -> None:
         """Unregister and close (the loop may be closed already: the server is gone)."""

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from deployer.runtime import logs
 from deployer.runtime.config import RuntimeConfig
-from deployer.runtime.engine.core import DONE, OPENMP_ENV, Admission, Engine, Job, Ticket, deliver
+from deployer.runtime.engine.core import DONE, OPENMP_ENV, Admission, Engine, Job, Ticket, coalesce, deliver
 from deployer.runtime.engine.errors import Failed, ShuttingDown
 from deployer.runtime.metrics import STAGES, Metrics
 
@@ -216,8 +216,10 @@ class EngineProcess:
         conn = self._conn
         assert conn is not None
         try:
-            for _, batch, extra in conn.received():
-                self._apply(batch)
+            messages = conn.received()
+            if messages:
+                self._apply(coalesce([batch for _, batch, _ in messages]))
+            for _, _, extra in messages:
                 if extra:
                     self._account(extra)
         except (EOFError, OSError):
@@ -256,8 +258,8 @@ class EngineProcess:
         tickets, self._tickets = self._tickets, {}
         self.admission.in_flight = 0
         for ticket in tickets.values():
-            deliver([(ticket, "error", Failed("EngineProcessExited")), (ticket, "end", ticket.tally)])
-            deliver([(ticket, DONE, (ticket.tally, "done", ticket.started))])
+            deliver([[(ticket, "error", Failed("EngineProcessExited")), (ticket, "end", ticket.tally)]])
+            deliver([[(ticket, DONE, (ticket.tally, "done", ticket.started))]])
         if self._on_failure:
             self._on_failure(self)
 

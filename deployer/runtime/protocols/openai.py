@@ -309,8 +309,7 @@ class Responder:
         out = b""
         for piece in pieces:
             frame = self._text_frame(piece)
-            if frame is not None:
-                self._record(piece)
+            if frame is not None:  # nothing recorded: only a whole answer or logprobs' offsets read the texts
                 if piece.text or not self.chat:  # a chat chunk without text has no delta: none is sent
                     out += head + frame[0] + _encode_string(piece.text).encode() + frame[1]
             else:
