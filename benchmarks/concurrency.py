@@ -77,6 +77,13 @@ ceiling without HTTP.
   outside the CPU window), per streamed token. *host* is every stage but decode: the model thread's
   own cost per token.
 
+**Beside llama-server's HTTP side** (``--threads 1`` only): the CPU time, per streamed token, of
+llama-server's threads other than its main one, from the same /proc counters. With one llama.cpp
+thread its main thread runs the slots, the decode and the sampling, and the others are its HTTP side
+(the connection threads: parsing, each chunk's JSON, the socket writes; the listener): the peer of
+our event-loop thread (which also reads the engine's steps). With more llama.cpp threads, OpenMP's
+workers run in its process under no name of their own, and no figure is given.
+
 Weight repacking: on CPUs with AMX, llama.cpp's AMX buffer type crashes in ``ggml_backend_amx_mul_mat``
 with the Q4_K_M model (ggml-org/llama.cpp#20824, reproduced here). ``--repack auto`` (the default)
 therefore turns extra buffer types off on such CPUs, for all servers alike: ``--no-repack`` for the
@@ -104,6 +111,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -331,7 +339,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One level from its runs: counts summed, every other number the median (nested dicts alike)."""
+    """One level from its runs: counts summed, a value all runs share kept as it is (the level's clients),
+    every other number the median (nested dicts alike)."""
     out: dict[str, Any] = {}
     for key, first in runs[0].items():
         values = [run[key] for run in runs]
@@ -339,6 +348,8 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = combine(values)
         elif key in COUNTS:
             out[key] = sum(values)
+        elif all(value == first for value in values):  # the median of two equal ints is a float: 1.0 clients
+            out[key] = first
         else:
             out[key] = statistics.median(values)
     return out
@@ -404,6 +415,23 @@ def thread_cpu(pid: int, tid: int) -> CpuTime:
     return CpuTime(stat_ticks((task / "stat").read_text()), ns)
 
 
+def others_cpu(pid: int) -> CpuTime:
+    """The CPU time of every thread of ``pid`` but its main one, summed. For llama-server run with one
+    llama.cpp thread, that is its HTTP side: the connection threads (parsing, the chunks' JSON, the
+    socket writes) and the listener; the main thread runs the slots, the decode and the sampling."""
+    ticks, ns = 0, 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if int(task.name) == pid:
+            continue
+        try:
+            cpu = thread_cpu(pid, int(task.name))
+        except OSError:  # it ended since the listing
+            continue
+        ticks += cpu.ticks
+        ns = None if ns is None or cpu.ns is None else ns + cpu.ns
+    return CpuTime(ticks, ns)
+
+
 def engine_seconds(metrics_text: str) -> dict[str, float]:
     """``gguf_deploy_engine_seconds_total{stage=...}`` of a /metrics page, by stage (0 for a stage not there)."""
     found = dict.fromkeys(STAGES, 0.0)
@@ -420,16 +448,23 @@ class Snapshot:
     stages: dict[str, float]
 
 
+def cpu_us(a: CpuTime, b: CpuTime, tokens: int, ticks_per_s: int) -> float:
+    """Microseconds of CPU per streamed token between two readings, by the finer clock where both have
+    it (NaN for no tokens)."""
+    if not tokens:
+        return float("nan")
+    seconds = (b.ns - a.ns) / 1e9 if a.ns is not None and b.ns is not None else (b.ticks - a.ticks) / ticks_per_s
+    return seconds * 1e6 / tokens
+
+
 def per_token(before: Snapshot, after: Snapshot, tokens: int, ticks_per_s: int) -> dict[str, Any]:
     """Microseconds per streamed token between two snapshots (NaN for no tokens)."""
 
     def us(seconds: float) -> float:
         return seconds * 1e6 / tokens if tokens else float("nan")
 
-    def cpu(a: CpuTime, b: CpuTime) -> float:  # the finer clock where both readings have it
-        return (
-            us((b.ns - a.ns) / 1e9) if a.ns is not None and b.ns is not None else us((b.ticks - a.ticks) / ticks_per_s)
-        )
+    def cpu(a: CpuTime, b: CpuTime) -> float:
+        return cpu_us(a, b, tokens, ticks_per_s)
 
     stages = {stage: us(after.stages[stage] - before.stages[stage]) for stage in STAGES}
     return {
@@ -596,6 +631,7 @@ class Running:
     process: subprocess.Popen[bytes]
     url: str
     probe: Probe | None  # ours only
+    http_cpu: Callable[[], CpuTime] | None = None  # llama-server with one llama.cpp thread: its HTTP side
 
 
 Launch = Callable[[RuntimeConfig], Running]
@@ -605,7 +641,10 @@ def measure_level(server: Running, work: Workload, clients: int, requests: int) 
     """One level against one server; for ours with what it spent per token."""
     print(f"  {server.label}: {clients} client(s)", file=sys.stderr)
     before = server.probe.snapshot(metrics_first=True) if server.probe else None
+    http_before = server.http_cpu() if server.http_cpu else None
     level = asyncio.run(run_level(server.url, work, clients, requests))
+    if server.http_cpu and http_before is not None:
+        level["http_cpu_us"] = cpu_us(http_before, server.http_cpu(), level["tokens"], os.sysconf("SC_CLK_TCK"))
     if server.probe and before is not None:
         time.sleep(SETTLE_S)
         after = server.probe.snapshot(metrics_first=False)
@@ -766,7 +805,9 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 headers = {"Authorization": f"Bearer {block.api_key}"} if block.api_key else {}
                 model_pid, model_tid = named_thread(process.pid, MODEL_THREAD)
                 probe = Probe(process.pid, model_pid, model_tid, url + "/metrics", headers)
-            return Running(label, process, url, probe)
+            # with more llama.cpp threads, its workers (OpenMP's, unnamed) join the main one's process
+            http_cpu = functools.partial(others_cpu, process.pid) if label == LLAMA_SERVER and THREADS == 1 else None
+            return Running(label, process, url, probe, http_cpu)
 
         return start
 
@@ -917,6 +958,30 @@ def breakdown_table(blocks: list[dict[str, Any]], clock: str) -> list[str]:
             f"| {engine} | {slots} | {level['clients']} | {cost['tokens']} | {cost['loop_cpu_us']:.1f} | "
             f"{cost['model_cpu_us']:.1f} |{stages} {cost['host_us']:.1f} |"
         )
+    return lines + http_side_table(blocks)
+
+
+def http_side_table(blocks: list[dict[str, Any]]) -> list[str]:
+    """Our event loop's CPU per streamed token beside llama-server's HTTP threads' (measured with one
+    llama.cpp thread only: none when llama-server did not run so)."""
+    if not any("http_cpu_us" in level for block in blocks for level in block["servers"].get(LLAMA_SERVER, [])):
+        return []
+    ours = [label for label in (OURS, OURS_THREAD) if any(label in block["servers"] for block in blocks)]
+    names = {OURS: "ours, event loop (engine process)", OURS_THREAD: "ours, event loop (engine thread)"}
+    lines = [
+        "",
+        "The HTTP side, µs of CPU per streamed token: our event-loop thread (HTTP, the chunks' JSON, the socket "
+        "writes, reading the engine's steps) beside llama-server's threads other than its main one (its HTTP "
+        "threads: the same work, and they may run on several cores at once):",
+        "",
+        "| slots | clients |" + "".join(f" {names[label]} |" for label in ours) + " llama-server, HTTP threads |",
+        "|--:|--:|" + "--:|" * (len(ours) + 1),
+    ]
+    for block in blocks:
+        for i, clients in enumerate(block["levels"]):
+            cells = "".join(f" {block['servers'][label][i]['breakdown']['loop_cpu_us']:.1f} |" for label in ours)
+            http = block["servers"][LLAMA_SERVER][i].get("http_cpu_us", float("nan"))
+            lines.append(f"| {block['slots']} | {clients} |{cells} {http:.1f} |")
     return lines
 
 

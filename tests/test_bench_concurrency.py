@@ -58,6 +58,37 @@ def test_thread_cpu_reads_this_thread_as_the_kernel_counts_it() -> None:
         assert abs((after.ns - before.ns) / 1e9 - spent) < 0.02
 
 
+@LINUX_PROC
+def test_others_cpu_counts_every_thread_but_the_main_one() -> None:
+    """llama-server's HTTP side: a thread that burns CPU is counted, the main thread's CPU is not."""
+    pid, tick = os.getpid(), os.sysconf("SC_CLK_TCK")
+    burnt, release = threading.Event(), threading.Event()
+
+    def burn() -> None:
+        start = time.thread_time()
+        while time.thread_time() - start < 0.3:
+            pass
+
+    def worker() -> None:
+        burn()
+        burnt.set()
+        release.wait(30)  # alive while it is read: /proc forgets an ended thread
+
+    before = bench.others_cpu(pid)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert burnt.wait(30)
+        middle = bench.others_cpu(pid)
+        burn()  # the main thread's: not counted
+        after = bench.others_cpu(pid)
+    finally:
+        release.set()
+        thread.join()
+    assert (middle.ticks - before.ticks) / tick > 0.2
+    assert (after.ticks - middle.ticks) / tick < 0.1
+
+
 def test_engine_seconds_reads_the_runtimes_own_metrics_text() -> None:
     """The regex against what deployer.runtime.metrics renders, not against a copy of its format."""
     pytest.importorskip("prometheus_client")
@@ -124,6 +155,9 @@ def test_combine_sums_counts_and_takes_medians_of_the_rest() -> None:
         "tokens_per_s": 200.0,
         "breakdown": {"tokens": 1536, "host_us": 20.0},
     }
+    two = bench.combine(runs[:2])  # an even number of runs: the median of two is their mean
+    assert two["tokens_per_s"] == 200.0
+    assert two["clients"] == 4 and isinstance(two["clients"], int)  # not 4.0 in the tables
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -293,3 +327,14 @@ def test_markdown_demo_keeps_its_layout_and_fast_adds_a_block_per_slot_count() -
     assert fast.startswith("**4 slots**") and "**8 slots**" in fast
     breakdown = [line for line in fast.splitlines() if line.startswith("| process | 8 | 4 | 512 |")]
     assert breakdown == ["| process | 8 | 4 | 512 | 50.0 | 80.0 | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 4.0 |"]
+
+
+def test_the_http_side_table_puts_our_event_loop_beside_llama_servers_http_threads() -> None:
+    fast = report("fast", (4,))
+    assert "HTTP threads" not in bench.markdown(fast)  # llama-server ran with more than one thread: no figure
+    for block in fast["blocks"]:  # type: ignore[union-attr]
+        for i, row in enumerate(block["servers"][bench.LLAMA_SERVER]):
+            row["http_cpu_us"] = 70.0 + i
+    lines = bench.markdown(fast).splitlines()
+    assert "| slots | clients | ours, event loop (engine process) | llama-server, HTTP threads |" in lines
+    assert "| 4 | 1 | 50.0 | 70.0 |" in lines and "| 4 | 4 | 50.0 | 71.0 |" in lines
