@@ -20,7 +20,7 @@ from deployer.runtime.engine.core import DONE, Tally, Ticket, coalesce
 
 class Encoder:
     def events(self, pieces: list[str]) -> bytes:
-        return "".join(pieces).encode()
+        return "".join(pieces).encode() if pieces else b"first;"  # no pieces: the stream's opening
 
     def error_event(self, error: Any) -> bytes:
         return b"<error>"
@@ -74,7 +74,7 @@ async def _start(client: Client) -> tuple[Ticket, asyncio.Task[None]]:
     ticket = Ticket(asyncio.get_running_loop(), None)
     STARTED.append(ticket)
     log = RequestLog("req_1", "POST", "/v1/completions")
-    stream = _EventStream(ticket, b"first;", Encoder(), log, _Watch(client.receive, ticket))  # type: ignore[arg-type]
+    stream = _EventStream(ticket, Encoder(), log, _Watch(client.receive, ticket))  # type: ignore[arg-type]
     scope = {"type": "http", SERVER_SEND: client.send}
     task = asyncio.ensure_future(stream(scope, client.receive, client.send))
     for _ in range(3):  # the response's start and first chunk go out; the sink is in place

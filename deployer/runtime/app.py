@@ -448,7 +448,7 @@ class _Api:
         try:
             await job.admission()
             if job.started is not None and not watch.gone:  # the stream's from here: it stops the watch
-                return _EventStream(job, encoder.events([]), encoder, log_of(request), watch)
+                return _EventStream(job, encoder, log_of(request), watch)
             kind, value = await job.next()
         except BaseException:
             watch.stop()
@@ -516,8 +516,8 @@ class _EventStream:
     in order, for the stream's task. A :class:`_Watch` cancels the job when the client goes away.
     """
 
-    def __init__(self, job: Job, first: bytes, encoder: Any, log: RequestLog, watch: _Watch) -> None:
-        self.job, self.first, self.encoder, self.log, self.watch = job, first, encoder, log, watch
+    def __init__(self, job: Job, encoder: Any, log: RequestLog, watch: _Watch) -> None:
+        self.job, self.encoder, self.log, self.watch = job, encoder, log, watch
         self.headers: dict[str, str] = {}  # more response headers, as a Response's (set before it is sent)
         self._body: Send | None = None  # the server's send, for the body chunks
         self._busy = False  # the stream's task is sending: pieces queue behind it
@@ -532,7 +532,8 @@ class _EventStream:
                 (key.lower().encode("latin-1"), value.encode("latin-1")) for key, value in self.headers.items()
             )
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + extra})
-            await body({"type": "http.response.body", "body": self.first, "more_body": True})
+            opening = self.encoder.events([])  # what the protocol sends before any token (none for OpenAI's)
+            await body({"type": "http.response.body", "body": opening, "more_body": True})
             self.job.sink = self._sink
             await body({"type": "http.response.body", "body": await self._rest(body), "more_body": False})
             complete = not self.watch.gone
