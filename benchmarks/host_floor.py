@@ -83,15 +83,17 @@ def wakeup_us(messages: int) -> float:
     selector = selectors.DefaultSelector()
     selector.register(ours, selectors.EVENT_READ)
     got, want = 0, messages * STEP_BYTES
-    started = time.thread_time_ns()
-    while got < want:
-        if not selector.select(PEER_TIMEOUT_S):
-            raise RuntimeError(f"no message from the writer process in {PEER_TIMEOUT_S} s")
-        got += len(ours.recv(65536))
-    spent = time.thread_time_ns() - started
-    selector.close()
-    ours.close()
-    writer.wait()
+    try:
+        started = time.thread_time_ns()
+        while got < want:
+            if not selector.select(PEER_TIMEOUT_S):
+                raise RuntimeError(f"no message from the writer process in {PEER_TIMEOUT_S} s")
+            got += len(ours.recv(65536))
+        spent = time.thread_time_ns() - started
+    finally:
+        selector.close()
+        ours.close()
+        _reap(writer)
     return spent / messages / 1e3
 
 
@@ -100,18 +102,33 @@ def write_us(writes: int, *, pause: bool) -> float:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(PEER_TIMEOUT_S)
         reader = subprocess.Popen([sys.executable, "-c", READER, str(listener.getsockname()[1])])
-        conn, _ = listener.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvicorn's
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            _reap(reader)
+            raise
     chunk, spent = b"c" * CHUNK_BYTES, 0
-    for _ in range(writes):
-        if pause:
-            time.sleep(PAUSE_S)
-        started = time.thread_time_ns()
-        conn.send(chunk)
-        spent += time.thread_time_ns() - started
-    conn.close()
-    reader.wait()
+    try:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvicorn's
+        for _ in range(writes):
+            if pause:
+                time.sleep(PAUSE_S)
+            started = time.thread_time_ns()
+            conn.send(chunk)
+            spent += time.thread_time_ns() - started
+    finally:
+        conn.close()
+        _reap(reader)
     return spent / writes / 1e3
+
+
+def _reap(peer: subprocess.Popen[bytes]) -> None:
+    """Wait for a peer process (it ends when its socket closes); kill it if it does not."""
+    try:
+        peer.wait(PEER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        peer.kill()
+        peer.wait()
 
 
 def measure(rounds: int, count: int) -> Floor:
